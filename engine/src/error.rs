@@ -1,0 +1,36 @@
+//! Errors the engine returns. Expected conditions (a bad file, a request past the context)
+//! are variants; programmer errors are assertions.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("cannot read model file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a usable GGUF file: {0}")]
+    BadGguf(String),
+    #[error("GGUF metadata key `{0}` is missing")]
+    MissingMetadata(String),
+    #[error("unsupported model architecture `{0}` (supported: llama-family GGUFs)")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported tensor type {dtype} for `{tensor}` (supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")]
+    UnsupportedTensorType { tensor: String, dtype: String },
+    #[error("tensor `{0}` is missing from the GGUF file")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    BadTensorShape { name: String, expected: Vec<usize>, actual: Vec<usize> },
+    #[error("layer range {start}..{end} is not within the model's {n_layers} layers")]
+    BadLayerRange { start: u32, end: u32, n_layers: u32 },
+    #[error("context length exceeded: position {position} is past the context of {context_length} tokens")]
+    ContextLengthExceeded { position: usize, context_length: usize },
+    #[error("token id {0} is outside the vocabulary")]
+    TokenOutOfRange(u32),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

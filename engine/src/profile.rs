@@ -1,0 +1,270 @@
+//! The model profile: what a GGUF header says about a model, read without loading a tensor.
+//!
+//! The profile is what the shard planner and the coordinator reason with (per-layer weight
+//! bytes, KV bytes per token, dimensions), and what [`crate::model::LlamaSlice`] checks the
+//! tensors against when it loads a layer range.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+
+use crate::error::{EngineError, Result};
+
+/// Architectures whose GGUFs follow llama's tensor layout and hyper-parameter keys.
+/// (Mistral-style GGUFs are written with `general.architecture = llama`.)
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral"];
+
+/// Size of one KV-cache element in bytes. The cache is kept in f32 (see kv_cache.rs).
+pub const KV_ELEMENT_BYTES: u64 = 4;
+
+/// Rope frequency scaling as llama.cpp applies it for llama-family models.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// No scaling: theta_i = pos * base^(-2i/n_rot).
+    None,
+    /// `{arch}.rope.scaling.type = linear`: positions divided by `factor`.
+    Linear { factor: f32 },
+}
+
+/// Everything the engine, the planner and the coordinator need to know about a model,
+/// read from the GGUF header alone.
+#[derive(Debug, Clone)]
+pub struct ModelProfile {
+    pub architecture: String,
+    pub name: Option<String>,
+    pub n_layers: u32,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Dimensions of each head that RoPE rotates (`{arch}.rope.dimension_count`).
+    pub n_rot: usize,
+    pub rope_freq_base: f32,
+    pub rope_scaling: RopeScaling,
+    /// Llama-3 style per-dimension frequency factors (`rope_freqs.weight`) present in the file.
+    pub has_rope_freqs: bool,
+    pub rms_norm_eps: f32,
+    pub vocab_size: usize,
+    /// The context length the model was trained for.
+    pub context_length: usize,
+    /// Weight bytes of each block, in block order.
+    pub layer_weight_bytes: Vec<u64>,
+    /// Bytes of `token_embd.weight` (held by the first stage, and by the last when tied).
+    pub embedding_bytes: u64,
+    /// Bytes of the output head (`output.weight`, or the embedding when tied) plus `output_norm`.
+    pub head_bytes: u64,
+    /// True when the GGUF has no `output.weight` and the head reuses the token embedding.
+    pub tied_embeddings: bool,
+    /// KV-cache bytes per token per layer: K and V, `n_head_kv * head_dim` values each.
+    pub kv_bytes_per_token_per_layer: u64,
+    /// Bytes of one activation row crossing a stage boundary (f32 hidden state).
+    pub activation_bytes_per_token: u64,
+    /// Count of tensors per quantization type, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}.
+    pub tensor_types: BTreeMap<String, usize>,
+    /// The file's total tensor bytes.
+    pub total_weight_bytes: u64,
+}
+
+impl ModelProfile {
+    /// Reads only the header of the GGUF at `path`.
+    pub fn from_path(path: &Path) -> Result<(Self, Content)> {
+        let mut file = std::fs::File::open(path)?;
+        let content = Content::read(&mut file)
+            .map_err(|e| EngineError::BadGguf(format!("{}: {e}", path.display())))?;
+        let profile = Self::from_content(&content)?;
+        Ok((profile, content))
+    }
+
+    pub fn from_content(content: &Content) -> Result<Self> {
+        let md = Metadata(&content.metadata);
+        let architecture = md.string("general.architecture")?;
+        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(EngineError::UnsupportedArchitecture(architecture));
+        }
+        let key = |k: &str| format!("{architecture}.{k}");
+        let n_layers = md.u32(&key("block_count"))?;
+        let n_embd = md.u32(&key("embedding_length"))? as usize;
+        let n_ff = md.u32(&key("feed_forward_length"))? as usize;
+        let n_head = md.u32(&key("attention.head_count"))? as usize;
+        let n_head_kv = md.u32_or(&key("attention.head_count_kv"), n_head as u32)? as usize;
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(EngineError::BadGguf(format!(
+                "head counts {n_head} / {n_head_kv} are not a valid grouped-query layout"
+            )));
+        }
+        let head_dim = md.u32_or(&key("attention.key_length"), (n_embd / n_head) as u32)? as usize;
+        let n_rot = md.u32_or(&key("rope.dimension_count"), head_dim as u32)? as usize;
+        if n_rot > head_dim || n_rot % 2 != 0 {
+            return Err(EngineError::BadGguf(format!(
+                "rope dimension {n_rot} does not fit head dimension {head_dim}"
+            )));
+        }
+        let rope_freq_base = md.f32_or(&key("rope.freq_base"), 10_000.0)?;
+        let rope_scaling = match md.optional_string(&key("rope.scaling.type")) {
+            Some("linear") => {
+                let factor = md.f32_or(&key("rope.scaling.factor"), 1.0)?;
+                if factor > 0.0 && factor != 1.0 {
+                    RopeScaling::Linear { factor }
+                } else {
+                    RopeScaling::None
+                }
+            }
+            _ => RopeScaling::None,
+        };
+        let rms_norm_eps = md.f32_or(&key("attention.layer_norm_rms_epsilon"), 1e-5)?;
+        let context_length = md.u32_or(&key("context_length"), 2048)? as usize;
+
+        let tensor_bytes = |name: &str| -> Option<u64> {
+            content
+                .tensor_infos
+                .get(name)
+                .map(|info| tensor_size_in_bytes(info.ggml_dtype, info.shape.elem_count()))
+        };
+        let embedding_info = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))?;
+        let vocab_size = embedding_info.shape.dims()[0];
+        let embedding_bytes = tensor_bytes("token_embd.weight").unwrap_or(0);
+        let tied_embeddings = !content.tensor_infos.contains_key("output.weight");
+        let head_bytes = tensor_bytes("output.weight").unwrap_or(embedding_bytes)
+            + tensor_bytes("output_norm.weight").unwrap_or(0);
+        let mut layer_weight_bytes = vec![0u64; n_layers as usize];
+        let mut tensor_types = BTreeMap::new();
+        let mut total_weight_bytes = 0;
+        for (name, info) in &content.tensor_infos {
+            let bytes = tensor_size_in_bytes(info.ggml_dtype, info.shape.elem_count());
+            total_weight_bytes += bytes;
+            *tensor_types.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+            if let Some(layer_idx) = block_index(name) {
+                if let Some(slot) = layer_weight_bytes.get_mut(layer_idx) {
+                    *slot += bytes;
+                }
+            }
+        }
+        Ok(Self {
+            name: md.optional_string("general.name").map(str::to_owned),
+            architecture,
+            n_layers,
+            n_embd,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_rot,
+            rope_freq_base,
+            rope_scaling,
+            has_rope_freqs: content.tensor_infos.contains_key("rope_freqs.weight"),
+            rms_norm_eps,
+            vocab_size,
+            context_length,
+            layer_weight_bytes,
+            embedding_bytes,
+            head_bytes,
+            tied_embeddings,
+            kv_bytes_per_token_per_layer: 2 * (n_head_kv * head_dim) as u64 * KV_ELEMENT_BYTES,
+            activation_bytes_per_token: n_embd as u64 * 4,
+            tensor_types,
+            total_weight_bytes,
+        })
+    }
+
+    /// Weight bytes a stage holding `layers` needs, with the embedding on the first stage and
+    /// the head on the last (a tied head on a stage that also embeds shares the tensor).
+    pub fn slice_weight_bytes(&self, layers: std::ops::Range<u32>) -> u64 {
+        let start = layers.start.min(self.n_layers) as usize;
+        let end = layers.end.min(self.n_layers) as usize;
+        let mut bytes: u64 = self.layer_weight_bytes[start..end].iter().sum();
+        let first = layers.start == 0;
+        let last = layers.end >= self.n_layers;
+        if first {
+            bytes += self.embedding_bytes;
+        }
+        if last {
+            bytes += self.head_bytes;
+            if first && self.tied_embeddings {
+                bytes -= self.embedding_bytes;
+            }
+        }
+        bytes
+    }
+}
+
+/// `blk.{i}.…` → Some(i).
+pub fn block_index(tensor_name: &str) -> Option<usize> {
+    tensor_name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// Bytes a tensor of `elem_count` elements takes in `dtype`'s block format.
+pub fn tensor_size_in_bytes(dtype: GgmlDType, elem_count: usize) -> u64 {
+    (elem_count / dtype.block_size() * dtype.type_size()) as u64
+}
+
+/// Typed access to GGUF metadata with errors that name the missing key.
+struct Metadata<'a>(&'a std::collections::HashMap<String, Value>);
+
+impl Metadata<'_> {
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.0.get(key).ok_or_else(|| EngineError::MissingMetadata(key.to_owned()))
+    }
+    fn string(&self, key: &str) -> Result<String> {
+        self.get(key)?
+            .to_string()
+            .cloned()
+            .map_err(|e| EngineError::BadGguf(format!("{key}: {e}")))
+    }
+    fn optional_string(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    }
+    fn u32(&self, key: &str) -> Result<u32> {
+        value_to_u64(self.get(key)?)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| EngineError::BadGguf(format!("{key} is not a small unsigned integer")))
+    }
+    fn u32_or(&self, key: &str, default: u32) -> Result<u32> {
+        if self.0.contains_key(key) {
+            self.u32(key)
+        } else {
+            Ok(default)
+        }
+    }
+    fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        match self.0.get(key) {
+            None => Ok(default),
+            Some(Value::F32(v)) => Ok(*v),
+            Some(Value::F64(v)) => Ok(*v as f32),
+            Some(other) => value_to_u64(other)
+                .map(|v| v as f32)
+                .ok_or_else(|| EngineError::BadGguf(format!("{key} is not a number"))),
+        }
+    }
+}
+
+fn value_to_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::U8(v) => Some(*v as u64),
+        Value::U16(v) => Some(*v as u64),
+        Value::U32(v) => Some(*v as u64),
+        Value::U64(v) => Some(*v),
+        Value::I8(v) => u64::try_from(*v).ok(),
+        Value::I16(v) => u64::try_from(*v).ok(),
+        Value::I32(v) => u64::try_from(*v).ok(),
+        Value::I64(v) => u64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_index_parses_only_block_tensors() {
+        assert_eq!(block_index("blk.12.attn_q.weight"), Some(12));
+        assert_eq!(block_index("token_embd.weight"), None);
+        assert_eq!(block_index("blk.x.attn_q.weight"), None);
+    }
+}

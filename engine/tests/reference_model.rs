@@ -1,0 +1,130 @@
+//! The engine against llama.cpp on the real model (SmolLM2-135M-Instruct Q4_1).
+//!
+//! Reference: tests/fixtures/smollm2-q4_1-llamacpp.json, made by llama-server at llama.cpp
+//! commit 0c1e570 (greedy continuations with top-5 log-probabilities at every position).
+//! The model comes from `$POTLUCK_MODEL`, else the coordinator's cache
+//! (`~/.cache/potluck/models/…`, filled by `coordinator fetch-model`); a missing model is a
+//! failure, never a silent pass.
+
+use std::path::PathBuf;
+
+use potluck_engine::model::LlamaSlice;
+use potluck_engine::sampler::{argmax, log_softmax_at};
+use potluck_engine::threads::ComputePool;
+use serde_json::Value;
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("POTLUCK_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("POTLUCK_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/potluck"));
+        cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(
+        path.exists(),
+        "the reference model is missing at {}: run `cargo run -p potluck-coordinator -- fetch-model` (or set POTLUCK_MODEL)",
+        path.display()
+    );
+    path
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/smollm2-q4_1-llamacpp.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Logits at every position of `tokens`, fed as one step through `slices`.
+fn all_logits(slices: &[LlamaSlice], tokens: &[u32], pool: &ComputePool) -> Vec<Vec<f32>> {
+    let mut caches: Vec<_> = slices.iter().map(|s| s.new_cache(tokens.len())).collect();
+    let mut hidden = slices[0].embed(tokens).unwrap();
+    for (slice, cache) in slices.iter().zip(caches.iter_mut()) {
+        slice.forward_layers(&mut hidden, &[tokens.len()], &mut [cache], pool).unwrap();
+    }
+    let logits = slices.last().unwrap().head(&hidden, pool).unwrap();
+    let vocab = slices[0].profile().vocab_size;
+    logits.chunks(vocab).map(<[f32]>::to_vec).collect()
+}
+
+#[test]
+fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
+    let path = model_path();
+    let reference = reference();
+    let slice = LlamaSlice::load(&path, 0..30).unwrap();
+    let pool = ComputePool::new(2);
+    let mut checked = 0;
+    let mut worst_logprob_delta = 0f32;
+    for case in reference["greedy"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let prompt = ids(&case["prompt_ids"]);
+        let generated = ids(&case["generated_ids"]);
+        let tokens: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
+        let logits = all_logits(std::slice::from_ref(&slice), &tokens[..tokens.len() - 1], &pool);
+        for (i, position) in case["all_positions_top5"].as_array().unwrap().iter().enumerate() {
+            let row = &logits[prompt.len() - 1 + i];
+            let top = position["top_logprobs"].as_array().unwrap();
+            let ref_top1 = top[0]["id"].as_u64().unwrap() as u32;
+            let ref_logprob = top[0]["logprob"].as_f64().unwrap() as f32;
+            let margin = ref_logprob - top[1]["logprob"].as_f64().unwrap() as f32;
+            let ours = argmax(row);
+            if margin >= 0.1 {
+                assert_eq!(ours, ref_top1, "{name} position {i}: top-1 differs (llama.cpp margin {margin:.3})");
+            }
+            let our_logprob = log_softmax_at(row, &[ref_top1])[0];
+            let delta = (our_logprob - ref_logprob).abs();
+            worst_logprob_delta = worst_logprob_delta.max(delta);
+            assert!(delta <= 0.05, "{name} position {i}: logprob of {ref_top1} is {our_logprob:.4}, llama.cpp {ref_logprob:.4}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 64);
+    eprintln!("teacher-forced: {checked} positions, worst top-1 logprob delta {worst_logprob_delta:.4}");
+}
+
+#[test]
+fn free_greedy_run_reproduces_llama_cpp() {
+    let path = model_path();
+    let reference = reference();
+    let case = &reference["greedy"].as_array().unwrap()[0];
+    assert_eq!(case["name"], "raw_capital");
+    let prompt = ids(&case["prompt_ids"]);
+    let expected = ids(&case["generated_ids"]);
+    let slice = LlamaSlice::load(&path, 0..30).unwrap();
+    let pool = ComputePool::new(1);
+    let mut cache = slice.new_cache(128);
+    let mut step: Vec<u32> = prompt.clone();
+    let mut generated = Vec::new();
+    for _ in 0..expected.len() {
+        let mut hidden = slice.embed(&step).unwrap();
+        slice.forward_layers(&mut hidden, &[step.len()], &mut [&mut cache], &pool).unwrap();
+        let n_embd = slice.profile().n_embd;
+        let logits = slice.head(&hidden[(step.len() - 1) * n_embd..], &pool).unwrap();
+        let next = argmax(&logits);
+        generated.push(next);
+        step = vec![next];
+    }
+    assert_eq!(generated, expected, "greedy continuation of {:?}", case["prompt"]);
+}
+
+#[test]
+fn split_real_model_gives_the_unsplit_logits() {
+    let path = model_path();
+    let reference = reference();
+    let tokens = ids(&reference["greedy"][1]["prompt_ids"]);
+    let pool = ComputePool::new(1);
+    let whole = all_logits(&[LlamaSlice::load(&path, 0..30).unwrap()], &tokens, &pool);
+    for k in [1, 15, 29] {
+        let split = [LlamaSlice::load(&path, 0..k).unwrap(), LlamaSlice::load(&path, k..30).unwrap()];
+        assert_eq!(all_logits(&split, &tokens, &pool), whole, "split at {k}");
+    }
+    // Half the layers, about half the memory (the embedding/head sits on the ends).
+    let first = LlamaSlice::load(&path, 0..15).unwrap();
+    let second = LlamaSlice::load(&path, 15..30).unwrap();
+    let whole = LlamaSlice::load(&path, 0..30).unwrap();
+    let layers_only = |s: &LlamaSlice| s.size_in_bytes() as f64;
+    assert!(layers_only(&first) < 0.75 * layers_only(&whole), "first half holds {} of {}", layers_only(&first), layers_only(&whole));
+    assert!(layers_only(&second) < 0.75 * layers_only(&whole), "second half holds {} of {}", layers_only(&second), layers_only(&whole));
+}

