@@ -174,6 +174,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
 /// Sampling and length fields shared by both endpoints.
 #[derive(Debug, Deserialize, Default)]
 struct CommonParams {
+    /// Accepted and ignored: any model name serves the loaded model.
+    #[allow(dead_code)]
     model: Option<String>,
     max_tokens: Option<u64>,
     temperature: Option<f32>,
@@ -253,7 +255,14 @@ struct Prepared {
 }
 
 impl CommonParams {
-    fn prepare(&self, prompt: Vec<u32>, max_tokens: Option<u64>, default_max_tokens: Option<usize>, top_logprobs: usize, state: &AppState) -> Result<Prepared, ApiError> {
+    fn prepare(
+        &self,
+        prompt: Vec<u32>,
+        max_tokens: Option<u64>,
+        default_max_tokens: Option<usize>,
+        (want_logprobs, top_logprobs): (bool, usize),
+        state: &AppState,
+    ) -> Result<Prepared, ApiError> {
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::bad_request("only n = 1 is supported").param("n"));
@@ -327,13 +336,14 @@ impl CommonParams {
                 max_tokens,
                 sampling,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
+                logprobs: want_logprobs,
                 top_logprobs,
             },
             prompt,
             stops,
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
-            want_logprobs: false,
+            want_logprobs,
         })
     }
 }
@@ -397,9 +407,8 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes
     .await
     .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
     let max_tokens = request.max_completion_tokens.or(request.common.max_tokens);
-    let mut prepared = request.common.prepare(prompt, max_tokens, None, top_logprobs, &state)?;
-    prepared.want_logprobs = request.logprobs.unwrap_or(false);
-    let _ = &request.common.model;
+    let want_logprobs = request.logprobs.unwrap_or(false);
+    let prepared = request.common.prepare(prompt, max_tokens, None, (want_logprobs, top_logprobs), &state)?;
     run_generation(state, prepared, Endpoint::Chat).await
 }
 
@@ -431,7 +440,7 @@ async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, Byt
         }
     };
     // OpenAI's completions default is 16 tokens.
-    let prepared = request.common.prepare(prompt, request.common.max_tokens, Some(16), 0, &state)?;
+    let prepared = request.common.prepare(prompt, request.common.max_tokens, Some(16), (false, 0), &state)?;
     run_generation(state, prepared, Endpoint::Completion).await
 }
 
@@ -478,12 +487,12 @@ fn finish_reason_str(reason: FinishReason) -> &'static str {
 }
 
 /// One OpenAI `logprobs.content` entry.
-fn logprob_entry(tokenizer: &Tokenizer, id: u32, logprob: f32, top: &[(u32, f32)]) -> Value {
+fn logprob_entry(tokenizer: &Tokenizer, id: u32, logprob: Option<f32>, top: &[(u32, f32)]) -> Value {
     let token_json = |id: u32, lp: f32| {
         let bytes = tokenizer.token_bytes(id, false);
         json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
     };
-    let mut entry = token_json(id, logprob);
+    let mut entry = token_json(id, logprob.unwrap_or(f32::NAN));
     entry["top_logprobs"] = Value::Array(top.iter().map(|&(t, lp)| token_json(t, lp)).collect());
     entry
 }

@@ -38,7 +38,9 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Keep going past end-of-sequence tokens (benchmarks that need an exact count).
     pub ignore_eos: bool,
-    /// Report this many alternatives with each token's log-probability (0: just the token's).
+    /// Report each token's log-probability (costs a log-sum-exp over the vocabulary).
+    pub logprobs: bool,
+    /// With `logprobs`, also report this many most likely alternatives.
     pub top_logprobs: usize,
 }
 
@@ -52,7 +54,8 @@ pub enum FinishReason {
 
 #[derive(Debug, Clone)]
 pub enum GenerateEvent {
-    Token { id: u32, logprob: f32, top: Vec<(u32, f32)> },
+    /// A generated token; `logprob` and `top` only when the request asked for log-probabilities.
+    Token { id: u32, logprob: Option<f32>, top: Vec<(u32, f32)> },
     Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
     Failed(String),
 }
@@ -269,14 +272,17 @@ fn step(model: &LlamaSlice, pool: &ComputePool, stop_ids: &[u32], context_length
     for (row, &i) in samplers.iter().enumerate() {
         let seq = &mut active[i];
         let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
-        let top = if seq.request.top_logprobs > 0 {
-            top_logprobs(&row_logits, seq.request.top_logprobs.min(TOP_LOGPROBS_MAX))
-        } else {
-            Vec::new()
-        };
-        let raw = row_logits.clone();
+        // Log-probabilities are of the raw logits (before penalties), as llama.cpp and
+        // OpenAI report them; computed only when asked for.
+        let raw = seq.request.logprobs.then(|| row_logits.clone());
         let id = seq.sampler.sample(&mut row_logits, &seq.tokens);
-        let logprob = log_softmax_at(&raw, &[id])[0];
+        let (logprob, top) = match &raw {
+            Some(raw) => (
+                Some(log_softmax_at(raw, &[id])[0]),
+                top_logprobs(raw, seq.request.top_logprobs.min(TOP_LOGPROBS_MAX)),
+            ),
+            None => (None, Vec::new()),
+        };
         if !seq.request.ignore_eos && stop_ids.contains(&id) {
             finish(seq, FinishReason::Stop);
             continue;

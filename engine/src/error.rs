@@ -29,6 +29,8 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    #[error("cannot use a {dtype} matrix of {n_out}×{n_in}: {reason}")]
+    BadQuantizedMatrix { dtype: String, n_out: usize, n_in: usize, reason: String },
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
 }

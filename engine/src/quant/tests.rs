@@ -1,0 +1,257 @@
+//! The kernels against candle: weights quantized by candle (`QTensor::quantize`), a plain f32
+//! matmul over candle's dequantized weights as the reference, for every supported dtype, odd
+//! shapes, several batch sizes, pool sizes 1 and 2, and every kernel family this CPU has.
+
+use super::*;
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+
+/// Deterministic xorshift64* values in [-1, 1): no RNG dependency, reproducible failures.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40; // 24 bits
+        bits as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32()).collect()
+    }
+}
+
+const ALL_DTYPES: [GgmlDType; 13] = [
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+const ALL_ISAS: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+
+/// Random weights with a per-row offset and scale (so Q4_1's `m` and the block scales vary),
+/// quantized by candle. Returns our matrix and candle's dequantized weights.
+fn quantized(dtype: GgmlDType, n_out: usize, n_in: usize, seed: u64) -> (QMatrix, Vec<f32>) {
+    let mut rng = Rng(seed);
+    let mut w = rng.vec(n_out * n_in);
+    for (o, row) in w.chunks_exact_mut(n_in).enumerate() {
+        let (scale, offset) = (0.5 + (o % 5) as f32, 0.3 * ((o % 3) as f32 - 1.0));
+        row.iter_mut().for_each(|v| *v = *v * scale + offset);
+    }
+    let tensor = Tensor::from_vec(w, (n_out, n_in), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&tensor, dtype).unwrap();
+    let bytes = q.data().unwrap().into_owned();
+    let dequantized = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+    let matrix = QMatrix::new(dtype, n_out, n_in, bytes).unwrap();
+    (matrix, dequantized.to_vec1::<f32>().unwrap())
+}
+
+/// Activations with varied magnitudes, and one all-zero block (the `amax == 0` path).
+fn activations(n_rows: usize, n_in: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    let mut x = rng.vec(n_rows * n_in);
+    for (r, row) in x.chunks_exact_mut(n_in).enumerate() {
+        let scale = 0.1 + r as f32;
+        row.iter_mut().for_each(|v| *v *= scale);
+    }
+    let zero_len = 32.min(n_in);
+    x[..zero_len].fill(0.0);
+    x
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt()
+}
+
+/// Checks `out` against `x · wᵀ` with an error bound relative to |x_r| |w_o|.
+fn assert_close(out: &[f32], x: &[f32], w: &[f32], n_in: usize, tolerance: f64, what: &str) {
+    let n_out = w.len() / n_in;
+    for (r, x) in x.chunks_exact(n_in).enumerate() {
+        for (o, w) in w.chunks_exact(n_in).enumerate() {
+            let exact: f64 = x.iter().zip(w).map(|(&x, &w)| x as f64 * w as f64).sum();
+            let bound = tolerance * norm(x) * norm(w) + 1e-30;
+            let got = out[r * n_out + o] as f64;
+            assert!(
+                (got - exact).abs() <= bound,
+                "{what}: row {r} col {o}: got {got}, expected {exact} (bound {bound})"
+            );
+        }
+    }
+}
+
+/// Block sizes that make the shapes odd for every tile: n_in is 7 blocks (or 3 superblocks, or
+/// 83 floats), n_out 37.
+fn test_n_in(dtype: GgmlDType) -> usize {
+    match dtype.block_size() {
+        1 => 83,
+        32 => 7 * 32,
+        _ => 3 * 256,
+    }
+}
+
+#[test]
+fn matmul_matches_dequantized_reference() {
+    let pools = [ComputePool::new(1), ComputePool::new(2)];
+    for dtype in ALL_DTYPES {
+        let n_in = test_n_in(dtype);
+        let n_out = 37;
+        let (matrix, w) = quantized(dtype, n_out, n_in, 7);
+        // Float weights see the activations exactly; the rest quantize them to 8 bits.
+        let tolerance = if dtype.block_size() == 1 { 1e-5 } else { 1e-2 };
+        for n_rows in [1, 3, 8, 17] {
+            let x = activations(n_rows, n_in, 11 + n_rows as u64);
+            let mut scalar_out = vec![f32::NAN; n_rows * n_out];
+            matrix.matmul_with_isa(&x, n_rows, &mut scalar_out, &pools[0], Isa::Scalar);
+            for isa in ALL_ISAS {
+                for pool in &pools {
+                    let mut out = vec![f32::NAN; n_rows * n_out];
+                    matrix.matmul_with_isa(&x, n_rows, &mut out, pool, isa);
+                    let what = format!(
+                        "{dtype:?} {isa:?} rows {n_rows} threads {}",
+                        pool.n_threads()
+                    );
+                    assert_close(&out, &x, &w, n_in, tolerance, &what);
+                    // Same quantized activations, same integer dots: only the f32 summation
+                    // order may differ from the scalar kernels.
+                    for (i, (&a, &b)) in out.iter().zip(&scalar_out).enumerate() {
+                        let (r, o) = (i / n_out, i % n_out);
+                        let bound = 1e-5
+                            * norm(&x[r * n_in..(r + 1) * n_in])
+                            * norm(&w[o * n_in..(o + 1) * n_in]);
+                        assert!(
+                            ((a - b) as f64).abs() <= bound,
+                            "{what}: SIMD {a} vs scalar {b} at row {r} col {o}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_default_isa_matches_reference() {
+    let pool = ComputePool::new(1);
+    let (matrix, w) = quantized(GgmlDType::Q4_1, 64, 576, 3);
+    let x = activations(5, 576, 5);
+    let mut out = vec![0.0; 5 * 64];
+    matrix.matmul(&x, 5, &mut out, &pool);
+    assert_close(&out, &x, &w, 576, 1e-2, "Q4_1 default isa");
+}
+
+#[test]
+fn dequantize_row_matches_candle() {
+    for dtype in ALL_DTYPES {
+        let n_in = test_n_in(dtype);
+        let (matrix, w) = quantized(dtype, 5, n_in, 13);
+        let mut row = vec![0.0; n_in];
+        for r in 0..5 {
+            matrix.dequantize_row(r, &mut row);
+            assert_eq!(row, w[r * n_in..(r + 1) * n_in], "{dtype:?} row {r}");
+        }
+    }
+}
+
+/// The extremes the i16 intermediate of `vpmaddubsw` must survive: Q8_0 codes of -128 (legal
+/// in a file, though candle's quantizer never writes them) against activations of ±127, and
+/// the largest Q5_1 codes.
+#[test]
+fn extreme_codes_do_not_saturate() {
+    let pool = ComputePool::new(1);
+    let n_in = 64;
+    let x: Vec<f32> = (0..n_in)
+        .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    // Q8_0: d = 1.0, every code -128.
+    let mut bytes = Vec::new();
+    for _ in 0..2 {
+        bytes.extend_from_slice(&half::f16::ONE.to_le_bytes());
+        bytes.extend_from_slice(&[0x80; 32]);
+    }
+    let q8 = QMatrix::new(GgmlDType::Q8_0, 1, n_in, bytes).unwrap();
+    // Q5_1: d = 1, m = 0, every code 31.
+    let mut bytes = Vec::new();
+    for _ in 0..2 {
+        bytes.extend_from_slice(&half::f16::ONE.to_le_bytes());
+        bytes.extend_from_slice(&half::f16::ZERO.to_le_bytes());
+        bytes.extend_from_slice(&[0xFF; 4 + 16]);
+    }
+    let q5 = QMatrix::new(GgmlDType::Q5_1, 1, n_in, bytes).unwrap();
+    let exact: f32 = x.iter().sum();
+    for isa in ALL_ISAS {
+        let mut out = [0.0];
+        q8.matmul_with_isa(&x, 1, &mut out, &pool, isa);
+        assert!(
+            (out[0] - -128.0 * exact).abs() < 1e-3,
+            "Q8_0 {isa:?}: {}",
+            out[0]
+        );
+        q5.matmul_with_isa(&x, 1, &mut out, &pool, isa);
+        assert!(
+            (out[0] - 31.0 * exact).abs() < 1e-3,
+            "Q5_1 {isa:?}: {}",
+            out[0]
+        );
+    }
+}
+
+#[test]
+fn scalar_and_simd_activation_quantization_agree() {
+    let x = activations(3, 7 * 32, 17);
+    let mut scalar = activations::Q8Rows::default();
+    scalar.quantize(&x, 3, 7 * 32, Isa::Scalar);
+    for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+        let mut simd = activations::Q8Rows::default();
+        simd.quantize(&x, 3, 7 * 32, isa.clamp());
+        assert_eq!(simd.codes[..21], scalar.codes[..21]);
+        assert_eq!(simd.scales[..21], scalar.scales[..21]);
+    }
+}
+
+#[test]
+fn new_rejects_bad_input() {
+    let ok_len = 2 * 20; // 2 rows of one Q4_1 block
+    assert!(QMatrix::new(GgmlDType::Q4_1, 2, 32, vec![0; ok_len]).is_ok());
+    for len in [0, ok_len - 1, ok_len + 1, 2 * ok_len] {
+        assert!(
+            QMatrix::new(GgmlDType::Q4_1, 2, 32, vec![0; len]).is_err(),
+            "length {len}"
+        );
+    }
+    // n_in not a multiple of the block size.
+    assert!(QMatrix::new(GgmlDType::Q4_1, 2, 48, vec![0; 2 * 30]).is_err());
+    assert!(QMatrix::new(GgmlDType::Q4K, 1, 128, vec![0; 72]).is_err());
+    // Activation-only types and zero sizes.
+    assert!(QMatrix::new(GgmlDType::Q8K, 1, 256, vec![0; 292]).is_err());
+    assert!(QMatrix::new(GgmlDType::Q8_1, 1, 32, vec![0; 36]).is_err());
+    assert!(QMatrix::new(GgmlDType::F32, 0, 4, vec![]).is_err());
+    assert!(QMatrix::new(GgmlDType::F32, 4, 0, vec![]).is_err());
+    // A size whose byte count overflows.
+    assert!(QMatrix::new(GgmlDType::F32, usize::MAX / 2, 4, vec![]).is_err());
+}
+
+#[test]
+fn realigned_bytes_read_back_the_same() {
+    let bytes: Vec<u8> = (0..=255).collect();
+    let realigned = WeightBytes::realigned(&bytes[1..]);
+    assert_eq!(realigned.as_slice(), &bytes[1..]);
+    assert_eq!(realigned.as_slice().as_ptr() as usize % WEIGHT_ALIGN, 0);
+}
+
+#[test]
+fn zero_rows_is_a_no_op() {
+    let (matrix, _) = quantized(GgmlDType::Q8_0, 4, 32, 1);
+    matrix.matmul(&[], 0, &mut [], &ComputePool::new(2));
+}

@@ -1,0 +1,750 @@
+//! AVX2 and AVX-512-VNNI kernels for the 32-value block types, and AVX2 kernels for
+//! F32/F16/BF16 weights.
+//!
+//! Two shapes of kernel, picked by the number of activation rows:
+//!
+//! * **Few rows (decode, small batches):** [`legacy_row`] walks one weight row at a time
+//!   against up to `ROW_KERNEL_ROWS_MAX` activation rows, so the weights are read as one
+//!   sequential stream. That is what the hardware prefetchers follow best: interleaving 4 rows
+//!   of a tile (4 streams a row apart) measured 6 GB/s for the Q8_0 head from DRAM on Zen 4,
+//!   the single stream 26 GB/s. The blocks of a row rotate over `U` accumulators so the FMA
+//!   chains overlap.
+//! * **Many rows (prefill):** [`legacy_tile`] computes an `O × R` tile (`R <= 8`): each weight
+//!   block is unpacked once and multiplied with the same block of all `R` activation rows
+//!   (llama.cpp gets the same reuse from `ggml_compute_forward_mul_mat`'s blocking). The
+//!   output rows are walked in L2-sized blocks so the weights are re-read from L2, not DRAM.
+//!
+//! Per block the integer dot is `vpmaddubsw` + `vpmaddwd` (AVX2, ggml's
+//! `mul_sum_us8_pairs_float`) or one `vpdpbusd` (AVX-512 VNNI on 256-bit registers, which also
+//! gives the compiler 32 vector registers); it is converted to f32 and accumulated times
+//! `d_w · d_x`. The offset term `m · s` of the unsigned-code types (see [`super::blocks`]) is
+//! summed apart. In the tile both scale products are done once per weight row for all `R`
+//! activation rows (their scales are stored transposed for that), leaving one FMA per pair:
+//! the FMA ports, not the integer dots, are what bounds prefill on Zen 4.
+//!
+//! The per-format decoding and the kernel bodies are `#[inline(always)]` without target
+//! features: they are only ever inlined into the `#[target_feature]` entry points
+//! (`*_avx2`, `*_vnni`), which is where the instructions get their encoding.
+
+// The kernels index their register tiles `acc[o][r]` by tile coordinates on purpose: the
+// loops have const-generic bounds and unroll fully, and iterator chains would obscure which
+// operand pairs with which.
+#![allow(clippy::needless_range_loop)]
+
+use super::blocks::{Legacy, QK};
+use super::{FloatArgs, LegacyArgs, WEIGHT_BLOCK_BYTES};
+use std::arch::x86_64::*;
+
+// ---------------------------------------------------------------------------------------------
+// Block decoding
+
+/// One legacy block format as the SIMD kernels see it.
+pub(crate) trait SimdBlock {
+    const BYTES: usize;
+    /// Q8_0: codes are signed weights and there is no offset term.
+    const SIGNED: bool;
+    /// The 32 codes of the block at `p`, value `j` in byte `j`.
+    unsafe fn codes(p: *const u8) -> __m256i;
+    /// `[d, m, 0, 0]`.
+    unsafe fn dm(p: *const u8) -> __m128;
+}
+
+#[inline(always)]
+unsafe fn read_u16(p: *const u8) -> u16 {
+    std::ptr::read_unaligned(p as *const u16)
+}
+
+#[inline(always)]
+unsafe fn read_u32(p: *const u8) -> u32 {
+    std::ptr::read_unaligned(p as *const u32)
+}
+
+/// ggml `bytes_from_nibbles_32`: 16 bytes of nibble pairs to 32 codes (low nibbles first).
+#[inline(always)]
+unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    let lo = _mm_loadu_si128(p as *const __m128i);
+    let hi = _mm_srli_epi16(lo, 4);
+    _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0F))
+}
+
+/// ggml `bytes_from_bits_32` masked to 0x10: bit `j` of `qh` becomes 16 in byte `j`.
+#[inline(always)]
+unsafe fn fifth_bits_32(qh: u32) -> __m256i {
+    let shuffle = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuffle);
+    let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit_mask), _mm256_set1_epi64x(-1));
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// `[d, m, 0, 0]` of the two adjacent f16 at `p`.
+#[inline(always)]
+unsafe fn f16_pair(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(p) as i32))
+}
+
+/// `[d, zero_point · d, 0, 0]` of the f16 `d` at `p`.
+#[inline(always)]
+unsafe fn f16_with_offset(p: *const u8, zero_point: f32) -> __m128 {
+    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p) as i32));
+    _mm_mul_ps(
+        _mm_broadcastss_ps(d),
+        _mm_setr_ps(1.0, zero_point, 0.0, 0.0),
+    )
+}
+
+pub(crate) struct Q4_0;
+pub(crate) struct Q4_1;
+pub(crate) struct Q5_0;
+pub(crate) struct Q5_1;
+pub(crate) struct Q8_0;
+
+impl SimdBlock for Q4_0 {
+    const BYTES: usize = Legacy::Q4_0.block_bytes();
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn codes(p: *const u8) -> __m256i {
+        nibbles_32(p.add(2))
+    }
+    #[inline(always)]
+    unsafe fn dm(p: *const u8) -> __m128 {
+        f16_with_offset(p, -8.0)
+    }
+}
+
+impl SimdBlock for Q4_1 {
+    const BYTES: usize = Legacy::Q4_1.block_bytes();
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn codes(p: *const u8) -> __m256i {
+        nibbles_32(p.add(4))
+    }
+    #[inline(always)]
+    unsafe fn dm(p: *const u8) -> __m128 {
+        f16_pair(p)
+    }
+}
+
+impl SimdBlock for Q5_0 {
+    const BYTES: usize = Legacy::Q5_0.block_bytes();
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn codes(p: *const u8) -> __m256i {
+        _mm256_or_si256(nibbles_32(p.add(6)), fifth_bits_32(read_u32(p.add(2))))
+    }
+    #[inline(always)]
+    unsafe fn dm(p: *const u8) -> __m128 {
+        f16_with_offset(p, -16.0)
+    }
+}
+
+impl SimdBlock for Q5_1 {
+    const BYTES: usize = Legacy::Q5_1.block_bytes();
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn codes(p: *const u8) -> __m256i {
+        _mm256_or_si256(nibbles_32(p.add(8)), fifth_bits_32(read_u32(p.add(4))))
+    }
+    #[inline(always)]
+    unsafe fn dm(p: *const u8) -> __m128 {
+        f16_pair(p)
+    }
+}
+
+impl SimdBlock for Q8_0 {
+    const BYTES: usize = Legacy::Q8_0.block_bytes();
+    const SIGNED: bool = true;
+    #[inline(always)]
+    unsafe fn codes(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p.add(2) as *const __m256i)
+    }
+    #[inline(always)]
+    unsafe fn dm(p: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p) as i32))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Integer dot of 32 unsigned × 32 signed bytes into 8 i32 lanes
+
+pub(crate) trait DotU8I8 {
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
+}
+
+/// AVX2: `vpmaddubsw` then `vpmaddwd` with ones. The i16 pair sums cannot saturate: codes are
+/// at most 31 (or 128 for |Q8_0|) and activations at most 127 in magnitude, 2·128·127 < 2¹⁵.
+pub(crate) struct Maddubs;
+impl DotU8I8 for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+}
+
+/// AVX-512 VNNI (256-bit, needs AVX512VL): one `vpdpbusd`, no intermediate i16 at all.
+pub(crate) struct Vnni;
+// The AVX-512 intrinsics and target features are stable since Rust 1.89. candle-core 0.11
+// already needs 1.89 for the same reason (its `repack_x86` enables `avx512vnni`), so this
+// raises nothing; the workspace's `rust-version` should say 1.89.
+#[clippy::msrv = "1.89"]
+impl DotU8I8 for Vnni {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Horizontal sums
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// `[sum(a), sum(b), sum(c), sum(d)]`.
+#[inline(always)]
+unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+    let ab = _mm256_hadd_ps(a, b);
+    let cd = _mm256_hadd_ps(c, d);
+    let abcd = _mm256_hadd_ps(ab, cd);
+    _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))
+}
+
+/// Writes `acc[o][r]`'s sum to `out[r * out_stride + o]`.
+#[inline(always)]
+unsafe fn store_tile<const O: usize, const R: usize>(
+    acc: &[[__m256; R]; O],
+    out: *mut f32,
+    out_stride: usize,
+) {
+    for r in 0..R {
+        let mut o = 0;
+        while o + 4 <= O {
+            let sums = hsum4(acc[o][r], acc[o + 1][r], acc[o + 2][r], acc[o + 3][r]);
+            _mm_storeu_ps(out.add(r * out_stride + o), sums);
+            o += 4;
+        }
+        while o < O {
+            *out.add(r * out_stride + o) = hsum(acc[o][r]);
+            o += 1;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The legacy-block micro-kernel and the loop around it
+
+/// One block of one weight row against `R` activation rows, into accumulator set `u`.
+///
+/// The scales go through one 128-bit multiply per pair: `[d, m] · [d_x, s]` gives the dot's
+/// scale `d·d_x` in lane 0 (broadcast for the FMA) and the offset term `m·s` in lane 1, which
+/// is summed on the side in `offsets`.
+#[inline(always)]
+unsafe fn row_block<B: SimdBlock, D: DotU8I8, const R: usize, const U: usize>(
+    a: &LegacyArgs,
+    w_row: *const u8,
+    r0: usize,
+    b: usize,
+    u: usize,
+    acc: &mut [[__m256; U]; R],
+    offsets: &mut [__m128; R],
+) {
+    let p = w_row.add(b * B::BYTES);
+    let w = B::codes(p);
+    let wu = if B::SIGNED { _mm256_sign_epi8(w, w) } else { w };
+    let dm = B::dm(p);
+    for r in 0..R {
+        let i = (r0 + r) * a.nb + b;
+        let x = _mm256_load_si256(a.codes.add(i) as *const __m256i);
+        let dot = if B::SIGNED {
+            D::dot(wu, _mm256_sign_epi8(x, w))
+        } else {
+            D::dot(wu, x)
+        };
+        let scales = _mm_mul_ps(
+            dm,
+            _mm_castpd_ps(_mm_load_sd(a.scales.add(i) as *const f64)),
+        );
+        if !B::SIGNED {
+            offsets[r] = _mm_add_ps(offsets[r], scales);
+        }
+        acc[r][u] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(dot),
+            _mm256_broadcastss_ps(scales),
+            acc[r][u],
+        );
+    }
+}
+
+/// Outputs `[r0, r0 + R) × [o0, o0 + O)`, `R <= 8`, with the scales handled per weight row
+/// across the tile's activation rows: one multiply gives `d_o · d_x` for all `R` rows and one
+/// FMA accumulates the offset terms `m_o · s_r` for all of them, so each pair costs only its
+/// integer dot, a conversion, a lane broadcast and one FMA.
+#[inline(always)]
+unsafe fn legacy_tile<B: SimdBlock, D: DotU8I8, const O: usize, const R: usize>(
+    a: &LegacyArgs,
+    o0: usize,
+    r0: usize,
+) {
+    const { assert!(R <= 8, "the transposed scales are loaded 8 rows at a time") };
+    let mut acc = [[_mm256_setzero_ps(); R]; O];
+    let mut offsets = [_mm256_setzero_ps(); O];
+    let w0 = a.weights.add(o0 * a.row_bytes);
+    for b in 0..a.nb {
+        let xd = _mm256_loadu_ps(a.d_t.add(b * a.n_rows + r0));
+        let xs = _mm256_loadu_ps(a.s_t.add(b * a.n_rows + r0));
+        for o in 0..O {
+            let p = w0.add(o * a.row_bytes + b * B::BYTES);
+            let w = B::codes(p);
+            let wu = if B::SIGNED { _mm256_sign_epi8(w, w) } else { w };
+            let dm = B::dm(p);
+            let scales = _mm256_mul_ps(_mm256_broadcastss_ps(dm), xd);
+            if !B::SIGNED {
+                let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+                offsets[o] = _mm256_fmadd_ps(m, xs, offsets[o]);
+            }
+            for r in 0..R {
+                let x = _mm256_load_si256(a.codes.add((r0 + r) * a.nb + b) as *const __m256i);
+                let dot = if B::SIGNED {
+                    D::dot(wu, _mm256_sign_epi8(x, w))
+                } else {
+                    D::dot(wu, x)
+                };
+                let scale = if r == 0 {
+                    _mm256_broadcastss_ps(_mm256_castps256_ps128(scales))
+                } else {
+                    _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(r as i32))
+                };
+                acc[o][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[o][r]);
+            }
+        }
+    }
+    let out = a.out.add(r0 * a.n_out + o0);
+    store_tile::<O, R>(&acc, out, a.n_out);
+    if !B::SIGNED {
+        for o in 0..O {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), offsets[o]);
+            for r in 0..R {
+                *out.add(r * a.n_out + o) += lanes[r];
+            }
+        }
+    }
+}
+
+/// Weight row `o` against activation rows `[r0, r0 + R)`: one 8-lane partial sum per row.
+/// The blocks rotate over `U` accumulators so consecutive FMAs do not wait on each other.
+#[inline(always)]
+unsafe fn legacy_row<B: SimdBlock, D: DotU8I8, const R: usize, const U: usize>(
+    a: &LegacyArgs,
+    o: usize,
+    r0: usize,
+) -> [__m256; R] {
+    let mut acc = [[_mm256_setzero_ps(); U]; R];
+    let mut offsets = [_mm_setzero_ps(); R];
+    let w_row = a.weights.add(o * a.row_bytes);
+    let full = a.nb / U * U;
+    let mut b = 0;
+    while b < full {
+        for u in 0..U {
+            row_block::<B, D, R, U>(a, w_row, r0, b + u, u, &mut acc, &mut offsets);
+        }
+        b += U;
+    }
+    while b < a.nb {
+        row_block::<B, D, R, U>(a, w_row, r0, b, 0, &mut acc, &mut offsets);
+        b += 1;
+    }
+    let mut sums = [_mm256_setzero_ps(); R];
+    for r in 0..R {
+        // Lane 1 of `offsets` is Σ m·s; move it alone into lane 0 of the sum.
+        let offset = _mm_move_ss(_mm_setzero_ps(), _mm_movehdup_ps(offsets[r]));
+        let mut sum = _mm256_zextps128_ps256(offset);
+        for u in 0..U {
+            sum = _mm256_add_ps(sum, acc[r][u]);
+        }
+        sums[r] = sum;
+    }
+    sums
+}
+
+/// Output columns `[o_start, o_end)` for activation rows `[r0, r0 + R)`, one weight row at a
+/// time: the weights are read as one sequential stream, which the hardware prefetchers follow
+/// far better than the interleaved rows of a tile (see the module comment). For few activation
+/// rows, where reading the weights is the cost.
+#[inline(always)]
+unsafe fn legacy_rows_range<B: SimdBlock, D: DotU8I8, const R: usize, const U: usize>(
+    a: &LegacyArgs,
+    o_start: usize,
+    o_end: usize,
+    r0: usize,
+) {
+    let mut o = o_start;
+    while o + 4 <= o_end {
+        let s0 = legacy_row::<B, D, R, U>(a, o, r0);
+        let s1 = legacy_row::<B, D, R, U>(a, o + 1, r0);
+        let s2 = legacy_row::<B, D, R, U>(a, o + 2, r0);
+        let s3 = legacy_row::<B, D, R, U>(a, o + 3, r0);
+        for r in 0..R {
+            let sums = hsum4(s0[r], s1[r], s2[r], s3[r]);
+            _mm_storeu_ps(a.out.add((r0 + r) * a.n_out + o), sums);
+        }
+        o += 4;
+    }
+    while o < o_end {
+        let s = legacy_row::<B, D, R, U>(a, o, r0);
+        for r in 0..R {
+            *a.out.add((r0 + r) * a.n_out + o) = hsum(s[r]);
+        }
+        o += 1;
+    }
+}
+
+/// Output columns `[o_start, o_end)` for all activation rows with `OT × RT` tiles, `1 × RT`
+/// tiles for the last columns and smaller `R` for the last rows.
+#[inline(always)]
+unsafe fn legacy_range<B: SimdBlock, D: DotU8I8, const OT: usize, const RT: usize>(
+    a: &LegacyArgs,
+    o_start: usize,
+    o_end: usize,
+) {
+    macro_rules! tile {
+        ($o:expr, $rt:expr, $o0:expr, $r0:expr) => {
+            match $rt {
+                1 => legacy_tile::<B, D, $o, 1>(a, $o0, $r0),
+                2 => legacy_tile::<B, D, $o, 2>(a, $o0, $r0),
+                3 => legacy_tile::<B, D, $o, 3>(a, $o0, $r0),
+                4 => legacy_tile::<B, D, $o, 4>(a, $o0, $r0),
+                5 => legacy_tile::<B, D, $o, 5>(a, $o0, $r0),
+                6 => legacy_tile::<B, D, $o, 6>(a, $o0, $r0),
+                7 => legacy_tile::<B, D, $o, 7>(a, $o0, $r0),
+                _ => legacy_tile::<B, D, $o, 8>(a, $o0, $r0),
+            }
+        };
+    }
+    let block_rows = (WEIGHT_BLOCK_BYTES / a.row_bytes.max(1)).max(OT) / OT * OT;
+    let mut ob = o_start;
+    while ob < o_end {
+        let ob_end = (ob + block_rows).min(o_end);
+        let mut r0 = 0;
+        while r0 < a.n_rows {
+            let rt = RT.min(a.n_rows - r0);
+            let mut o0 = ob;
+            while o0 + OT <= ob_end {
+                tile!(OT, rt, o0, r0);
+                o0 += OT;
+            }
+            while o0 < ob_end {
+                tile!(1, rt, o0, r0);
+                o0 += 1;
+            }
+            r0 += rt;
+        }
+        ob = ob_end;
+    }
+}
+
+/// Tile shapes for many activation rows (`O` weight rows × `R` activation rows), measured on
+/// Zen 4 for Q4_1 at 128 rows: with AVX2's 16 registers 1 × 8 ran at 90 GFLOP/s (2 × 4: 76);
+/// with AVX-512VL's 32, 2 × 8 at 104 (4 × 4: 94).
+const AVX2_TILE: (usize, usize) = (1, 8);
+const VNNI_TILE: (usize, usize) = (2, 8);
+/// Activation rows up to which the row-at-a-time kernels are used: up to here they were as
+/// fast or faster than the tiles (both compute-bound from 2 rows on) and read DRAM better.
+const ROW_KERNEL_ROWS_MAX: usize = 4;
+
+/// Output columns `[o_start, o_end)` for all activation rows.
+#[inline(always)]
+unsafe fn legacy_columns<B: SimdBlock, D: DotU8I8, const OT: usize, const RT: usize>(
+    a: &LegacyArgs,
+    o_start: usize,
+    o_end: usize,
+) {
+    const { assert!(ROW_KERNEL_ROWS_MAX == 4) };
+    match a.n_rows {
+        1 => legacy_rows_range::<B, D, 1, 4>(a, o_start, o_end, 0),
+        2 => legacy_rows_range::<B, D, 2, 2>(a, o_start, o_end, 0),
+        3 => legacy_rows_range::<B, D, 3, 2>(a, o_start, o_end, 0),
+        4 => legacy_rows_range::<B, D, 4, 1>(a, o_start, o_end, 0),
+        _ => legacy_range::<B, D, OT, RT>(a, o_start, o_end),
+    }
+}
+
+/// Output columns `[o_start, o_end)` of a 32-value-block matmul, AVX2 kernels.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `a` must describe live buffers of the sizes it
+/// claims; no other thread may write these output columns meanwhile.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn legacy_columns_avx2<B: SimdBlock>(
+    a: &LegacyArgs,
+    o_start: usize,
+    o_end: usize,
+) {
+    legacy_columns::<B, Maddubs, { AVX2_TILE.0 }, { AVX2_TILE.1 }>(a, o_start, o_end)
+}
+
+/// [`legacy_columns_avx2`] with AVX-512 VNNI dots.
+///
+/// # Safety
+/// As for [`legacy_columns_avx2`], and the CPU must have AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+pub(crate) unsafe fn legacy_columns_vnni<B: SimdBlock>(
+    a: &LegacyArgs,
+    o_start: usize,
+    o_end: usize,
+) {
+    legacy_columns::<B, Vnni, { VNNI_TILE.0 }, { VNNI_TILE.1 }>(a, o_start, o_end)
+}
+
+// ---------------------------------------------------------------------------------------------
+// F32 / F16 weights
+
+pub(crate) trait SimdFloat {
+    const BYTES: usize;
+    /// 8 weights from `p`.
+    unsafe fn load8(p: *const u8) -> __m256;
+    fn scalar(p: *const u8) -> f32;
+}
+
+pub(crate) struct F32;
+pub(crate) struct F16;
+pub(crate) struct BF16;
+
+impl SimdFloat for F32 {
+    const BYTES: usize = 4;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_loadu_ps(p as *const f32)
+    }
+    #[inline(always)]
+    fn scalar(p: *const u8) -> f32 {
+        // SAFETY: callers pass a pointer to a weight inside the matrix.
+        unsafe { std::ptr::read_unaligned(p as *const f32) }
+    }
+}
+
+impl SimdFloat for F16 {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline(always)]
+    fn scalar(p: *const u8) -> f32 {
+        // SAFETY: callers pass a pointer to a weight inside the matrix.
+        half::f16::from_bits(unsafe { std::ptr::read_unaligned(p as *const u16) }).to_f32()
+    }
+}
+
+impl SimdFloat for BF16 {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        // bf16 is the top half of an f32.
+        let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
+    }
+    #[inline(always)]
+    fn scalar(p: *const u8) -> f32 {
+        // SAFETY: callers pass a pointer to a weight inside the matrix.
+        half::bf16::from_bits(unsafe { std::ptr::read_unaligned(p as *const u16) }).to_f32()
+    }
+}
+
+#[inline(always)]
+unsafe fn float_tile<W: SimdFloat, const O: usize, const R: usize>(
+    a: &FloatArgs,
+    o0: usize,
+    r0: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); R]; O];
+    let w0 = a.weights.add(o0 * a.row_bytes);
+    let x0 = a.x.add(r0 * a.n_in);
+    let n8 = a.n_in / 8 * 8;
+    let mut i = 0;
+    while i < n8 {
+        let mut w = [_mm256_setzero_ps(); O];
+        for o in 0..O {
+            w[o] = W::load8(w0.add(o * a.row_bytes + i * W::BYTES));
+        }
+        for r in 0..R {
+            let x = _mm256_loadu_ps(x0.add(r * a.n_in + i));
+            for o in 0..O {
+                acc[o][r] = _mm256_fmadd_ps(w[o], x, acc[o][r]);
+            }
+        }
+        i += 8;
+    }
+    store_tile::<O, R>(&acc, a.out.add(r0 * a.n_out + o0), a.n_out);
+    if n8 < a.n_in {
+        for o in 0..O {
+            for r in 0..R {
+                let mut tail = 0.0;
+                for i in n8..a.n_in {
+                    tail +=
+                        W::scalar(w0.add(o * a.row_bytes + i * W::BYTES)) * *x0.add(r * a.n_in + i);
+                }
+                *a.out.add((r0 + r) * a.n_out + o0 + o) += tail;
+            }
+        }
+    }
+}
+
+/// Weight row `o` against activation rows `[0, R)`, the 8-float steps rotating over `U`
+/// accumulators; the sums, tail included.
+#[inline(always)]
+unsafe fn float_row<W: SimdFloat, const R: usize, const U: usize>(
+    a: &FloatArgs,
+    o: usize,
+) -> [f32; R] {
+    let mut acc = [[_mm256_setzero_ps(); U]; R];
+    let w_row = a.weights.add(o * a.row_bytes);
+    let n8 = a.n_in / 8 * 8;
+    let full = a.n_in / (8 * U) * (8 * U);
+    let mut i = 0;
+    while i < full {
+        for u in 0..U {
+            let w = W::load8(w_row.add((i + 8 * u) * W::BYTES));
+            for r in 0..R {
+                let x = _mm256_loadu_ps(a.x.add(r * a.n_in + i + 8 * u));
+                acc[r][u] = _mm256_fmadd_ps(w, x, acc[r][u]);
+            }
+        }
+        i += 8 * U;
+    }
+    while i < n8 {
+        let w = W::load8(w_row.add(i * W::BYTES));
+        for r in 0..R {
+            acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.x.add(r * a.n_in + i)), acc[r][0]);
+        }
+        i += 8;
+    }
+    let mut sums = [0f32; R];
+    for r in 0..R {
+        let mut v = acc[r][0];
+        for u in 1..U {
+            v = _mm256_add_ps(v, acc[r][u]);
+        }
+        sums[r] = hsum(v);
+        for i in n8..a.n_in {
+            sums[r] += W::scalar(w_row.add(i * W::BYTES)) * *a.x.add(r * a.n_in + i);
+        }
+    }
+    sums
+}
+
+#[inline(always)]
+unsafe fn float_rows_range<W: SimdFloat, const R: usize, const U: usize>(
+    a: &FloatArgs,
+    o_start: usize,
+    o_end: usize,
+) {
+    for o in o_start..o_end {
+        let sums = float_row::<W, R, U>(a, o);
+        for r in 0..R {
+            *a.out.add(r * a.n_out + o) = sums[r];
+        }
+    }
+}
+
+/// Output columns `[o_start, o_end)` of a float-weight matmul: row-at-a-time kernels for few
+/// activation rows (one sequential weight stream, as for the block types), `4 × 2` tiles over
+/// L2-sized blocks of weight rows otherwise.
+///
+/// # Safety
+/// As for [`legacy_columns_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn float_columns_avx2<W: SimdFloat>(a: &FloatArgs, o_start: usize, o_end: usize) {
+    const OT: usize = 4;
+    const RT: usize = 2;
+    match a.n_rows {
+        1 => return float_rows_range::<W, 1, 4>(a, o_start, o_end),
+        2 => return float_rows_range::<W, 2, 2>(a, o_start, o_end),
+        3 => return float_rows_range::<W, 3, 2>(a, o_start, o_end),
+        4 => return float_rows_range::<W, 4, 1>(a, o_start, o_end),
+        _ => {}
+    }
+    let block_rows = (WEIGHT_BLOCK_BYTES / a.row_bytes.max(1)).max(OT) / OT * OT;
+    let mut ob = o_start;
+    while ob < o_end {
+        let ob_end = (ob + block_rows).min(o_end);
+        let mut r0 = 0;
+        while r0 < a.n_rows {
+            let rt = RT.min(a.n_rows - r0);
+            let mut o0 = ob;
+            while o0 + OT <= ob_end {
+                match rt {
+                    1 => float_tile::<W, OT, 1>(a, o0, r0),
+                    _ => float_tile::<W, OT, RT>(a, o0, r0),
+                }
+                o0 += OT;
+            }
+            while o0 < ob_end {
+                match rt {
+                    1 => float_tile::<W, 1, 1>(a, o0, r0),
+                    _ => float_tile::<W, 1, RT>(a, o0, r0),
+                }
+                o0 += 1;
+            }
+            r0 += rt;
+        }
+        ob = ob_end;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+
+/// [`super::activations::quantize_block_scalar`] with AVX2 (ggml `quantize_row_q8_1`, AVX2
+/// branch). Bit-identical to the scalar version: max and the integer sum are exact, and both
+/// round half to even.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_block_avx2(values: &[f32], codes: &mut [i8; QK]) -> [f32; 2] {
+    assert!(values.len() >= QK);
+    let p = values.as_ptr();
+    let v0 = _mm256_loadu_ps(p);
+    let v1 = _mm256_loadu_ps(p.add(8));
+    let v2 = _mm256_loadu_ps(p.add(16));
+    let v3 = _mm256_loadu_ps(p.add(24));
+    let sign = _mm256_set1_ps(-0.0);
+    let max = _mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+        _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)),
+    );
+    let max4 = _mm_max_ps(_mm256_extractf128_ps(max, 1), _mm256_castps256_ps128(max));
+    let max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
+    let max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
+    let amax = _mm_cvtss_f32(max4);
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let i0 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v0, id)));
+    let i1 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v1, id)));
+    let i2 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v2, id)));
+    let i3 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v3, id)));
+    let sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    let sum4 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
+    let sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0b01_00_11_10));
+    let sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0b10_11_00_01));
+    let sum = _mm_cvtsi128_si32(sum4);
+    // Pack to bytes; the two packs interleave 128-bit lanes, the permute restores order.
+    let i01 = _mm256_packs_epi32(i0, i1);
+    let i23 = _mm256_packs_epi32(i2, i3);
+    let bytes = _mm256_packs_epi16(i01, i23);
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, bytes);
+    [d, d * sum as f32]
+}
