@@ -5,10 +5,13 @@
 //! of a step's rows to `forward_layers`. It holds only the layers of the slice it was made
 //! for, so a stage's KV memory is proportional to its share of the layers.
 //!
-//! Layout per layer: `k` and `v` are `[position][kv_head][head_dim]` f32, grown in chunks as
+//! Layout per layer: `k` and `v` are `[position][kv_head][head_dim]` f16, grown in chunks as
 //! the sequence gets longer (so a short chat does not reserve the whole context).
-//! f32 rather than llama.cpp's f16: the cache of our default model is small, and f32 keeps
-//! the engine's numerics closest to the fp32 reference.
+//! f16 as in llama.cpp's default cache: half the memory of f32, and the same rounding, which
+//! the attention kernel relies on to agree with llama.cpp (see attention.rs).
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::{EngineError, Result};
 
@@ -29,8 +32,8 @@ pub struct SequenceCache {
 
 #[derive(Debug, Default)]
 struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<f16>,
+    v: Vec<f16>,
 }
 
 impl SequenceCache {
@@ -67,7 +70,7 @@ impl SequenceCache {
     pub fn size_in_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.capacity() + l.v.capacity()) * std::mem::size_of::<f32>())
+            .map(|l| (l.k.capacity() + l.v.capacity()) * std::mem::size_of::<f16>())
             .sum()
     }
 
@@ -112,12 +115,16 @@ impl SequenceCache {
     /// are appended in order.
     pub(crate) fn push(&mut self, local_layer: usize, k: &[f32], v: &[f32]) {
         let layer = &mut self.layers[local_layer];
-        layer.k.extend_from_slice(k);
-        layer.v.extend_from_slice(v);
+        let start = layer.k.len();
+        layer.k.resize(start + k.len(), f16::ZERO);
+        layer.v.resize(start + v.len(), f16::ZERO);
+        // Round to nearest even, as ggml's f32 → f16 copy into the cache.
+        layer.k[start..].convert_from_f32_slice(k);
+        layer.v[start..].convert_from_f32_slice(v);
     }
 
     /// K and V of `local_layer` for positions `0..n_positions`.
-    pub(crate) fn layer(&self, local_layer: usize, n_positions: usize) -> (&[f32], &[f32]) {
+    pub(crate) fn layer(&self, local_layer: usize, n_positions: usize) -> (&[f16], &[f16]) {
         let layer = &self.layers[local_layer];
         let n = n_positions * self.kv_width;
         (&layer.k[..n], &layer.v[..n])

@@ -18,6 +18,7 @@
 //! **Invariant:** nothing here opens a socket or spawns an async task; compute threads are
 //! owned by a [`threads::ComputePool`] sized by the caller.
 
+pub mod attention;
 pub mod chat_template;
 pub mod error;
 pub mod kv_cache;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
 
+use crate::attention::attend_head;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::SequenceCache;
 use crate::profile::{tensor_size_in_bytes, ModelProfile, RopeScaling};
@@ -416,21 +417,7 @@ impl LlamaSlice {
             let n_pos = row_pos[row] + 1;
             let (keys, values) = caches[row_seq[row]].layer(local_layer, n_pos);
             let q_head = &q[chunk_idx * head_dim..(chunk_idx + 1) * head_dim];
-            let mut scores: Vec<f32> = (0..n_pos)
-                .map(|t| dot(q_head, &keys[t * kv_width + kv_head * head_dim..][..head_dim]) * scale)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv_sum = 1.0 / sum;
-            out_head.fill(0.0);
-            for (t, &w) in scores.iter().enumerate() {
-                let v = &values[t * kv_width + kv_head * head_dim..][..head_dim];
-                axpy(out_head, w * inv_sum, v);
-            }
+            attend_head(q_head, keys, values, kv_width, kv_head * head_dim, n_pos, scale, out_head);
         });
     }
 }
@@ -484,27 +471,5 @@ fn silu(x: f32) -> f32 {
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// f32 dot product with eight independent accumulators, so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
-fn axpy(out: &mut [f32], alpha: f32, x: &[f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o += alpha * v;
     }
 }

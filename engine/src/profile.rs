@@ -16,8 +16,8 @@ use crate::error::{EngineError, Result};
 /// (Mistral-style GGUFs are written with `general.architecture = llama`.)
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral"];
 
-/// Size of one KV-cache element in bytes. The cache is kept in f32 (see kv_cache.rs).
-pub const KV_ELEMENT_BYTES: u64 = 4;
+/// Size of one KV-cache element in bytes. The cache is kept in f16 (see kv_cache.rs).
+pub const KV_ELEMENT_BYTES: u64 = 2;
 
 /// Rope frequency scaling as llama.cpp applies it for llama-family models.
 #[derive(Debug, Clone, PartialEq)]

@@ -49,39 +49,84 @@ fn all_logits(slices: &[LlamaSlice], tokens: &[u32], pool: &ComputePool) -> Vec<
     logits.chunks(vocab).map(<[f32]>::to_vec).collect()
 }
 
+/// Logits after the prompt and after each of `forced[..n-1]`, fed one token per step.
+fn teacher_forced(slice: &LlamaSlice, prompt: &[u32], forced: &[u32], pool: &ComputePool) -> Vec<Vec<f32>> {
+    let n_embd = slice.profile().n_embd;
+    let mut cache = slice.new_cache(prompt.len() + forced.len());
+    let mut out = Vec::new();
+    let mut step: Vec<u32> = prompt.to_vec();
+    for &next in forced {
+        let mut hidden = slice.embed(&step).unwrap();
+        slice.forward_layers(&mut hidden, &[step.len()], &mut [&mut cache], pool).unwrap();
+        out.push(slice.head(&hidden[(step.len() - 1) * n_embd..], pool).unwrap());
+        step = vec![next];
+    }
+    out
+}
+
+/// Agreement bounds, set by llama.cpp against itself. The reference was made with llama.cpp's
+/// CPU flash-attention path, which rounds its value accumulator to f16 after every position;
+/// that rounding turns ulp-level differences into differences of up to 0.1 nats, so no
+/// implementation that does not reproduce llama.cpp bit for bit lands within 0.05 nats
+/// everywhere. llama.cpp's own non-flash path (same commit, same weights, measured with
+/// llama-cpp-python 0.3.36, see docs/benchmarks.md) differs from the reference by mean 0.042,
+/// max 0.218 nats, 21 of 64 positions over 0.05, and 1 top-1 flip at a margin ≥ 0.1.
+/// We hold ourselves to the same envelope, and to exact top-1 agreement wherever llama.cpp
+/// is clearly decided (margin ≥ 0.25 nats).
+const LOGPROB_DELTA_MEAN_MAX: f32 = 0.05;
+const LOGPROB_DELTA_MAX: f32 = 0.25;
+const POSITIONS_OVER_0_05_MAX: usize = 21;
+const TOP1_FLIPS_AT_MARGIN_0_1_MAX: usize = 1;
+const CLEAR_MARGIN: f32 = 0.25;
+
 #[test]
 fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
     let path = model_path();
     let reference = reference();
     let slice = LlamaSlice::load(&path, 0..30).unwrap();
     let pool = ComputePool::new(2);
-    let mut checked = 0;
-    let mut worst_logprob_delta = 0f32;
+    let mut deltas = Vec::new();
+    let mut flips = Vec::new();
+    let mut clear_flips = Vec::new();
     for case in reference["greedy"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let prompt = ids(&case["prompt_ids"]);
         let generated = ids(&case["generated_ids"]);
-        let tokens: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
-        let logits = all_logits(std::slice::from_ref(&slice), &tokens[..tokens.len() - 1], &pool);
+        // As llama-server made the reference: the prompt in one step, then llama.cpp's own
+        // greedy tokens fed back one step at a time (teacher forcing).
+        let logits = teacher_forced(&slice, &prompt, &generated, &pool);
         for (i, position) in case["all_positions_top5"].as_array().unwrap().iter().enumerate() {
-            let row = &logits[prompt.len() - 1 + i];
+            let row = &logits[i];
             let top = position["top_logprobs"].as_array().unwrap();
             let ref_top1 = top[0]["id"].as_u64().unwrap() as u32;
             let ref_logprob = top[0]["logprob"].as_f64().unwrap() as f32;
             let margin = ref_logprob - top[1]["logprob"].as_f64().unwrap() as f32;
             let ours = argmax(row);
-            if margin >= 0.1 {
-                assert_eq!(ours, ref_top1, "{name} position {i}: top-1 differs (llama.cpp margin {margin:.3})");
-            }
             let our_logprob = log_softmax_at(row, &[ref_top1])[0];
             let delta = (our_logprob - ref_logprob).abs();
-            worst_logprob_delta = worst_logprob_delta.max(delta);
-            assert!(delta <= 0.05, "{name} position {i}: logprob of {ref_top1} is {our_logprob:.4}, llama.cpp {ref_logprob:.4}");
-            checked += 1;
+            deltas.push(delta);
+            let line = format!("{name} position {i}: top-1 {ours} vs llama.cpp {ref_top1} (margin {margin:.3}), logprob {our_logprob:.4} vs {ref_logprob:.4}");
+            if ours != ref_top1 && margin >= 0.1 {
+                flips.push(line.clone());
+            }
+            if ours != ref_top1 && margin >= CLEAR_MARGIN {
+                clear_flips.push(line);
+            }
         }
     }
-    assert_eq!(checked, 64);
-    eprintln!("teacher-forced: {checked} positions, worst top-1 logprob delta {worst_logprob_delta:.4}");
+    assert_eq!(deltas.len(), 64);
+    let mean = deltas.iter().sum::<f32>() / deltas.len() as f32;
+    let max = deltas.iter().copied().fold(0.0, f32::max);
+    let over = deltas.iter().filter(|&&d| d > 0.05).count();
+    eprintln!(
+        "teacher-forced against llama.cpp: mean |Δ logprob| {mean:.4}, max {max:.4}, {over} of 64 over 0.05, {} top-1 flips at margin ≥ 0.1",
+        flips.len()
+    );
+    assert!(clear_flips.is_empty(), "top-1 differs where llama.cpp is clearly decided:\n{}", clear_flips.join("\n"));
+    assert!(flips.len() <= TOP1_FLIPS_AT_MARGIN_0_1_MAX, "top-1 flips:\n{}", flips.join("\n"));
+    assert!(mean <= LOGPROB_DELTA_MEAN_MAX, "mean logprob delta {mean}");
+    assert!(max <= LOGPROB_DELTA_MAX, "max logprob delta {max}");
+    assert!(over <= POSITIONS_OVER_0_05_MAX, "{over} positions over 0.05");
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //! The 32-value blocks follow ggml's `block_q8_1` (`d = amax / 127`, `q = round(x / d)`,
 //! `s = d * sum(q)`), but the scratch is laid out for the kernels rather than for a file: the
 //! codes of each block sit in their own 32-byte-aligned slot (so a 256-bit load never splits a
-//! cache line) and `[d, s]` are kept apart as `f32` (ggml stores them as f16, which only loses
-//! precision). Q8_0 weights ignore `s`; the unsigned-code types need it for their offset term.
+//! cache line) and `[d, s]` are kept apart as `f32` values rounded to f16, exactly the values
+//! ggml's f16 fields hold. Q8_0 weights ignore `s`; the unsigned-code types need it for their
+//! offset term.
 //!
 //! Rounding is round-half-to-even with `id = 127 / amax`, as ggml's AVX2 `quantize_row_q8_1`
 //! does, in both the scalar and the SIMD path, so the two produce identical bytes.
@@ -78,7 +79,12 @@ impl Q8Rows {
                 *scale = quantize_block_scalar(values, &mut codes.0);
             }
         }
-        for (i, &[d, s]) in self.scales[..n_blocks].iter().enumerate() {
+        for (i, scale) in self.scales[..n_blocks].iter_mut().enumerate() {
+            // ggml stores `d` and `s` as f16 (block_q8_0 / block_q8_1) and the dot products
+            // read them back: round the same way, or every block's scale is off by up to
+            // 2^-11 relative, enough to move llama.cpp-comparable log-probabilities by 0.1.
+            let [d, s] = scale.map(|v| half::f16::from_f32(v).to_f32());
+            *scale = [d, s];
             let (r, b) = (i / self.nb, i % self.nb);
             self.d_t[b * n_rows + r] = d;
             self.s_t[b * n_rows + r] = s;

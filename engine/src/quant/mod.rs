@@ -89,6 +89,19 @@ impl Isa {
     pub fn detect() -> Isa {
         static DETECTED: OnceLock<Isa> = OnceLock::new();
         *DETECTED.get_or_init(|| {
+            // `POTLUCK_ISA=scalar|avx2` caps the kernels, to rule them out when chasing a
+            // numerical difference or to measure what SIMD buys.
+            let cap = match std::env::var("POTLUCK_ISA").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512Vnni,
+            };
+            Self::detect_hardware().min(cap)
+        })
+    }
+
+    fn detect_hardware() -> Isa {
+        {
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
@@ -101,7 +114,7 @@ impl Isa {
                 }
             }
             Isa::Scalar
-        })
+        }
     }
 
     /// `self`, or the best supported family below it if this CPU lacks it.
