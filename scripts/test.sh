@@ -21,3 +21,7 @@ echo "model: $POTLUCK_MODEL"
 echo "==> Tests"
 cargo test --workspace --locked -- --nocapture 2>&1 | tee target/test-output.txt
 # `tee` hides cargo's exit status; the pipeline's status is cargo's because of pipefail.
+
+# One closing line over every test binary (cargo's own last line is a doc-test run that may
+# hold no test at all).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' target/test-output.txt

@@ -131,6 +131,9 @@ struct Sequence {
     n_cached: usize,
     n_generated: usize,
     done: bool,
+    /// When the sequence was admitted and when its first token was sampled (for the log).
+    admitted_at: std::time::Instant,
+    first_token_at: Option<std::time::Instant>,
 }
 
 fn run(
@@ -197,6 +200,8 @@ fn admit(model: &LlamaSlice, context_length: usize, job: Job, active: &mut Vec<S
         n_cached: 0,
         n_generated: 0,
         done: false,
+        admitted_at: std::time::Instant::now(),
+        first_token_at: None,
         request,
         events,
     });
@@ -276,6 +281,7 @@ fn step(model: &LlamaSlice, pool: &ComputePool, stop_ids: &[u32], context_length
         // OpenAI report them; computed only when asked for.
         let raw = seq.request.logprobs.then(|| row_logits.clone());
         let id = seq.sampler.sample(&mut row_logits, &seq.tokens);
+        seq.first_token_at.get_or_insert_with(std::time::Instant::now);
         let (logprob, top) = match &raw {
             Some(raw) => (
                 Some(log_softmax_at(raw, &[id])[0]),
@@ -300,6 +306,17 @@ fn step(model: &LlamaSlice, pool: &ComputePool, stop_ids: &[u32], context_length
 }
 
 fn finish(seq: &mut Sequence, reason: FinishReason) {
+    let now = std::time::Instant::now();
+    let first = seq.first_token_at.unwrap_or(now);
+    let decode_s = (now - first).as_secs_f64();
+    tracing::info!(
+        prompt_tokens = seq.request.prompt.len(),
+        completion_tokens = seq.n_generated,
+        ?reason,
+        time_to_first_token_ms = (first - seq.admitted_at).as_millis() as u64,
+        decode_tokens_per_s = if decode_s > 0.0 { ((seq.n_generated.saturating_sub(1)) as f64 / decode_s).round() } else { 0.0 },
+        "request finished"
+    );
     let _ = seq.events.send(GenerateEvent::Finished {
         reason,
         prompt_tokens: seq.request.prompt.len(),

@@ -14,12 +14,16 @@
 //! * [`quant`] holds the quantized matrix type and its SIMD kernels (weights stay in their
 //!   GGUF block format in memory).
 //! * [`tokenizer`], [`chat_template`] and [`sampler`] turn text into token ids and back.
+//! * [`attention`] is the attention kernel over the f16 KV cache.
+//! * [`device`] measures this machine (free memory, bandwidth, quantized-matmul speed) for
+//!   the shard planner; `worker bench` prints it.
 //!
 //! **Invariant:** nothing here opens a socket or spawns an async task; compute threads are
 //! owned by a [`threads::ComputePool`] sized by the caller.
 
 pub mod attention;
 pub mod chat_template;
+pub mod device;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
