@@ -256,3 +256,32 @@ fn zero_rows_is_a_no_op() {
     let (matrix, _) = quantized(GgmlDType::Q8_0, 4, 32, 1);
     matrix.matmul(&[], 0, &mut [], &ComputePool::new(2));
 }
+
+/// A row's result must not depend on which other rows share the call: the generation loop
+/// batches several sequences' rows into one step, and a greedy answer must be the same
+/// whether the server is idle or busy.
+#[test]
+fn each_row_is_independent_of_the_batch() {
+    let pool = ComputePool::new(1);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F16] {
+        let n_in = test_n_in(dtype);
+        let n_out = 40;
+        let (matrix, _) = quantized(dtype, n_out, n_in, 5);
+        for n_rows in [2, 3, 4, 5, 8, 9, 16, 17] {
+            let x = activations(n_rows, n_in, 9);
+            for isa in ALL_ISAS {
+                let mut batched = vec![0f32; n_rows * n_out];
+                matrix.matmul_with_isa(&x, n_rows, &mut batched, &pool, isa);
+                for r in 0..n_rows {
+                    let mut alone = vec![0f32; n_out];
+                    matrix.matmul_with_isa(&x[r * n_in..(r + 1) * n_in], 1, &mut alone, &pool, isa);
+                    assert_eq!(
+                        &batched[r * n_out..(r + 1) * n_out],
+                        &alone[..],
+                        "{dtype:?} {isa:?}: row {r} of {n_rows} differs from the row alone"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -202,21 +202,20 @@ impl DotU8I8 for Vnni {
 // ---------------------------------------------------------------------------------------------
 // Horizontal sums
 
+/// The sum of 8 lanes in the order of ggml's `hsum_float_8`: ((0+4)+(2+6)) + ((1+5)+(3+7)).
+/// Every kernel finishes every dot product with this tree (see "batch invariance" in mod.rs).
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
 }
 
-/// `[sum(a), sum(b), sum(c), sum(d)]`.
+/// `[sum(a), sum(b), sum(c), sum(d)]`, each exactly as [`hsum`] adds it.
 #[inline(always)]
 unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
-    let ab = _mm256_hadd_ps(a, b);
-    let cd = _mm256_hadd_ps(c, d);
-    let abcd = _mm256_hadd_ps(ab, cd);
-    _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))
+    _mm_setr_ps(hsum(a), hsum(b), hsum(c), hsum(d))
 }
 
 /// Writes `acc[o][r]`'s sum to `out[r * out_stride + o]`.
@@ -275,6 +274,7 @@ unsafe fn row_block<B: SimdBlock, D: DotU8I8, const R: usize, const U: usize>(
             _mm_castpd_ps(_mm_load_sd(a.scales.add(i) as *const f64)),
         );
         if !B::SIGNED {
+            // Lane 1: offset + m·s, multiplied then added as ggml's `summs += m * s`.
             offsets[r] = _mm_add_ps(offsets[r], scales);
         }
         acc[r][u] = _mm256_fmadd_ps(
@@ -310,7 +310,8 @@ unsafe fn legacy_tile<B: SimdBlock, D: DotU8I8, const O: usize, const R: usize>(
             let scales = _mm256_mul_ps(_mm256_broadcastss_ps(dm), xd);
             if !B::SIGNED {
                 let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-                offsets[o] = _mm256_fmadd_ps(m, xs, offsets[o]);
+                // Multiplied then added, as ggml's `summs += m * s` and the row kernels.
+                offsets[o] = _mm256_add_ps(offsets[o], _mm256_mul_ps(m, xs));
             }
             for r in 0..R {
                 let x = _mm256_load_si256(a.codes.add((r0 + r) * a.nb + b) as *const __m256i);
@@ -348,7 +349,7 @@ unsafe fn legacy_row<B: SimdBlock, D: DotU8I8, const R: usize, const U: usize>(
     a: &LegacyArgs,
     o: usize,
     r0: usize,
-) -> [__m256; R] {
+) -> ([__m256; R], [f32; R]) {
     let mut acc = [[_mm256_setzero_ps(); U]; R];
     let mut offsets = [_mm_setzero_ps(); R];
     let w_row = a.weights.add(o * a.row_bytes);
@@ -365,16 +366,17 @@ unsafe fn legacy_row<B: SimdBlock, D: DotU8I8, const R: usize, const U: usize>(
         b += 1;
     }
     let mut sums = [_mm256_setzero_ps(); R];
+    let mut offset_sums = [0f32; R];
     for r in 0..R {
-        // Lane 1 of `offsets` is Σ m·s; move it alone into lane 0 of the sum.
-        let offset = _mm_move_ss(_mm_setzero_ps(), _mm_movehdup_ps(offsets[r]));
-        let mut sum = _mm256_zextps128_ps256(offset);
-        for u in 0..U {
+        let mut sum = acc[r][0];
+        for u in 1..U {
             sum = _mm256_add_ps(sum, acc[r][u]);
         }
         sums[r] = sum;
+        // Lane 1 of `offsets` is Σ m·s, added after the horizontal sum as the tile does.
+        offset_sums[r] = _mm_cvtss_f32(_mm_movehdup_ps(offsets[r]));
     }
-    sums
+    (sums, offset_sums)
 }
 
 /// Output columns `[o_start, o_end)` for activation rows `[r0, r0 + R)`, one weight row at a
@@ -390,20 +392,26 @@ unsafe fn legacy_rows_range<B: SimdBlock, D: DotU8I8, const R: usize, const U: u
 ) {
     let mut o = o_start;
     while o + 4 <= o_end {
-        let s0 = legacy_row::<B, D, R, U>(a, o, r0);
-        let s1 = legacy_row::<B, D, R, U>(a, o + 1, r0);
-        let s2 = legacy_row::<B, D, R, U>(a, o + 2, r0);
-        let s3 = legacy_row::<B, D, R, U>(a, o + 3, r0);
+        let (s0, f0) = legacy_row::<B, D, R, U>(a, o, r0);
+        let (s1, f1) = legacy_row::<B, D, R, U>(a, o + 1, r0);
+        let (s2, f2) = legacy_row::<B, D, R, U>(a, o + 2, r0);
+        let (s3, f3) = legacy_row::<B, D, R, U>(a, o + 3, r0);
         for r in 0..R {
             let sums = hsum4(s0[r], s1[r], s2[r], s3[r]);
-            _mm_storeu_ps(a.out.add((r0 + r) * a.n_out + o), sums);
+            let mut lanes = [0f32; 4];
+            _mm_storeu_ps(lanes.as_mut_ptr(), sums);
+            let out = a.out.add((r0 + r) * a.n_out + o);
+            for (k, f) in [f0[r], f1[r], f2[r], f3[r]].into_iter().enumerate() {
+                *out.add(k) = if B::SIGNED { lanes[k] } else { lanes[k] + f };
+            }
         }
         o += 4;
     }
     while o < o_end {
-        let s = legacy_row::<B, D, R, U>(a, o, r0);
+        let (s, f) = legacy_row::<B, D, R, U>(a, o, r0);
         for r in 0..R {
-            *a.out.add((r0 + r) * a.n_out + o) = hsum(s[r]);
+            let sum = hsum(s[r]);
+            *a.out.add((r0 + r) * a.n_out + o) = if B::SIGNED { sum } else { sum + f[r] };
         }
         o += 1;
     }
@@ -471,9 +479,11 @@ unsafe fn legacy_columns<B: SimdBlock, D: DotU8I8, const OT: usize, const RT: us
 ) {
     const { assert!(ROW_KERNEL_ROWS_MAX == 4) };
     match a.n_rows {
-        1 => legacy_rows_range::<B, D, 1, 4>(a, o_start, o_end, 0),
-        2 => legacy_rows_range::<B, D, 2, 2>(a, o_start, o_end, 0),
-        3 => legacy_rows_range::<B, D, 3, 2>(a, o_start, o_end, 0),
+        // One accumulator per (weight row, activation row) in every kernel, blocks in order:
+        // the tiles can afford no more registers, and the sums must match theirs exactly.
+        1 => legacy_rows_range::<B, D, 1, 1>(a, o_start, o_end, 0),
+        2 => legacy_rows_range::<B, D, 2, 1>(a, o_start, o_end, 0),
+        3 => legacy_rows_range::<B, D, 3, 1>(a, o_start, o_end, 0),
         4 => legacy_rows_range::<B, D, 4, 1>(a, o_start, o_end, 0),
         _ => legacy_range::<B, D, OT, RT>(a, o_start, o_end),
     }
@@ -636,8 +646,13 @@ unsafe fn float_row<W: SimdFloat, const R: usize, const U: usize>(
             v = _mm256_add_ps(v, acc[r][u]);
         }
         sums[r] = hsum(v);
-        for i in n8..a.n_in {
-            sums[r] += W::scalar(w_row.add(i * W::BYTES)) * *a.x.add(r * a.n_in + i);
+        if n8 < a.n_in {
+            // The tail summed on its own, then added, as the tile does.
+            let mut tail = 0.0;
+            for i in n8..a.n_in {
+                tail += W::scalar(w_row.add(i * W::BYTES)) * *a.x.add(r * a.n_in + i);
+            }
+            sums[r] += tail;
         }
     }
     sums
@@ -668,9 +683,9 @@ pub(crate) unsafe fn float_columns_avx2<W: SimdFloat>(a: &FloatArgs, o_start: us
     const OT: usize = 4;
     const RT: usize = 2;
     match a.n_rows {
-        1 => return float_rows_range::<W, 1, 4>(a, o_start, o_end),
-        2 => return float_rows_range::<W, 2, 2>(a, o_start, o_end),
-        3 => return float_rows_range::<W, 3, 2>(a, o_start, o_end),
+        1 => return float_rows_range::<W, 1, 1>(a, o_start, o_end),
+        2 => return float_rows_range::<W, 2, 1>(a, o_start, o_end),
+        3 => return float_rows_range::<W, 3, 1>(a, o_start, o_end),
         4 => return float_rows_range::<W, 4, 1>(a, o_start, o_end),
         _ => {}
     }
