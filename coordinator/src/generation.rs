@@ -11,6 +11,7 @@
 //! The service works in token ids; text (detokenization, stop strings) is the API's job.
 
 use std::sync::mpsc as std_mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use potluck_engine::kv_cache::SequenceCache;
@@ -79,6 +80,24 @@ pub struct GenerationService {
     jobs: std_mpsc::SyncSender<Job>,
     context_length: usize,
     stop_ids: Arc<Vec<u32>>,
+    stats: Arc<ServiceStats>,
+}
+
+/// Counters the generation thread keeps for `/metrics` (monotonic unless named a gauge).
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Gauge: requests submitted but not yet admitted.
+    pub queued: AtomicU64,
+    /// Gauge: sequences being generated.
+    pub active: AtomicU64,
+    pub requests_finished: AtomicU64,
+    pub requests_failed: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub steps: AtomicU64,
+    pub step_rows: AtomicU64,
+    /// Time spent computing steps, in microseconds.
+    pub step_busy_us: AtomicU64,
 }
 
 impl GenerationService {
@@ -88,12 +107,13 @@ impl GenerationService {
         let context_length = context_length.min(model.profile().context_length);
         let (jobs, receiver) = std_mpsc::sync_channel(QUEUED_REQUESTS_MAX);
         let stop_ids = Arc::new(stop_ids);
-        let thread_stop_ids = stop_ids.clone();
+        let stats = Arc::new(ServiceStats::default());
+        let (thread_stop_ids, thread_stats) = (stop_ids.clone(), stats.clone());
         std::thread::Builder::new()
             .name("potluck-generation".into())
-            .spawn(move || run(model, pool, context_length, thread_stop_ids, receiver))
+            .spawn(move || run(model, pool, context_length, thread_stop_ids, thread_stats, receiver))
             .expect("spawning the generation thread");
-        Self { jobs, context_length, stop_ids }
+        Self { jobs, context_length, stop_ids, stats }
     }
 
     /// Tokens a sequence may hold in all (prompt + completion).
@@ -105,6 +125,10 @@ impl GenerationService {
         &self.stop_ids
     }
 
+    pub fn stats(&self) -> &ServiceStats {
+        &self.stats
+    }
+
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::UnboundedReceiver<GenerateEvent>, SubmitError> {
@@ -113,7 +137,10 @@ impl GenerationService {
         // its token budget, at most the context length plus one.
         let (events, receiver) = mpsc::unbounded_channel();
         match self.jobs.try_send(Job { request, events }) {
-            Ok(()) => Ok(receiver),
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                Ok(receiver)
+            }
             Err(std_mpsc::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(std_mpsc::TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
         }
@@ -141,20 +168,28 @@ fn run(
     pool: ComputePool,
     context_length: usize,
     stop_ids: Arc<Vec<u32>>,
+    stats: Arc<ServiceStats>,
     jobs: std_mpsc::Receiver<Job>,
 ) {
     let mut active: Vec<Sequence> = Vec::new();
     loop {
+        stats.active.store(active.len() as u64, Ordering::Relaxed);
         // Admit: block when idle, otherwise take whatever is waiting, up to the cap.
         if active.is_empty() {
             match jobs.recv() {
-                Ok(job) => admit(&model, context_length, job, &mut active),
+                Ok(job) => {
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    admit(&model, context_length, job, &mut active)
+                }
                 Err(_) => return, // every handle dropped: shut down.
             }
         }
         while active.len() < ACTIVE_SEQUENCES_MAX {
             match jobs.try_recv() {
-                Ok(job) => admit(&model, context_length, job, &mut active),
+                Ok(job) => {
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    admit(&model, context_length, job, &mut active)
+                }
                 Err(_) => break,
             }
         }
@@ -162,9 +197,13 @@ fn run(
         if active.is_empty() {
             continue;
         }
+        stats.active.store(active.len() as u64, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(&model, &pool, &stop_ids, context_length, &mut active)
+            step(&model, &pool, &stop_ids, context_length, &stats, &mut active)
         }));
+        stats.step_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.steps.fetch_add(1, Ordering::Relaxed);
         if let Err(panic) = outcome {
             // A bug, not a user error: fail the requests of this step and keep serving.
             let message = panic_message(&panic);
@@ -207,7 +246,14 @@ fn admit(model: &LlamaSlice, context_length: usize, job: Job, active: &mut Vec<S
     });
 }
 
-fn step(model: &LlamaSlice, pool: &ComputePool, stop_ids: &[u32], context_length: usize, active: &mut [Sequence]) {
+fn step(
+    model: &LlamaSlice,
+    pool: &ComputePool,
+    stop_ids: &[u32],
+    context_length: usize,
+    stats: &ServiceStats,
+    active: &mut [Sequence],
+) {
     // Gather each sequence's rows for this step, within the step's row budget.
     let mut step_tokens = Vec::new();
     let mut segments = Vec::new();
@@ -226,7 +272,9 @@ fn step(model: &LlamaSlice, pool: &ComputePool, stop_ids: &[u32], context_length
     if members.is_empty() {
         return;
     }
+    stats.step_rows.fetch_add(step_tokens.len() as u64, Ordering::Relaxed);
     let failed = |active: &mut [Sequence], message: String| {
+        stats.requests_failed.fetch_add(members.len() as u64, Ordering::Relaxed);
         for &i in &members {
             let _ = active[i].events.send(GenerateEvent::Failed(message.clone()));
             active[i].done = true;
@@ -290,7 +338,7 @@ fn step(model: &LlamaSlice, pool: &ComputePool, stop_ids: &[u32], context_length
             None => (None, Vec::new()),
         };
         if !seq.request.ignore_eos && stop_ids.contains(&id) {
-            finish(seq, FinishReason::Stop);
+            finish(seq, FinishReason::Stop, stats);
             continue;
         }
         seq.tokens.push(id);
@@ -300,12 +348,15 @@ fn step(model: &LlamaSlice, pool: &ComputePool, stop_ids: &[u32], context_length
             continue;
         }
         if seq.n_generated >= seq.request.max_tokens || seq.tokens.len() >= context_length {
-            finish(seq, FinishReason::Length);
+            finish(seq, FinishReason::Length, stats);
         }
     }
 }
 
-fn finish(seq: &mut Sequence, reason: FinishReason) {
+fn finish(seq: &mut Sequence, reason: FinishReason, stats: &ServiceStats) {
+    stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+    stats.prompt_tokens.fetch_add(seq.request.prompt.len() as u64, Ordering::Relaxed);
+    stats.completion_tokens.fetch_add(seq.n_generated as u64, Ordering::Relaxed);
     let now = std::time::Instant::now();
     let first = seq.first_token_at.unwrap_or(now);
     let decode_s = (now - first).as_secs_f64();

@@ -149,4 +149,7 @@ except openai.BadRequestError:
     check(True, "the client sees a BadRequestError for empty messages")
 status, body = http("GET", "/health")
 check(status == 200 and body["status"] == "ok", "still healthy after the bad requests")
+metrics = urllib.request.urlopen(base_url + "/metrics", timeout=30).read().decode()
+generated = [l for l in metrics.splitlines() if l.startswith("potluck_generated_tokens_total ")]
+check(generated and int(generated[0].split()[1]) > 0, "/metrics counts generated tokens")
 print(f"{checks} checks passed")
