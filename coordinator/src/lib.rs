@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod generation;
+pub mod membership;
 pub mod model_fetch;
 pub mod text;
 
