@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "==> Python packages for the end-to-end tests"
-python3 -m pip install --quiet --disable-pip-version-check "openai==1.*" 2>&1 | grep -v "Running pip as the 'root' user" || true
+python3 -m pip install --quiet --disable-pip-version-check "openai==1.*" "schemathesis==4.32.5" 2>&1 | grep -v "Running pip as the 'root' user" || true
 python3 -c "import openai; print('openai', openai.__version__)"
+python3 -m schemathesis --version || schemathesis --version
 
 echo "==> Building (one dev-profile build serves every test and the end-to-end binaries)"
 cargo build --workspace --all-targets --locked

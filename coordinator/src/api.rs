@@ -58,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(v1)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
@@ -354,6 +355,12 @@ impl CommonParams {
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"status": "ok", "model": state.model_id}))
+}
+
+/// The OpenAPI 3 description of this API (kept beside this file; tests check the server
+/// against it).
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
 }
 
 /// Prometheus text format (version 0.0.4).

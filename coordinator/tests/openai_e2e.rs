@@ -84,3 +84,19 @@ fn api_key_is_required_when_set() {
     // The whole client suite also passes with the key.
     run_client(&server, Some("sesame"));
 }
+
+/// schemathesis (from PyPI) generates requests from /openapi.json: no response may be a server
+/// error (5xx) or break the documented schema. Bounded: a fixed seed and few examples per
+/// operation, so the run takes a couple of minutes at most.
+#[test]
+fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let server = start(&["--ctx-size", "512"]);
+    let status = Command::new("schemathesis")
+        .args(["run", &format!("{}/openapi.json", server.base_url)])
+        .args(["--checks", "not_a_server_error,response_schema_conformance"])
+        .args(["--max-examples", "8", "--seed", "20261125", "--request-timeout", "60"])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .status()
+        .expect("running schemathesis (`pip install schemathesis`)");
+    assert!(status.success(), "schemathesis found a failure (see above)");
+}

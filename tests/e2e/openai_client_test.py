@@ -149,6 +149,8 @@ except openai.BadRequestError:
     check(True, "the client sees a BadRequestError for empty messages")
 status, body = http("GET", "/health")
 check(status == 200 and body["status"] == "ok", "still healthy after the bad requests")
+spec = json.loads(urllib.request.urlopen(base_url + "/openapi.json", timeout=30).read())
+check(set(spec["paths"]) >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}, "/openapi.json describes the API")
 metrics = urllib.request.urlopen(base_url + "/metrics", timeout=30).read().decode()
 generated = [l for l in metrics.splitlines() if l.startswith("potluck_generated_tokens_total ")]
 check(generated and int(generated[0].split()[1]) > 0, "/metrics counts generated tokens")

@@ -8,6 +8,8 @@
 //! **Architecture Invariant:** the conversion lives here, not in the engine: the engine may
 //! not depend on the planner, and the planner may not depend on any workspace crate.
 
+pub mod slice_cache;
+
 use potluck_engine::device::{DeviceBackend, DeviceProfile};
 use potluck_shard_planner::{Backend, NodeProfile};
 
