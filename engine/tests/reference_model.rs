@@ -64,18 +64,18 @@ fn teacher_forced(slice: &LlamaSlice, prompt: &[u32], forced: &[u32], pool: &Com
     out
 }
 
-/// Agreement bounds. The reference was made with llama.cpp's CPU flash-attention path, which
-/// rounds its value accumulator to f16 after every position; that rounding turns ulp-level
-/// differences into log-probability differences of tenths of a nat, so nothing short of a
-/// bit-for-bit reproduction of llama.cpp lands within 0.05 nats everywhere. llama.cpp's own
-/// non-flash path (same commit, same weights; `examples/llamacpp_agreement.py`) differs from
-/// the reference by mean 0.042, max 0.218 nats, 21 of 64 positions over 0.05, and 1 top-1
-/// flip at a margin ≥ 0.1. We measured 0.036–0.046 mean and 0.19–0.41 max across summation
-/// orders of our own kernels (docs/benchmarks.md). The bounds catch real errors (a wrong
-/// rope, norm or quantization moves the mean by far more) without pretending to bit-exactness.
+/// Agreement bounds. The reference was made with llama.cpp's CPU flash-attention path, whose
+/// f16 value accumulator makes results jump with ulp-level differences: anything short of a
+/// bit-for-bit reproduction of llama.cpp lands tenths of a nat away at some positions.
+/// Yardstick, from the same llama.cpp commit (`examples/llamacpp_agreement.py`): its own
+/// non-flash path differs from the reference by mean 0.042, max 0.218, 21 of 64 positions
+/// over 0.05, 1 top-1 flip at a margin ≥ 0.1. We mirror the flash path's roundings
+/// (attention.rs) and measured mean 0.036, max 0.148, 16 over 0.05, 1 flip (docs/benchmarks.md).
+/// The bounds hold us to llama.cpp's own envelope; a wrong rope, norm or quantization moves
+/// the mean far past them.
 const LOGPROB_DELTA_MEAN_MAX: f32 = 0.05;
-const LOGPROB_DELTA_MAX: f32 = 0.5;
-const TOP1_FLIPS_AT_MARGIN_0_1_MAX: usize = 2;
+const LOGPROB_DELTA_MAX: f32 = 0.25;
+const TOP1_FLIPS_AT_MARGIN_0_1_MAX: usize = 1;
 /// Where llama.cpp is clearly decided, our top-1 must be its top-1.
 const CLEAR_MARGIN: f32 = 0.25;
 
