@@ -9,9 +9,9 @@
 //! ulp-level differences of its inputs, so agreeing with llama.cpp's log-probabilities needs
 //! the same roundings in the same order, not just the same math. Checked against llama.cpp's
 //! own intermediate tensors (its eval callback, llama-cpp-python 0.3.36): together with the
-//! matmul kernels' summation order, the first 9 of 30 layers come out bit-identical on the
-//! reference prompt; a rare 1-ulp difference in `S` then appears (not yet explained). The
-//! SIMD and scalar paths compute the same sums, bit for bit.
+//! matmul kernels' summation order, RoPE's and SiLU's roundings (model.rs), every layer's
+//! output is bit-identical to llama.cpp's, prefill and decode. The SIMD and scalar paths
+//! compute the same sums, bit for bit.
 
 use half::f16;
 

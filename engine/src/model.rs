@@ -441,12 +441,12 @@ fn load_vector(source: &mut dyn TensorSource, name: &str, len: usize) -> Result<
     Ok(out)
 }
 
-/// RMSNorm of every row of `x` times `weight`, into `out`. The sum of squares is accumulated
-/// in f64 as ggml's `ggml_compute_forward_rms_norm_f32` does.
+/// RMSNorm of every row of `x` times `weight`, into `out`, as ggml's
+/// `ggml_compute_forward_rms_norm_f32` then `ggml_mul`: squares in f32, summed in f64.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
     for (row, out_row) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
         let mean = (sum / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for ((o, &v), &w) in out_row.iter_mut().zip(row).zip(weight) {
@@ -459,13 +459,43 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 fn apply_rope(head: &mut [f32], cos_sin: &[f32]) {
     for (pair, cs) in head.chunks_exact_mut(2).zip(cos_sin.chunks_exact(2)) {
         let (x0, x1) = (pair[0], pair[1]);
-        pair[0] = x0 * cs[0] - x1 * cs[1];
-        pair[1] = x0 * cs[1] + x1 * cs[0];
+        // As GCC compiles ggml's `rotate_pairs` (C++, -ffp-contract=fast on an FMA target):
+        // one fused multiply-add each, checked bit for bit against llama.cpp's tensors.
+        pair[0] = x0.mul_add(cs[0], -(x1 * cs[1]));
+        pair[1] = x0.mul_add(cs[1], x1 * cs[0]);
     }
 }
 
+/// SiLU as ggml's `ggml_v_silu` computes it in `ggml_vec_swiglu_f32` (x / (1 + e^-x) with
+/// ggml's `ggml_v_expf` polynomial, not libm's expf), so the feed-forward matches llama.cpp
+/// bit for bit. Every operation is element-wise, so this scalar form gives the SIMD result.
 fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + ggml_expf(0.0 - x))
+}
+
+/// ggml's `ggml_v_expf` (AVX-512 form), one lane: range reduction by a shifter constant,
+/// a degree-5 polynomial, then scaling by 2^n; ±inf/0 past |n| > 192.
+fn ggml_expf(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let shifter = c(0x4B40_0000); // 0x1.8p23
+    let z = x.mul_add(c(0x3FB8_AA3B), shifter); // log2(e)
+    let n = z - shifter;
+    let b = (-n).mul_add(c(0x35BF_BE8E), (-n).mul_add(c(0x3F31_7200), x)); // ln2 hi/lo
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = c(0x3C07_2010)
+        .mul_add(b, c(0x3D2B_9F17))
+        .mul_add(u, c(0x3E2A_AF33).mul_add(b, c(0x3EFF_FEDB)))
+        .mul_add(u, c(0x3F7F_FFF6).mul_add(b, 1.0));
+    // _mm512_scalef_ps(j, n): j · 2^n, rounded once (exact while 2^n is a normal f32).
+    let n = n as i32;
+    if (-126..=127).contains(&n) {
+        j * f32::from_bits(((n + 127) as u32) << 23)
+    } else {
+        (j as f64 * 2f64.powi(n)) as f32
+    }
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

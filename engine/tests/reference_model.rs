@@ -64,20 +64,12 @@ fn teacher_forced(slice: &LlamaSlice, prompt: &[u32], forced: &[u32], pool: &Com
     out
 }
 
-/// Agreement bounds. The reference was made with llama.cpp's CPU flash-attention path, whose
-/// f16 value accumulator makes results jump with ulp-level differences: anything short of a
-/// bit-for-bit reproduction of llama.cpp lands tenths of a nat away at some positions.
-/// Yardstick, from the same llama.cpp commit (`examples/llamacpp_agreement.py`): its own
-/// non-flash path differs from the reference by mean 0.042, max 0.218, 21 of 64 positions
-/// over 0.05, 1 top-1 flip at a margin ≥ 0.1. We mirror the flash path's roundings
-/// (attention.rs) and measured mean 0.036, max 0.148, 16 over 0.05, 1 flip (docs/benchmarks.md).
-/// The bounds hold us to llama.cpp's own envelope; a wrong rope, norm or quantization moves
-/// the mean far past them.
-const LOGPROB_DELTA_MEAN_MAX: f32 = 0.05;
-const LOGPROB_DELTA_MAX: f32 = 0.25;
-const TOP1_FLIPS_AT_MARGIN_0_1_MAX: usize = 1;
-/// Where llama.cpp is clearly decided, our top-1 must be its top-1.
-const CLEAR_MARGIN: f32 = 0.25;
+/// The bars: top-1 equal to llama.cpp's wherever its top-1/top-2 margin is at least
+/// 0.1 nats, and the top-1 log-probability within 0.05 of llama.cpp's at every position.
+/// The engine reproduces llama.cpp's CPU forward pass bit for bit (docs/benchmarks.md,
+/// "Agreement"), so the measured gap is the reference build's own noise (~0.0002).
+const LOGPROB_DELTA_MAX: f32 = 0.05;
+const TOP1_MARGIN_MIN: f32 = 0.1;
 
 #[test]
 fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
@@ -87,7 +79,7 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
     let pool = ComputePool::new(2);
     let mut deltas = Vec::new();
     let mut flips = Vec::new();
-    let mut clear_flips = Vec::new();
+    let mut far = Vec::new();
     for case in reference["greedy"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let prompt = ids(&case["prompt_ids"]);
@@ -106,11 +98,11 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
             let delta = (our_logprob - ref_logprob).abs();
             deltas.push(delta);
             let line = format!("{name} position {i}: top-1 {ours} vs llama.cpp {ref_top1} (margin {margin:.3}), logprob {our_logprob:.4} vs {ref_logprob:.4}");
-            if ours != ref_top1 && margin >= 0.1 {
+            if ours != ref_top1 && margin >= TOP1_MARGIN_MIN {
                 flips.push(line.clone());
             }
-            if ours != ref_top1 && margin >= CLEAR_MARGIN {
-                clear_flips.push(line);
+            if delta > LOGPROB_DELTA_MAX {
+                far.push(line);
             }
         }
     }
@@ -122,16 +114,9 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
         "teacher-forced against llama.cpp: mean |Δ logprob| {mean:.4}, max {max:.4}, {over} of 64 over 0.05, {} top-1 flips at margin ≥ 0.1",
         flips.len()
     );
-    assert!(clear_flips.is_empty(), "top-1 differs where llama.cpp is clearly decided:\n{}", clear_flips.join("\n"));
-    assert!(flips.len() <= TOP1_FLIPS_AT_MARGIN_0_1_MAX, "top-1 flips:\n{}", flips.join("\n"));
-    assert!(mean <= LOGPROB_DELTA_MEAN_MAX, "mean logprob delta {mean}");
-    assert!(max <= LOGPROB_DELTA_MAX, "max logprob delta {max}");
+    assert!(flips.is_empty(), "top-1 differs where llama.cpp's margin is ≥ {TOP1_MARGIN_MIN}:\n{}", flips.join("\n"));
+    assert!(far.is_empty(), "log-probability more than {LOGPROB_DELTA_MAX} from llama.cpp's:\n{}", far.join("\n"));
 }
-
-/// llama.cpp's top-1/top-2 margin below which a greedy choice is a coin toss decided by
-/// rounding: the raw prompt's continuation has one at position 14 ('1' vs '2' in "311",
-/// 0.005 nats apart).
-const GREEDY_TIE_MARGIN: f32 = 0.05;
 
 #[test]
 fn free_greedy_run_reproduces_llama_cpp() {
@@ -141,17 +126,6 @@ fn free_greedy_run_reproduces_llama_cpp() {
     assert_eq!(case["name"], "raw_capital");
     let prompt = ids(&case["prompt_ids"]);
     let expected = ids(&case["generated_ids"]);
-    // Tokens up to the first near-tie must be reproduced exactly.
-    let decided = case["all_positions_top5"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .take_while(|p| {
-            let top = p["top_logprobs"].as_array().unwrap();
-            (top[0]["logprob"].as_f64().unwrap() - top[1]["logprob"].as_f64().unwrap()) as f32 >= GREEDY_TIE_MARGIN
-        })
-        .count();
-    assert!(decided >= 14, "the reference has an early tie at {decided}");
     let slice = LlamaSlice::load(&path, 0..30).unwrap();
     let pool = ComputePool::new(1);
     let mut cache = slice.new_cache(128);
@@ -166,9 +140,7 @@ fn free_greedy_run_reproduces_llama_cpp() {
         generated.push(next);
         step = vec![next];
     }
-    let same = generated.iter().zip(&expected).take_while(|(a, b)| a == b).count();
-    eprintln!("free greedy run: {same} of {} tokens equal llama.cpp's (first near-tie at {decided})", expected.len());
-    assert_eq!(generated[..decided], expected[..decided], "greedy continuation of {:?}", case["prompt"]);
+    assert_eq!(generated, expected, "greedy continuation of {:?}", case["prompt"]);
 }
 
 #[test]
