@@ -340,9 +340,7 @@ impl LlamaSlice {
             rms_norm(hidden, &block.ffn_norm, p.rms_norm_eps, &mut normed);
             block.ffn_gate.matmul(&normed, n_rows, &mut gate, pool);
             block.ffn_up.matmul(&normed, n_rows, &mut up, pool);
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = silu(*g) * u;
-            }
+            swiglu(&mut gate, &up);
             block.ffn_down.matmul(&gate, n_rows, &mut proj, pool);
             add_in_place(hidden, &proj);
         }
@@ -466,15 +464,44 @@ fn apply_rope(head: &mut [f32], cos_sin: &[f32]) {
     }
 }
 
+/// gate ← silu(gate) · up, as ggml's `ggml_vec_swiglu_f32`. The polynomial's `mul_add`s are
+/// a libm `fmaf` call each unless the code is compiled for FMA, so this runs in a function
+/// that enables FMA when the CPU has it (an FMA is exact either way: same bits, ~10× faster).
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA.
+            return unsafe { swiglu_fma(gate, up) };
+        }
+    }
+    swiglu_portable(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn swiglu_fma(gate: &mut [f32], up: &[f32]) {
+    swiglu_portable(gate, up)
+}
+
+#[inline(always)]
+fn swiglu_portable(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
 /// SiLU as ggml's `ggml_v_silu` computes it in `ggml_vec_swiglu_f32` (x / (1 + e^-x) with
 /// ggml's `ggml_v_expf` polynomial, not libm's expf), so the feed-forward matches llama.cpp
 /// bit for bit. Every operation is element-wise, so this scalar form gives the SIMD result.
+#[inline(always)]
 fn silu(x: f32) -> f32 {
     x / (1.0 + ggml_expf(0.0 - x))
 }
 
 /// ggml's `ggml_v_expf` (AVX-512 form), one lane: range reduction by a shifter constant,
 /// a degree-5 polynomial, then scaling by 2^n; ±inf/0 past |n| > 192.
+#[inline(always)]
 fn ggml_expf(x: f32) -> f32 {
     let c = f32::from_bits;
     let shifter = c(0x4B40_0000); // 0x1.8p23
