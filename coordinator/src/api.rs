@@ -303,7 +303,7 @@ impl CommonParams {
         }
         for (value, name) in [(self.presence_penalty, "presence_penalty"), (self.frequency_penalty, "frequency_penalty")] {
             if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-                return Err(ApiError::bad_request(format!("{name} must be in [-2, 2]")).param(if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" }));
+                return Err(ApiError::bad_request(format!("{name} must be in [-2, 2]")).param(name));
             }
         }
         let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
