@@ -40,6 +40,11 @@ const RETRY_AFTER_SECONDS: u32 = 2;
 
 pub struct AppState {
     pub service: GenerationService,
+    /// What `/health` (and the dashboard) show of the cluster: nodes, stages, the plan.
+    pub cluster: crate::cluster::ClusterStatus,
+    /// The model file and its header (the cluster serves weights from it).
+    pub model_path: std::path::PathBuf,
+    pub profile: potluck_engine::profile::ModelProfile,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Arc<ChatTemplate>,
     /// The name `/v1/models` reports; requests may name any model and get this one.
@@ -354,7 +359,20 @@ impl CommonParams {
 // Handlers
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"status": "ok", "model": state.model_id}))
+    let cluster = state.cluster.snapshot();
+    Json(json!({
+        "status": "ok",
+        "model": state.model_id,
+        "stages": cluster.stages,
+        "nodes": cluster.nodes,
+        "cluster": {
+            "node_id": cluster.node_id,
+            "listen": cluster.listen,
+            "join_command": cluster.join_command,
+            "predicted_tokens_per_s": cluster.predicted_tokens_per_s,
+            "weight_bytes_sent": cluster.weight_bytes_sent,
+        },
+    }))
 }
 
 /// The OpenAPI 3 description of this API (kept beside this file; tests check the server

@@ -14,11 +14,14 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use potluck_engine::kv_cache::SequenceCache;
-use potluck_engine::model::LlamaSlice;
-use potluck_engine::sampler::{log_softmax_at, top_logprobs, Sampler, SamplingParams};
-use potluck_engine::threads::ComputePool;
+use std::time::Duration;
+
+use potluck_engine::sampler::SamplingParams;
+use potluck_protocol::{Message, Segment, SequenceStart};
+use potluck_worker::stage::{release, sampling_wire, step_tokens};
 use tokio::sync::mpsc;
+
+use crate::pipeline::{Pipeline, PipelineError};
 
 /// Sequences decoded together at most; more wait in the queue.
 pub const ACTIVE_SEQUENCES_MAX: usize = 16;
@@ -30,6 +33,11 @@ pub const PREFILL_CHUNK_ROWS: usize = 256;
 pub const STEP_ROWS_MAX: usize = 512;
 /// Alternatives reported per token at most (OpenAI allows 20).
 pub const TOP_LOGPROBS_MAX: usize = 20;
+/// A step whose sampled tokens have not come back by then fails its sequences (a stage that
+/// died is noticed sooner, by membership; this bounds everything else).
+pub const STEP_TIMEOUT_MS: u64 = 120_000;
+/// How often the idle generation thread looks for a new pipeline.
+const IDLE_POLL_MS: u64 = 50;
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -78,6 +86,7 @@ struct Job {
 #[derive(Clone)]
 pub struct GenerationService {
     jobs: std_mpsc::SyncSender<Job>,
+    pipelines: std_mpsc::Sender<Box<dyn Pipeline>>,
     context_length: usize,
     stop_ids: Arc<Vec<u32>>,
     stats: Arc<ServiceStats>,
@@ -101,19 +110,36 @@ pub struct ServiceStats {
 }
 
 impl GenerationService {
-    /// Starts the generation thread over `model` (which must hold every layer).
-    pub fn start(model: LlamaSlice, pool: ComputePool, context_length: usize, stop_ids: Vec<u32>) -> Self {
-        assert!(model.is_first() && model.is_last(), "the local service runs the whole model");
-        let context_length = context_length.min(model.profile().context_length);
+    /// Starts the generation thread over `pipeline`; sequences hold `context_length` tokens
+    /// at most (the caller clamps it to the model's).
+    pub fn start(pipeline: Box<dyn Pipeline>, context_length: usize, stop_ids: Vec<u32>) -> Self {
         let (jobs, receiver) = std_mpsc::sync_channel(QUEUED_REQUESTS_MAX);
+        let (pipelines, pipeline_receiver) = std_mpsc::channel();
         let stop_ids = Arc::new(stop_ids);
         let stats = Arc::new(ServiceStats::default());
         let (thread_stop_ids, thread_stats) = (stop_ids.clone(), stats.clone());
         std::thread::Builder::new()
             .name("potluck-generation".into())
-            .spawn(move || run(model, pool, context_length, thread_stop_ids, thread_stats, receiver))
+            .spawn(move || {
+                Generator {
+                    pipeline,
+                    pipelines: pipeline_receiver,
+                    context_length,
+                    stop_ids: thread_stop_ids,
+                    stats: thread_stats,
+                    next_sequence_id: 1,
+                    next_step: 1,
+                }
+                .run(receiver)
+            })
             .expect("spawning the generation thread");
-        Self { jobs, context_length, stop_ids, stats }
+        Self { jobs, pipelines, context_length, stop_ids, stats }
+    }
+
+    /// Moves generation onto `pipeline` (the cluster changed). Sequences in flight replay
+    /// their tokens so far into the new pipeline's KV caches and go on where they were.
+    pub fn replace_pipeline(&self, pipeline: Box<dyn Pipeline>) -> Result<(), SubmitError> {
+        self.pipelines.send(pipeline).map_err(|_| SubmitError::Stopped)
     }
 
     /// Tokens a sequence may hold in all (prompt + completion).
@@ -148,10 +174,9 @@ impl GenerationService {
 }
 
 struct Sequence {
+    id: u64,
     request: GenerateRequest,
     events: mpsc::UnboundedSender<GenerateEvent>,
-    cache: SequenceCache,
-    sampler: Sampler,
     /// Prompt tokens followed by generated ones.
     tokens: Vec<u32>,
     /// Tokens of `tokens` already in the cache.
@@ -163,194 +188,237 @@ struct Sequence {
     first_token_at: Option<std::time::Instant>,
 }
 
-fn run(
-    model: LlamaSlice,
-    pool: ComputePool,
+struct Generator {
+    pipeline: Box<dyn Pipeline>,
+    pipelines: std_mpsc::Receiver<Box<dyn Pipeline>>,
     context_length: usize,
     stop_ids: Arc<Vec<u32>>,
     stats: Arc<ServiceStats>,
-    jobs: std_mpsc::Receiver<Job>,
-) {
-    let mut active: Vec<Sequence> = Vec::new();
-    loop {
-        stats.active.store(active.len() as u64, Ordering::Relaxed);
-        // Admit: block when idle, otherwise take whatever is waiting, up to the cap.
-        if active.is_empty() {
-            match jobs.recv() {
-                Ok(job) => {
-                    stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    admit(&model, context_length, job, &mut active)
-                }
-                Err(_) => return, // every handle dropped: shut down.
-            }
-        }
-        while active.len() < ACTIVE_SEQUENCES_MAX {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    admit(&model, context_length, job, &mut active)
-                }
-                Err(_) => break,
-            }
-        }
-        active.retain(|s| !s.done && !s.events.is_closed());
-        if active.is_empty() {
-            continue;
-        }
-        stats.active.store(active.len() as u64, Ordering::Relaxed);
-        let started = std::time::Instant::now();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(&model, &pool, &stop_ids, context_length, &stats, &mut active)
-        }));
-        stats.step_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        if let Err(panic) = outcome {
-            // A bug, not a user error: fail the requests of this step and keep serving.
-            let message = panic_message(&panic);
-            tracing::error!(%message, "generation step panicked; failing its requests");
-            for seq in active.drain(..) {
-                let _ = seq.events.send(GenerateEvent::Failed(format!("internal error: {message}")));
-            }
-        }
-    }
+    next_sequence_id: u64,
+    next_step: u64,
 }
 
-fn admit(model: &LlamaSlice, context_length: usize, job: Job, active: &mut Vec<Sequence>) {
-    let Job { request, events } = job;
-    if request.prompt.is_empty() || request.prompt.len() >= context_length {
-        let _ = events.send(GenerateEvent::Failed(format!(
-            "prompt of {} tokens does not fit the context of {context_length} tokens",
-            request.prompt.len()
-        )));
-        return;
+impl Generator {
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        let mut active: Vec<Sequence> = Vec::new();
+        loop {
+            self.stats.active.store(active.len() as u64, Ordering::Relaxed);
+            self.take_new_pipeline(&mut active);
+            // Admit: wait when idle, otherwise take whatever is waiting, up to the cap.
+            if active.is_empty() {
+                match jobs.recv_timeout(Duration::from_millis(IDLE_POLL_MS)) {
+                    Ok(job) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        self.admit(job, &mut active)
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return, // every handle dropped
+                }
+            }
+            while active.len() < ACTIVE_SEQUENCES_MAX {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        self.admit(job, &mut active)
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.retire(&mut active);
+            if active.is_empty() {
+                continue;
+            }
+            self.stats.active.store(active.len() as u64, Ordering::Relaxed);
+            let started = std::time::Instant::now();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(&mut active)));
+            self.stats.step_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.stats.steps.fetch_add(1, Ordering::Relaxed);
+            if let Err(panic) = outcome {
+                // A bug, not a user error: fail the requests of this step and keep serving.
+                let message = panic_message(&panic);
+                tracing::error!(%message, "generation step panicked; failing its requests");
+                for seq in active.iter_mut() {
+                    let _ = seq.events.send(GenerateEvent::Failed(format!("internal error: {message}")));
+                    seq.done = true;
+                }
+                self.retire(&mut active);
+            }
+        }
     }
-    if request.max_tokens == 0 {
-        let _ = events.send(GenerateEvent::Finished {
-            reason: FinishReason::Length,
-            prompt_tokens: request.prompt.len(),
-            completion_tokens: 0,
+
+    /// Drops finished and abandoned sequences, freeing their caches on every stage.
+    fn retire(&mut self, active: &mut Vec<Sequence>) {
+        let mut released = Vec::new();
+        active.retain(|s| {
+            let keep = !s.done && !s.events.is_closed();
+            if !keep {
+                released.push(s.id);
+            }
+            keep
         });
-        return;
+        for id in released {
+            if let Err(e) = self.pipeline.send(release(id)) {
+                tracing::debug!(sequence = id, error = %e, "could not release a sequence's caches");
+            }
+        }
     }
-    active.push(Sequence {
-        cache: model.new_cache(context_length),
-        sampler: Sampler::new(request.sampling.clone()),
-        tokens: request.prompt.clone(),
-        n_cached: 0,
-        n_generated: 0,
-        done: false,
-        admitted_at: std::time::Instant::now(),
-        first_token_at: None,
-        request,
-        events,
-    });
+
+    /// Switches to a new pipeline if one was offered, replaying every active sequence.
+    fn take_new_pipeline(&mut self, active: &mut [Sequence]) {
+        let mut newest = None;
+        while let Ok(p) = self.pipelines.try_recv() {
+            newest = Some(p);
+        }
+        let Some(pipeline) = newest else { return };
+        tracing::info!(pipeline = %pipeline.describe(), replayed_sequences = active.len(), "generation moves to a new pipeline");
+        self.pipeline = pipeline;
+        for seq in active.iter_mut() {
+            seq.n_cached = 0;
+            if let Err(e) = self.pipeline.send(sequence_start(seq)) {
+                let _ = seq.events.send(GenerateEvent::Failed(format!("cannot move the request to the new pipeline: {e}")));
+                seq.done = true;
+            }
+        }
+    }
+
+    fn admit(&mut self, job: Job, active: &mut Vec<Sequence>) {
+        let context_length = self.context_length;
+        let Job { request, events } = job;
+        if request.prompt.is_empty() || request.prompt.len() >= context_length {
+            let _ = events.send(GenerateEvent::Failed(format!(
+                "prompt of {} tokens does not fit the context of {context_length} tokens",
+                request.prompt.len()
+            )));
+            return;
+        }
+        if request.max_tokens == 0 {
+            let _ = events.send(GenerateEvent::Finished {
+                reason: FinishReason::Length,
+                prompt_tokens: request.prompt.len(),
+                completion_tokens: 0,
+            });
+            return;
+        }
+        let mut request = request;
+        // One concrete seed per sequence: a replay after a pipeline change draws the same way.
+        request.sampling.seed = Some(request.sampling.seed.unwrap_or_else(rand::random));
+        let id = self.next_sequence_id;
+        self.next_sequence_id += 1;
+        let seq = Sequence {
+            id,
+            tokens: request.prompt.clone(),
+            n_cached: 0,
+            n_generated: 0,
+            done: false,
+            admitted_at: std::time::Instant::now(),
+            first_token_at: None,
+            request,
+            events,
+        };
+        if let Err(e) = self.pipeline.send(sequence_start(&seq)) {
+            let _ = seq.events.send(GenerateEvent::Failed(format!("the model is not available: {e}")));
+            return;
+        }
+        active.push(seq);
+    }
+
+    fn step(&mut self, active: &mut [Sequence]) {
+        // Gather each sequence's rows for this step, within the step's row budget.
+        let mut tokens = Vec::new();
+        let mut segments = Vec::new();
+        let mut members = Vec::new();
+        for (i, seq) in active.iter().enumerate() {
+            let pending = seq.tokens.len() - seq.n_cached;
+            let budget = STEP_ROWS_MAX - tokens.len();
+            let n = pending.min(PREFILL_CHUNK_ROWS).min(budget);
+            if n == 0 {
+                continue;
+            }
+            tokens.extend_from_slice(&seq.tokens[seq.n_cached..seq.n_cached + n]);
+            segments.push(Segment {
+                sequence_id: seq.id,
+                first_position: seq.n_cached as u32,
+                n_rows: n as u32,
+                sample: seq.n_cached + n == seq.tokens.len(),
+            });
+            members.push(i);
+        }
+        if members.is_empty() {
+            return;
+        }
+        self.stats.step_rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        let stats = self.stats.clone();
+        let failed = |active: &mut [Sequence], message: String| {
+            stats.requests_failed.fetch_add(members.len() as u64, Ordering::Relaxed);
+            for &i in &members {
+                let _ = active[i].events.send(GenerateEvent::Failed(message.clone()));
+                active[i].done = true;
+            }
+        };
+        let step = self.next_step;
+        self.next_step += 1;
+        let sent = self.pipeline.send(step_tokens(step, segments.clone(), tokens));
+        let sampled = sent.and_then(|()| self.pipeline.recv(Duration::from_millis(STEP_TIMEOUT_MS)));
+        let sampled = match sampled {
+            Ok(s) if s.step == step => s,
+            Ok(s) => return failed(active, format!("internal error: step {step} answered as step {}", s.step)),
+            Err(e @ PipelineError::Broken(_)) => {
+                // The sequences stay: the next pipeline replays them (the cluster re-plans).
+                tracing::warn!(error = %e, "step lost; waiting for a new pipeline");
+                for &i in &members {
+                    active[i].n_cached = 0;
+                }
+                std::thread::sleep(Duration::from_millis(IDLE_POLL_MS));
+                return;
+            }
+            Err(e) => return failed(active, e.to_string()),
+        };
+        for (&i, segment) in members.iter().zip(&segments) {
+            active[i].n_cached += segment.n_rows as usize;
+        }
+        let context_length = self.context_length;
+        for token in sampled.tokens {
+            let Some(seq) = active.iter_mut().find(|s| s.id == token.sequence_id) else { continue };
+            if seq.done || seq.n_cached != seq.tokens.len() {
+                continue;
+            }
+            let id = token.token;
+            seq.first_token_at.get_or_insert_with(std::time::Instant::now);
+            let logprob = token.logprob;
+            let top: Vec<(u32, f32)> = token.top.iter().map(|t| (t.token, t.logprob)).collect();
+            if !seq.request.ignore_eos && self.stop_ids.contains(&id) {
+                finish(seq, FinishReason::Stop, &self.stats);
+                continue;
+            }
+            seq.tokens.push(id);
+            seq.n_generated += 1;
+            if seq.events.send(GenerateEvent::Token { id, logprob, top }).is_err() {
+                seq.done = true; // client gone
+                continue;
+            }
+            if seq.n_generated >= seq.request.max_tokens || seq.tokens.len() >= context_length {
+                finish(seq, FinishReason::Length, &self.stats);
+            }
+        }
+    }
 }
 
-fn step(
-    model: &LlamaSlice,
-    pool: &ComputePool,
-    stop_ids: &[u32],
-    context_length: usize,
-    stats: &ServiceStats,
-    active: &mut [Sequence],
-) {
-    // Gather each sequence's rows for this step, within the step's row budget.
-    let mut step_tokens = Vec::new();
-    let mut segments = Vec::new();
-    let mut members = Vec::new();
-    for (i, seq) in active.iter().enumerate() {
-        let pending = seq.tokens.len() - seq.n_cached;
-        let budget = STEP_ROWS_MAX - step_tokens.len();
-        let n = pending.min(PREFILL_CHUNK_ROWS).min(budget);
-        if n == 0 {
-            continue;
-        }
-        step_tokens.extend_from_slice(&seq.tokens[seq.n_cached..seq.n_cached + n]);
-        segments.push(n);
-        members.push(i);
-    }
-    if members.is_empty() {
-        return;
-    }
-    stats.step_rows.fetch_add(step_tokens.len() as u64, Ordering::Relaxed);
-    let failed = |active: &mut [Sequence], message: String| {
-        stats.requests_failed.fetch_add(members.len() as u64, Ordering::Relaxed);
-        for &i in &members {
-            let _ = active[i].events.send(GenerateEvent::Failed(message.clone()));
-            active[i].done = true;
-        }
-    };
-    let mut hidden = match model.embed(&step_tokens) {
-        Ok(h) => h,
-        Err(e) => return failed(active, e.to_string()),
-    };
-    {
-        let mut caches: Vec<&mut SequenceCache> = Vec::with_capacity(members.len());
-        // Borrow each member's cache mutably (members are distinct, increasing indices).
-        let mut rest: &mut [Sequence] = active;
-        let mut offset = 0;
-        for &i in &members {
-            let (_, tail) = rest.split_at_mut(i - offset);
-            let (head, tail) = tail.split_at_mut(1);
-            caches.push(&mut head[0].cache);
-            rest = tail;
-            offset = i + 1;
-        }
-        if let Err(e) = model.forward_layers(&mut hidden, &segments, &mut caches, pool) {
-            return failed(active, e.to_string());
-        }
-    }
-    // The rows that complete a sequence's input produce its next token.
-    let n_embd = model.profile().n_embd;
-    let mut head_rows = Vec::new();
-    let mut samplers = Vec::new();
-    let mut row_end = 0;
-    for (&i, &n) in members.iter().zip(&segments) {
-        row_end += n;
-        let seq = &mut active[i];
-        seq.n_cached += n;
-        if seq.n_cached == seq.tokens.len() {
-            head_rows.extend_from_slice(&hidden[(row_end - 1) * n_embd..row_end * n_embd]);
-            samplers.push(i);
-        }
-    }
-    if samplers.is_empty() {
-        return;
-    }
-    let logits = match model.head(&head_rows, pool) {
-        Ok(l) => l,
-        Err(e) => return failed(active, e.to_string()),
-    };
-    let vocab = model.profile().vocab_size;
-    for (row, &i) in samplers.iter().enumerate() {
-        let seq = &mut active[i];
-        let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
-        // Log-probabilities are of the raw logits (before penalties), as llama.cpp and
-        // OpenAI report them; computed only when asked for.
-        let raw = seq.request.logprobs.then(|| row_logits.clone());
-        let id = seq.sampler.sample(&mut row_logits, &seq.tokens);
-        seq.first_token_at.get_or_insert_with(std::time::Instant::now);
-        let (logprob, top) = match &raw {
-            Some(raw) => (
-                Some(log_softmax_at(raw, &[id])[0]),
-                top_logprobs(raw, seq.request.top_logprobs.min(TOP_LOGPROBS_MAX)),
-            ),
-            None => (None, Vec::new()),
-        };
-        if !seq.request.ignore_eos && stop_ids.contains(&id) {
-            finish(seq, FinishReason::Stop, stats);
-            continue;
-        }
-        seq.tokens.push(id);
-        seq.n_generated += 1;
-        if seq.events.send(GenerateEvent::Token { id, logprob, top }).is_err() {
-            seq.done = true; // client gone
-            continue;
-        }
-        if seq.n_generated >= seq.request.max_tokens || seq.tokens.len() >= context_length {
-            finish(seq, FinishReason::Length, stats);
-        }
-    }
+/// The message that opens `seq` on every stage (or re-opens it, on a new pipeline, with
+/// the tokens it holds so far).
+fn sequence_start(seq: &Sequence) -> Message {
+    let window = seq
+        .request
+        .sampling
+        .penalty_last_n
+        .min(potluck_protocol::limits::PENALTY_WINDOW_TOKENS_MAX as usize)
+        .min(seq.tokens.len());
+    Message::SequenceStart(SequenceStart {
+        sequence_id: seq.id,
+        sampling: sampling_wire(&seq.request.sampling),
+        logprobs: seq.request.logprobs,
+        top_logprobs: seq.request.top_logprobs.min(TOP_LOGPROBS_MAX) as u32,
+        history: seq.tokens[seq.tokens.len() - window..].to_vec(),
+    })
 }
 
 fn finish(seq: &mut Sequence, reason: FinishReason, stats: &ServiceStats) {

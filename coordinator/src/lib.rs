@@ -13,10 +13,13 @@
 //! sees a request, only token ids.
 
 pub mod api;
+pub mod cluster;
 pub mod generation;
 pub mod membership;
 pub mod model_fetch;
+pub mod pipeline;
 pub mod text;
+pub mod weights;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,13 +66,22 @@ pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
         "model loaded; running every layer on this machine (no workers)"
     );
     let context_length = config.context_length.min(profile.context_length);
-    let service = generation::GenerationService::start(
+    let runner = potluck_worker::stage::StageRunner::new(
         model,
         ComputePool::new(config.threads),
+        context_length,
+        generation::ACTIVE_SEQUENCES_MAX,
+        potluck_protocol::Dtype::F32,
+    );
+    let service = generation::GenerationService::start(
+        Box::new(pipeline::LocalPipeline::new(runner)),
         context_length,
         tokenizer.stop_ids().to_vec(),
     );
     Ok(Arc::new(api::AppState {
+        cluster: cluster::ClusterStatus::local(profile.n_layers),
+        model_path: path.clone(),
+        profile: profile.clone(),
         service,
         tokenizer: Arc::new(tokenizer),
         template: Arc::new(template),

@@ -36,12 +36,39 @@ struct ServeArgs {
     /// Address of the HTTP API. Keep 127.0.0.1 unless you set --api-key.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Address workers connect to (cluster mode; not available in this build yet).
-    #[arg(long, value_name = "HOST:PORT")]
-    cluster_listen: Option<SocketAddr>,
-    /// Join token workers must present (cluster mode; not available in this build yet).
-    #[arg(long, value_name = "TOKEN")]
+    /// Address (UDP, QUIC) workers join. Workers on the LAN find it by mDNS.
+    #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:7070")]
+    cluster_listen: SocketAddr,
+    /// Join token workers must prove they know. Default: one generated on first start and kept
+    /// in the config directory (so restarted coordinators keep their workers).
+    #[arg(long, value_name = "TOKEN", env = "POTLUCK_TOKEN")]
     token: Option<String>,
+    /// Serve alone: no cluster endpoint, no workers.
+    #[arg(long)]
+    no_cluster: bool,
+    /// Do not announce the cluster on the LAN (workers then need --coordinator).
+    #[arg(long)]
+    no_mdns: bool,
+    /// Wait for this many workers before splitting the model (until then every layer runs
+    /// here). Default: re-plan whenever a worker joins or leaves.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    workers: usize,
+    /// Keep no layers on this machine once workers have joined (it still tokenizes, schedules
+    /// and serves the API).
+    #[arg(long)]
+    no_local_layers: bool,
+    /// How to split the layers: the planner's fastest feasible split, or in proportion to
+    /// memory (as exo and llama.cpp's RPC do; for comparison).
+    #[arg(long, value_enum, default_value = "optimal")]
+    planner: potluck_coordinator::cluster::PlannerKind,
+    /// Element type of activations between stages (f16 halves the bytes; f32 is bit-exact
+    /// with a single-machine run).
+    #[arg(long, value_name = "f16|f32", default_value = "f16", value_parser = parse_dtype)]
+    activation_dtype: potluck_protocol::Dtype,
+    /// Memory this machine lends to the model, e.g. 4GiB (default: available memory minus a
+    /// reserve). Used by the planner when this machine holds layers.
+    #[arg(long, value_name = "SIZE", value_parser = potluck_engine::device::parse_size)]
+    memory_limit: Option<u64>,
     /// Compute threads. Default: all cores. On a busy machine fewer threads can be faster.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -71,18 +98,81 @@ fn main() -> Result<()> {
     }
 }
 
+fn parse_dtype(s: &str) -> Result<potluck_protocol::Dtype, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f16" => Ok(potluck_protocol::Dtype::F16),
+        "f32" => Ok(potluck_protocol::Dtype::F32),
+        other => Err(format!("unknown activation type {other:?}: use f16 or f32")),
+    }
+}
+
+fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinator::cluster::ClusterConfig> {
+    use potluck_worker::net::identity::NodeIdentity;
+    use potluck_worker::net::token::JoinToken;
+    let identity_path = NodeIdentity::default_path("coordinator")
+        .context("no config directory for the coordinator's identity: set POTLUCK_CONFIG_DIR")?;
+    let identity = NodeIdentity::load_or_create(&identity_path)?;
+    let token = match &args.token {
+        Some(t) => JoinToken::parse(t)?,
+        None => load_or_create_token(&identity_path.with_file_name("join-token"))?,
+    };
+    let local_layers = !args.no_local_layers;
+    let device = potluck_engine::device::DeviceProfile::measure(
+        threads,
+        args.memory_limit,
+        std::time::Duration::from_millis(potluck_engine::device::MEASURE_TIME_DEFAULT_MS),
+    )
+    .context("measuring this machine")?;
+    Ok(potluck_coordinator::cluster::ClusterConfig {
+        listen: args.cluster_listen,
+        token,
+        identity,
+        local_layers,
+        local_device: potluck_worker::node_profile(&device, potluck_coordinator::cluster::COORDINATOR_NODE),
+        planner: args.planner,
+        activation_dtype: args.activation_dtype,
+        min_workers: args.workers,
+        mdns: !args.no_mdns && !args.cluster_listen.ip().is_loopback(),
+        threads,
+    })
+}
+
+/// The join token kept beside the identity: created once (random), then reused, so workers
+/// keep their token across coordinator restarts.
+fn load_or_create_token(path: &std::path::Path) -> Result<potluck_worker::net::token::JoinToken> {
+    use potluck_worker::net::token::JoinToken;
+    match std::fs::read_to_string(path) {
+        Ok(text) => JoinToken::parse(text.trim()).with_context(|| format!("the join token in {} is not valid", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = JoinToken::generate();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            write_private(path, token.as_str()).with_context(|| format!("cannot save the join token to {}", path.display()))?;
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    if args.cluster_listen.is_some() || args.token.is_some() {
-        tracing::warn!("--cluster-listen and --token are accepted for forward compatibility; workers cannot join in this build, so every layer runs here");
-    }
     let config = potluck_coordinator::ServeConfig {
-        model: args.model,
+        model: args.model.clone(),
         threads,
-        api_key: args.api_key,
+        api_key: args.api_key.clone(),
         context_length: args.ctx_size.max(16),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -103,6 +193,22 @@ fn serve(args: ServeArgs) -> Result<()> {
             "  try: curl http://{address}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}]}}'",
             state.model_id
         );
+        let cluster = if args.no_cluster {
+            None
+        } else {
+            let cluster_config = cluster_config(&args, threads)?;
+            Some(
+                potluck_coordinator::cluster::start(
+                    cluster_config,
+                    state.model_path.clone(),
+                    state.profile.clone(),
+                    state.service.clone(),
+                    state.cluster.clone(),
+                )
+                .await?,
+            )
+        };
+        let _cluster = cluster;
         potluck_coordinator::serve(state, listener, async {
             let _ = tokio::signal::ctrl_c().await;
             eprintln!("potluck: shutting down");

@@ -330,7 +330,7 @@ mod tests {
             backend: "cpu".into(),
             memory_budget_bytes: 8 << 30,
             memory_bandwidth_bytes_per_s: 20e9,
-            qmatmul_decode_bytes_per_s: 10e9,
+            matmul_flops_per_s: 10e9,
             threads: 4,
         }
     }

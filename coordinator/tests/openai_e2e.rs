@@ -28,10 +28,12 @@ fn model_path() -> PathBuf {
 
 fn start(extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1", "--model"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0", "--threads", "1", "--model"])
         .arg(model_path())
         .args(extra)
+        .env("POTLUCK_CONFIG_DIR", std::env::temp_dir().join(format!("potluck-openai-e2e-{}", std::process::id())))
         .env_remove("POTLUCK_API_KEY")
+        .env_remove("POTLUCK_TOKEN")
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting the coordinator");

@@ -20,7 +20,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral"];
 pub const KV_ELEMENT_BYTES: u64 = 2;
 
 /// Rope frequency scaling as llama.cpp applies it for llama-family models.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum RopeScaling {
     /// No scaling: theta_i = pos * base^(-2i/n_rot).
     None,
@@ -30,7 +30,7 @@ pub enum RopeScaling {
 
 /// Everything the engine, the planner and the coordinator need to know about a model,
 /// read from the GGUF header alone.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ModelProfile {
     pub architecture: String,
     pub name: Option<String>,

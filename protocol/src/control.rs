@@ -20,7 +20,8 @@ use rkyv::{Archive, Deserialize, Serialize};
 use crate::check::{check_finite_non_negative, check_len, check_name};
 use crate::limits::{
     ADDRESS_BYTES_MAX, HEARTBEAT_INTERVAL_MS_MAX, HEARTBEAT_INTERVAL_MS_MIN, LAYERS_MAX, NAME_BYTES_MAX,
-    REASON_BYTES_MAX, TENSORS_PER_ASSIGNMENT_MAX, TENSOR_BYTES_MAX, TENSOR_DIMS_MAX,
+    MODEL_PROFILE_BYTES_MAX, REASON_BYTES_MAX, SEGMENTS_MAX, SEQUENCE_POSITIONS_MAX, TENSORS_PER_ASSIGNMENT_MAX,
+    TENSOR_BYTES_MAX, TENSOR_DIMS_MAX,
 };
 use crate::{ProtocolError, PROTOCOL_VERSION};
 
@@ -58,8 +59,8 @@ pub struct DeviceSummary {
     pub memory_budget_bytes: u64,
     /// Measured memory bandwidth; finite and ≥ 0 (a NaN would poison the planner).
     pub memory_bandwidth_bytes_per_s: f64,
-    /// Measured quantized mat-vec throughput in weight bytes per second; finite and ≥ 0.
-    pub qmatmul_decode_bytes_per_s: f64,
+    /// Measured quantized mat-vec throughput (decode, weights in cache) in FLOP/s; finite and ≥ 0.
+    pub matmul_flops_per_s: f64,
     /// Compute threads the node will use; at least 1.
     pub threads: u32,
 }
@@ -67,6 +68,10 @@ pub struct DeviceSummary {
 /// The coordinator accepts the worker.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Welcome {
+    /// The coordinator's proof that it knows the join token too
+    /// (HMAC-SHA256 over [`JOIN_CHALLENGE_LABEL`], "coordinator", both node ids), so a worker
+    /// never hands its compute to a coordinator that merely answered on the right port.
+    pub token_proof: [u8; 32],
     /// How often the worker must send a [`Heartbeat`]; the coordinator owns the silence
     /// timeout, so it also sets the interval. In
     /// [`HEARTBEAT_INTERVAL_MS_MIN`]`..=`[`HEARTBEAT_INTERVAL_MS_MAX`].
@@ -116,6 +121,24 @@ pub struct Assignment {
     /// The tensors of the slice, in the order [`crate::WeightChunk::tensor_index`] refers
     /// to them; at most [`TENSORS_PER_ASSIGNMENT_MAX`].
     pub tensors: Vec<TensorRef>,
+    /// The node that feeds this stage its input (the coordinator for stage 0): the only
+    /// peer besides the coordinator whose data connection the worker accepts.
+    pub upstream_id: String,
+    /// The next stage's node id (its certificate must prove it), with `next_stage`'s address.
+    /// `None` on the last stage, which sends sampled tokens to the coordinator.
+    pub next_stage_id: Option<String>,
+    /// Position of this stage in the pipeline, and the pipeline's length.
+    pub stage_index: u32,
+    pub n_stages: u32,
+    /// Tokens one sequence may hold (prompt + completion): sizes each KV cache.
+    pub context_length: u32,
+    /// Sequences decoded at once at most (bounds the KV memory the plan budgeted).
+    pub sequences_max: u32,
+    /// Element type of the activations this stage sends on.
+    pub activation_dtype: crate::data::Dtype,
+    /// The model's hyperparameters (the engine's profile as JSON; at most
+    /// [`MODEL_PROFILE_BYTES_MAX`] bytes), so a worker needs no model file.
+    pub model_profile: String,
 }
 
 /// One tensor of an assigned slice.
@@ -165,6 +188,28 @@ pub struct StageStats {
 }
 
 /// The sequence is finished or cancelled: every stage drops its KV cache.
+/// A worker asks the coordinator for tensors of its assignment it lacks (or whose cached
+/// copy failed verification), on a stream of its own; the coordinator answers on that
+/// stream with their [`crate::WeightChunk`]s, in order, and then finishes the stream.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FetchTensors {
+    /// Indices into [`Assignment::tensors`]; 1..=[`TENSORS_PER_ASSIGNMENT_MAX`] of them.
+    pub tensor_indices: Vec<u32>,
+}
+
+impl FetchTensors {
+    pub(crate) fn validate(&self) -> Result<(), ProtocolError> {
+        if self.tensor_indices.is_empty() {
+            return Err(ProtocolError::InvalidValue { field: "tensor_indices", reason: "empty" });
+        }
+        check_len("tensor_indices", self.tensor_indices.len(), TENSORS_PER_ASSIGNMENT_MAX)?;
+        if self.tensor_indices.iter().any(|&i| i >= TENSORS_PER_ASSIGNMENT_MAX) {
+            return Err(ProtocolError::InvalidValue { field: "tensor_indices", reason: "index over TENSORS_PER_ASSIGNMENT_MAX" });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ReleaseSequence {
     pub sequence_id: u64,
@@ -185,7 +230,7 @@ impl DeviceSummary {
     fn validate(&self) -> Result<(), ProtocolError> {
         check_name("backend", &self.backend, NAME_BYTES_MAX)?;
         check_finite_non_negative("memory_bandwidth_bytes_per_s", self.memory_bandwidth_bytes_per_s)?;
-        check_finite_non_negative("qmatmul_decode_bytes_per_s", self.qmatmul_decode_bytes_per_s)?;
+        check_finite_non_negative("matmul_flops_per_s", self.matmul_flops_per_s)?;
         if self.threads == 0 {
             return Err(ProtocolError::InvalidValue { field: "threads", reason: "must be at least 1" });
         }
@@ -225,6 +270,26 @@ impl Assignment {
         if let Some(address) = &self.next_stage {
             check_name("next_stage", address, ADDRESS_BYTES_MAX)?;
         }
+        if self.next_stage.is_some() != self.next_stage_id.is_some() {
+            return Err(ProtocolError::InvalidValue {
+                field: "next_stage_id",
+                reason: "a next stage needs both its address and its node id",
+            });
+        }
+        check_name("upstream_id", &self.upstream_id, NAME_BYTES_MAX)?;
+        if let Some(id) = &self.next_stage_id {
+            check_name("next_stage_id", id, NAME_BYTES_MAX)?;
+        }
+        if self.n_stages == 0 || self.stage_index >= self.n_stages || self.n_stages > LAYERS_MAX {
+            return Err(ProtocolError::InvalidValue { field: "stage_index", reason: "need stage_index < n_stages <= LAYERS_MAX" });
+        }
+        if self.context_length == 0 || self.context_length > SEQUENCE_POSITIONS_MAX {
+            return Err(ProtocolError::InvalidValue { field: "context_length", reason: "outside 1..=SEQUENCE_POSITIONS_MAX" });
+        }
+        if self.sequences_max == 0 || self.sequences_max > SEGMENTS_MAX {
+            return Err(ProtocolError::InvalidValue { field: "sequences_max", reason: "outside 1..=SEGMENTS_MAX" });
+        }
+        check_len("model_profile", self.model_profile.len(), MODEL_PROFILE_BYTES_MAX)?;
         check_len("tensors", self.tensors.len(), TENSORS_PER_ASSIGNMENT_MAX)?;
         self.tensors.iter().try_for_each(TensorRef::validate)
     }

@@ -125,6 +125,7 @@ pub fn encode_into(message: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolE
         Message::StepTokens(m) => serialize(m, out),
         Message::Activations(m) => serialize(m, out),
         Message::SampledTokens(m) => serialize(m, out),
+        Message::FetchTensors(m) => serialize(m, out),
         Message::Ready | Message::Shutdown => Ok(()),
     };
     let frame_len = (out.len() - start) as u64;
@@ -203,6 +204,7 @@ pub fn decode_body(kind: Kind, body: &[u8]) -> Result<Message, ProtocolError> {
         Kind::StepTokens => Message::StepTokens(archived(body)?),
         Kind::Activations => Message::Activations(archived(body)?),
         Kind::SampledTokens => Message::SampledTokens(archived(body)?),
+        Kind::FetchTensors => Message::FetchTensors(archived(body)?),
     };
     message.validate()?;
     Ok(message)

@@ -26,7 +26,7 @@ pub mod limits;
 mod message;
 
 pub use control::{
-    Assignment, DeviceSummary, Heartbeat, Hello, LoadProgress, RefusalCode, Refused, ReleaseSequence, StageStats,
+    Assignment, FetchTensors, DeviceSummary, Heartbeat, Hello, LoadProgress, RefusalCode, Refused, ReleaseSequence, StageStats,
     TensorRef, Welcome, JOIN_CHALLENGE_LABEL,
 };
 pub use data::{

@@ -89,6 +89,9 @@ pub const TENSOR_BYTES_MAX: u64 = 1 << 36;
 /// Most blocks in a model.
 pub const LAYERS_MAX: u32 = 1024;
 
+/// Bytes of the model profile (JSON) in an [`crate::Assignment`] at most.
+pub const MODEL_PROFILE_BYTES_MAX: u32 = 256 * KIB;
+
 /// Range of the heartbeat interval a coordinator may ask for.
 pub const HEARTBEAT_INTERVAL_MS_MIN: u32 = 10;
 pub const HEARTBEAT_INTERVAL_MS_MAX: u32 = 60_000;

@@ -1,7 +1,7 @@
 //! [`Message`], the value on the wire, and [`Kind`], its one-byte tag in the frame header.
 
 use crate::control::Heartbeat;
-use crate::control::{Assignment, Hello, LoadProgress, Refused, ReleaseSequence, Welcome};
+use crate::control::{Assignment, FetchTensors, Hello, LoadProgress, Refused, ReleaseSequence, Welcome};
 use crate::data::{Activations, SampledTokens, SequenceStart, StepTokens, WeightChunk};
 use crate::limits::{ACTIVATIONS_FRAME_BYTES_MAX, CONTROL_FRAME_BYTES_MAX, WEIGHT_CHUNK_FRAME_BYTES_MAX};
 use crate::ProtocolError;
@@ -25,6 +25,7 @@ pub enum Message {
     StepTokens(StepTokens),
     Activations(Activations),
     SampledTokens(SampledTokens),
+    FetchTensors(FetchTensors),
 }
 
 /// The message kind byte of the frame header. The numbers are part of the wire format:
@@ -47,11 +48,12 @@ pub enum Kind {
     StepTokens = 12,
     Activations = 13,
     SampledTokens = 14,
+    FetchTensors = 15,
 }
 
 impl Kind {
     /// Every kind, in wire-number order.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Refused,
@@ -66,6 +68,7 @@ impl Kind {
         Kind::StepTokens,
         Kind::Activations,
         Kind::SampledTokens,
+        Kind::FetchTensors,
     ];
 
     pub fn from_u8(byte: u8) -> Option<Kind> {
@@ -106,6 +109,7 @@ impl Message {
             Message::StepTokens(_) => Kind::StepTokens,
             Message::Activations(_) => Kind::Activations,
             Message::SampledTokens(_) => Kind::SampledTokens,
+            Message::FetchTensors(_) => Kind::FetchTensors,
         }
     }
 
@@ -124,6 +128,7 @@ impl Message {
             Message::StepTokens(m) => m.validate(),
             Message::Activations(m) => m.validate(),
             Message::SampledTokens(m) => m.validate(),
+            Message::FetchTensors(m) => m.validate(),
             Message::Ready | Message::Shutdown | Message::Heartbeat(_) | Message::ReleaseSequence(_) => Ok(()),
         }
     }

@@ -8,7 +8,11 @@
 //! **Architecture Invariant:** the conversion lives here, not in the engine: the engine may
 //! not depend on the planner, and the planner may not depend on any workspace crate.
 
+pub mod join;
+pub mod net;
 pub mod slice_cache;
+pub mod stage;
+pub mod weights;
 
 use potluck_engine::device::{DeviceBackend, DeviceProfile};
 use potluck_shard_planner::{Backend, NodeProfile};
@@ -37,6 +41,49 @@ pub fn node_profile(device: &DeviceProfile, id: &str) -> NodeProfile {
         memory_bandwidth_bytes_per_s: device.memory_bandwidth_bytes_per_s as u64,
         matmul_flops_per_s: device.qmatmul_decode_cached_flops_per_s as u64,
     }
+}
+
+/// What `Hello` tells the coordinator about this device.
+pub fn device_summary(device: &DeviceProfile) -> potluck_protocol::DeviceSummary {
+    potluck_protocol::DeviceSummary {
+        backend: match device.backend {
+            DeviceBackend::Cpu => "cpu".into(),
+        },
+        memory_budget_bytes: device.memory_budget_bytes,
+        memory_bandwidth_bytes_per_s: device.memory_bandwidth_bytes_per_s,
+        matmul_flops_per_s: device.qmatmul_decode_cached_flops_per_s,
+        threads: device.threads as u32,
+    }
+}
+
+/// The planner's view of a node from what its `Hello` said.
+pub fn node_profile_from_summary(device: &potluck_protocol::DeviceSummary, id: &str) -> NodeProfile {
+    NodeProfile {
+        id: id.to_string(),
+        // Only CPU nodes exist today; an unknown backend is priced as a CPU.
+        backend: Backend::Cpu,
+        memory_budget_bytes: device.memory_budget_bytes,
+        memory_bandwidth_bytes_per_s: device.memory_bandwidth_bytes_per_s as u64,
+        matmul_flops_per_s: device.matmul_flops_per_s as u64,
+    }
+}
+
+/// The planner's view of a model from the engine's profile (its GGUF header).
+pub fn planner_model(p: &potluck_engine::profile::ModelProfile, name: &str) -> potluck_shard_planner::ModelProfile {
+    use potluck_shard_planner::{dense_layer_flops_per_token, head_flops_per_token};
+    let layer_flops =
+        dense_layer_flops_per_token(p.n_embd as u64, p.n_ff as u64, p.n_head as u64, p.n_head_kv as u64, p.head_dim as u64);
+    potluck_shard_planner::ModelProfile::dense(
+        name.to_string(),
+        p.layer_weight_bytes.clone(),
+        layer_flops,
+        p.embedding_bytes,
+        p.head_bytes,
+        head_flops_per_token(p.n_embd as u64, p.vocab_size as u64),
+        p.tied_embeddings,
+        p.kv_bytes_per_token_per_layer,
+        p.activation_bytes_per_token,
+    )
 }
 
 #[cfg(test)]

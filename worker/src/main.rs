@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use potluck_engine::device::{parse_size, DeviceProfile, MEASURE_TIME_DEFAULT_MS};
 use potluck_worker::default_threads;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -31,7 +33,7 @@ enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         coordinator: Option<String>,
         /// The join token `coordinator serve` printed.
-        #[arg(long, value_name = "TOKEN")]
+        #[arg(long, value_name = "TOKEN", env = "POTLUCK_TOKEN")]
         token: Option<String>,
         /// Name shown on the dashboard (default: the host name).
         #[arg(long)]
@@ -43,6 +45,16 @@ enum Command {
         /// a reserve).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         memory_limit: Option<u64>,
+        /// Where this worker's QUIC endpoint listens for the previous stage.
+        #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:0")]
+        listen: SocketAddr,
+        /// Slice cache directory (default: the user's cache dir, potluck/slices).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Identity key file (default: the config dir, potluck/worker.key). Two workers on one
+        /// machine need one each.
+        #[arg(long, value_name = "PATH")]
+        identity: Option<PathBuf>,
     },
     /// Measure this machine as a cluster node (memory budget, memory bandwidth,
     /// quantized-matmul speed) in about a second, and print the figures.
@@ -60,12 +72,87 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Join { .. } => bail!(
-            "this build of potluck cannot join a cluster yet (protocol v{}): run `coordinator serve` on one machine, which serves every layer itself",
-            potluck_protocol::PROTOCOL_VERSION
+#[allow(clippy::too_many_arguments)]
+fn join(
+    coordinator: Option<String>,
+    token: Option<String>,
+    name: Option<String>,
+    threads: Option<usize>,
+    memory_limit: Option<u64>,
+    listen: SocketAddr,
+    cache_dir: Option<PathBuf>,
+    identity: Option<PathBuf>,
+) -> Result<()> {
+    use potluck_worker::join::{JoinConfig, JoinOutcome};
+    use potluck_worker::net::identity::NodeIdentity;
+    use potluck_worker::net::token::JoinToken;
+    let Some(token) = token else {
+        bail!("a join token is required: run `worker join --token TOKEN` with the token `coordinator serve` printed");
+    };
+    let token = JoinToken::parse(&token)?;
+    let coordinator = match coordinator {
+        Some(text) => Some(
+            text.to_socket_addrs()
+                .with_context(|| format!("cannot resolve the coordinator address {text:?} (expected HOST:PORT)"))?
+                .next()
+                .with_context(|| format!("{text:?} resolves to no address"))?,
         ),
+        None => None,
+    };
+    let identity_path = match identity {
+        Some(p) => p,
+        None => NodeIdentity::default_path("worker").context("no config directory: give --identity PATH")?,
+    };
+    let identity = NodeIdentity::load_or_create(&identity_path)?;
+    let cache_dir = match cache_dir {
+        Some(d) => d,
+        None => potluck_worker::slice_cache::SliceCache::default_root().context("no cache directory: give --cache-dir DIR")?,
+    };
+    let threads = threads.unwrap_or_else(default_threads);
+    println!("worker: measuring this machine...");
+    let device = DeviceProfile::measure(threads, memory_limit, Duration::from_millis(MEASURE_TIME_DEFAULT_MS))
+        .context("measuring this machine")?;
+    print!("{device}");
+    let name = name.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into())
+    });
+    let config = JoinConfig {
+        coordinator,
+        token,
+        name,
+        identity,
+        cache_dir,
+        listen,
+        threads,
+        device: potluck_worker::device_summary(&device),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let outcome = runtime.block_on(potluck_worker::join::join(config, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    match outcome {
+        JoinOutcome::Shutdown => println!("worker: the coordinator shut this worker down"),
+        JoinOutcome::Interrupted => println!("worker: interrupted; left the cluster"),
+        JoinOutcome::Disconnected(reason) => bail!("lost the coordinator: {reason}"),
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Join { coordinator, token, name, threads, memory_limit, listen, cache_dir, identity } => {
+            join(coordinator, token, name, threads, memory_limit, listen, cache_dir, identity)
+        }
         Command::Bench {
             threads,
             memory_limit,

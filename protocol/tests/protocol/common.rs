@@ -9,7 +9,7 @@ pub fn device() -> DeviceSummary {
         backend: "cpu".into(),
         memory_budget_bytes: 8 << 30,
         memory_bandwidth_bytes_per_s: 40e9,
-        qmatmul_decode_bytes_per_s: 25e9,
+        matmul_flops_per_s: 25e9,
         threads: 8,
     }
 }
@@ -36,6 +36,14 @@ pub fn assignment() -> Assignment {
         n_layers: 32,
         next_stage: Some("192.0.2.10:7420".into()),
         tensors: vec![tensor("blk.8.attn_q.weight"), tensor("blk.8.attn_k.weight")],
+        upstream_id: "12D3KooWUpstream".into(),
+        next_stage_id: Some("12D3KooWNext".into()),
+        stage_index: 1,
+        n_stages: 3,
+        context_length: 4096,
+        sequences_max: 16,
+        activation_dtype: Dtype::F16,
+        model_profile: "{}".into(),
     }
 }
 
@@ -94,7 +102,7 @@ pub fn sampled_tokens() -> SampledTokens {
 pub fn one_of_each() -> Vec<Message> {
     vec![
         Message::Hello(hello()),
-        Message::Welcome(Welcome { heartbeat_interval_ms: 1000 }),
+        Message::Welcome(Welcome { heartbeat_interval_ms: 1000, token_proof: [7; 32] }),
         Message::Refused(Refused { code: RefusalCode::BadToken, reason: "wrong join token".into() }),
         Message::Assignment(assignment()),
         Message::LoadProgress(LoadProgress { bytes_done: 10, bytes_total: 100 }),
@@ -110,6 +118,7 @@ pub fn one_of_each() -> Vec<Message> {
         Message::StepTokens(step_tokens()),
         Message::Activations(activations(8)),
         Message::SampledTokens(sampled_tokens()),
+        Message::FetchTensors(FetchTensors { tensor_indices: vec![0, 3, 4] }),
     ]
 }
 
@@ -145,6 +154,7 @@ pub fn unchecked_frame(message: &Message) -> Vec<u8> {
         Message::StepTokens(m) => body(m),
         Message::Activations(m) => body(m),
         Message::SampledTokens(m) => body(m),
+        Message::FetchTensors(m) => body(m),
         Message::Ready | Message::Shutdown => Vec::new(),
     };
     frame(PROTOCOL_VERSION, message.kind() as u8, 0, &body)

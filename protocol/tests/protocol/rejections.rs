@@ -95,7 +95,7 @@ fn hello_claiming_another_version_is_refused() {
 
 #[test]
 fn unknown_kind_is_refused() {
-    for kind in [0u8, 15, 255] {
+    for kind in [0u8, 16, 255] {
         assert_eq!(decode(&frame(PROTOCOL_VERSION, kind, 0, &[])), Err(ProtocolError::UnknownKind { kind }));
     }
 }
@@ -521,10 +521,10 @@ fn nan_bandwidth_is_refused() {
 
 #[test]
 fn negative_matmul_speed_is_refused() {
-    let message = Hello { device: DeviceSummary { qmatmul_decode_bytes_per_s: -1.0, ..device() }, ..hello() };
+    let message = Hello { device: DeviceSummary { matmul_flops_per_s: -1.0, ..device() }, ..hello() };
     assert_refused(
         Message::Hello(message),
-        ProtocolError::InvalidValue { field: "qmatmul_decode_bytes_per_s", reason: "must be finite and non-negative" },
+        ProtocolError::InvalidValue { field: "matmul_flops_per_s", reason: "must be finite and non-negative" },
     );
 }
 
@@ -541,7 +541,7 @@ fn zero_threads_are_refused() {
 fn heartbeat_interval_out_of_range_is_refused() {
     for heartbeat_interval_ms in [0, HEARTBEAT_INTERVAL_MS_MIN - 1, HEARTBEAT_INTERVAL_MS_MAX + 1] {
         assert_refused(
-            Message::Welcome(Welcome { heartbeat_interval_ms }),
+            Message::Welcome(Welcome { heartbeat_interval_ms, token_proof: [0; 32] }),
             ProtocolError::InvalidValue {
                 field: "heartbeat_interval_ms",
                 reason: "outside HEARTBEAT_INTERVAL_MS_MIN..=HEARTBEAT_INTERVAL_MS_MAX",

@@ -23,12 +23,12 @@ fn hash() -> impl Strategy<Value = [u8; 32]> {
 
 fn device_strategy() -> impl Strategy<Value = DeviceSummary> {
     (name(16), any::<u64>(), finite_f64(), finite_f64(), 1..=1024u32).prop_map(
-        |(backend, memory_budget_bytes, memory_bandwidth_bytes_per_s, qmatmul_decode_bytes_per_s, threads)| {
+        |(backend, memory_budget_bytes, memory_bandwidth_bytes_per_s, matmul_flops_per_s, threads)| {
             DeviceSummary {
                 backend,
                 memory_budget_bytes,
                 memory_bandwidth_bytes_per_s,
-                qmatmul_decode_bytes_per_s,
+                matmul_flops_per_s,
                 threads,
             }
         },
@@ -72,8 +72,16 @@ fn assignment_strategy() -> impl Strategy<Value = Assignment> {
                     layer_start,
                     layer_end,
                     n_layers,
+                    next_stage_id: next_stage.as_ref().map(|_| "12D3KooWNext".to_string()),
                     next_stage: next_stage.clone(),
                     tensors: tensors.clone(),
+                    upstream_id: "12D3KooWUp".into(),
+                    stage_index: 0,
+                    n_stages: 1,
+                    context_length: 2048,
+                    sequences_max: 16,
+                    activation_dtype: Dtype::F32,
+                    model_profile: "{\"n_layers\":32}".into(),
                 })
             })
         },
@@ -193,7 +201,7 @@ pub fn message_strategy() -> impl Strategy<Value = Message> {
     prop_oneof![
         hello_strategy().prop_map(Message::Hello),
         (HEARTBEAT_INTERVAL_MS_MIN..=HEARTBEAT_INTERVAL_MS_MAX)
-            .prop_map(|heartbeat_interval_ms| Message::Welcome(Welcome { heartbeat_interval_ms })),
+            .prop_map(|heartbeat_interval_ms| Message::Welcome(Welcome { heartbeat_interval_ms, token_proof: [5; 32] })),
         (refusal_code(), proptest::string::string_regex(".{0,200}").unwrap())
             .prop_filter("reason within limit", |(_, reason)| reason.len() <= REASON_BYTES_MAX as usize)
             .prop_map(|(code, reason)| Message::Refused(Refused { code, reason })),

@@ -1,0 +1,969 @@
+//! The coordinator's side of the cluster: the QUIC endpoint workers join, the membership
+//! driver, planning, assignments, weight serving, and the cluster pipeline handed to the
+//! generation thread.
+//!
+//! One async task — the **driver** — owns [`Membership`] (the pure state machine), the plan
+//! in force and every worker connection's handle. Connection tasks only translate: they read
+//! frames and post [`Event`]s to the driver, and write what the driver queues. So every
+//! decision is made in one place, in order, with the time passed in.
+//!
+//! A plan becomes a pipeline in three moves: the driver sends each planned worker its
+//! [`Assignment`] (which layers, the tensors with their hashes, who feeds it and whom it
+//! feeds); each worker fetches what its cache lacks over a weight stream ([`WeightServer`])
+//! and says Ready; when every stage is ready the driver builds a [`ClusterPipeline`] and
+//! hands it to the generation service, whose in-flight sequences replay into it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use potluck_engine::model::LlamaSlice;
+use potluck_engine::profile::ModelProfile;
+use potluck_engine::threads::ComputePool;
+use potluck_protocol::{
+    Assignment, Dtype, Hello, Message, RefusalCode, Refused, SampledTokens, TensorRef, Welcome,
+};
+use potluck_shard_planner::{LinkMatrix, LinkProfile, NodeProfile, Plan, PlanRequest, Workload};
+use potluck_worker::net::framed::{FrameReader, FrameWriter};
+use potluck_worker::net::identity::NodeIdentity;
+use potluck_worker::net::token::{proofs_equal, JoinToken};
+use potluck_worker::net::{discovery, tls};
+use potluck_worker::stage::StageRunner;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::generation::{GenerationService, ACTIVE_SEQUENCES_MAX};
+use crate::membership::{Action, ConnectionId, Membership, NodeState, HEARTBEAT_INTERVAL_MS};
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::weights::WeightServer;
+
+/// How long a new connection has to open its control stream and say Hello.
+pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+/// Connections being handshaken at once at most; more are refused until one finishes, so a
+/// flood of half-open connections cannot exhaust the coordinator.
+pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 16;
+/// Link assumed between two nodes until links are measured: the worst of the two nodes' RTT
+/// to the coordinator, and this bandwidth (1 Gbit/s Ethernet).
+pub const LINK_BANDWIDTH_ASSUMED_BYTES_PER_S: u64 = 125_000_000;
+/// The coordinator's own node id in plans.
+pub const COORDINATOR_NODE: &str = "coordinator";
+
+/// Which split the coordinator computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlannerKind {
+    /// The fastest feasible split under the planner's cost model (docs/planner.md).
+    Optimal,
+    /// Layers in proportion to each node's memory, as exo and llama.cpp's RPC split them.
+    Proportional,
+}
+
+pub struct ClusterConfig {
+    pub listen: SocketAddr,
+    pub token: JoinToken,
+    pub identity: NodeIdentity,
+    /// The coordinator may hold layers (always stage 0 when it does).
+    pub local_layers: bool,
+    /// The coordinator's own device, as the planner sees it.
+    pub local_device: NodeProfile,
+    pub planner: PlannerKind,
+    pub activation_dtype: Dtype,
+    /// Plan only once this many workers have joined (until then every layer stays here).
+    pub min_workers: usize,
+    /// Advertise the cluster on the LAN by mDNS.
+    pub mdns: bool,
+    pub threads: usize,
+}
+
+/// What the dashboard, `/health` and `coordinator status` show of the cluster.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterView {
+    pub node_id: String,
+    pub listen: String,
+    pub join_command: String,
+    pub nodes: Vec<NodeView>,
+    pub stages: Vec<StageView>,
+    /// The plan's own explanation, when one is in force.
+    pub plan: Option<String>,
+    pub predicted_tokens_per_s: Option<f64>,
+    /// Bytes of weights the coordinator has streamed to workers.
+    pub weight_bytes_sent: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub node_id: String,
+    pub name: String,
+    pub state: String,
+    pub address: String,
+    pub memory_budget_bytes: u64,
+    pub last_seen_age_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageView {
+    pub node_id: String,
+    pub name: String,
+    pub layers: [u32; 2],
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone, Default)]
+pub struct ClusterStatus {
+    view: Arc<RwLock<ClusterView>>,
+}
+
+impl ClusterStatus {
+    pub fn local(n_layers: u32) -> Self {
+        let status = Self::default();
+        status.update(|v| {
+            v.stages = vec![StageView { node_id: COORDINATOR_NODE.into(), name: COORDINATOR_NODE.into(), layers: [0, n_layers] }]
+        });
+        status
+    }
+
+    pub fn snapshot(&self) -> ClusterView {
+        self.view.read().expect("cluster view lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ClusterView)) {
+        f(&mut self.view.write().expect("cluster view lock"));
+    }
+}
+
+/// Handle to the running cluster side.
+pub struct Cluster {
+    pub status: ClusterStatus,
+    pub local_address: SocketAddr,
+    pub node_id: String,
+    _advertiser: Option<discovery::Advertiser>,
+}
+
+enum Event {
+    Hello {
+        connection_id: ConnectionId,
+        connection: quinn::Connection,
+        hello: Hello,
+        token_ok: bool,
+        control: mpsc::UnboundedSender<Message>,
+        tensors: Arc<Mutex<Vec<TensorRef>>>,
+    },
+    Control { connection_id: ConnectionId, message: Message },
+    Closed { connection_id: ConnectionId, reason: String },
+    /// A planned stage's weights are hashed (blocking work done); send its assignment.
+    AssignmentReady { generation: u64, node_id: String, assignment: Assignment },
+    PlanFailed { generation: u64, reason: String },
+    /// Every stage may be ready: check and switch the pipeline.
+    Activate,
+}
+
+struct Worker {
+    node_id: String,
+    name: String,
+    connection: quinn::Connection,
+    control: mpsc::UnboundedSender<Message>,
+    tensors: Arc<Mutex<Vec<TensorRef>>>,
+}
+
+/// Where the last stage's sampled tokens go: the pipeline in force.
+type SampledRoute = Arc<Mutex<Option<std_mpsc::Sender<Result<SampledTokens, PipelineError>>>>>;
+
+/// Starts the cluster side: binds the endpoint, advertises it, and spawns the driver.
+pub async fn start(
+    config: ClusterConfig,
+    model_path: PathBuf,
+    profile: ModelProfile,
+    service: GenerationService,
+    status: ClusterStatus,
+) -> Result<Cluster> {
+    tls::install_crypto_provider();
+    let endpoint = tls::endpoint(&config.identity, config.listen)
+        .with_context(|| format!("cannot open the cluster endpoint on {} (is the port in use?)", config.listen))?;
+    let local_address = endpoint.local_addr()?;
+    let node_id = config.identity.node_id();
+    let advertiser = if config.mdns {
+        match discovery::advertise(&config.identity, local_address.port()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "mDNS advertising failed; workers need --coordinator");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let weights = Arc::new(
+        tokio::task::spawn_blocking({
+            let path = model_path.clone();
+            move || WeightServer::open(&path)
+        })
+        .await??,
+    );
+    let join_command = format!(
+        "worker join --token {} --coordinator {}",
+        config.token.as_str(),
+        advertised_address(local_address)
+    );
+    status.update(|v| {
+        v.node_id = node_id.clone();
+        v.listen = local_address.to_string();
+        v.join_command = join_command.clone();
+    });
+    println!("potluck: cluster endpoint on {local_address} (QUIC), node id {node_id}");
+    println!("  join from other machines with:\n    {join_command}");
+    if config.mdns {
+        println!("  (on the same LAN, `worker join --token {}` finds this coordinator by itself)", config.token.as_str());
+    }
+
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let sampled_route: SampledRoute = Arc::new(Mutex::new(None));
+    spawn_acceptor(endpoint.clone(), config.token.clone(), node_id.clone(), events_tx.clone(), weights.clone(), sampled_route.clone());
+    let driver = Driver {
+        config,
+        model_path,
+        profile,
+        service,
+        status: status.clone(),
+        membership: Membership::new(),
+        workers: BTreeMap::new(),
+        events: events_tx,
+        weights,
+        sampled_route,
+        clock: Instant::now(),
+        plan: None,
+        plan_generation: 0,
+        pending_ready: BTreeSet::new(),
+        pending_plan: None,
+        node_id: node_id.clone(),
+        whole_model_local: true,
+        plan_connections: BTreeMap::new(),
+        rollout_connections: BTreeMap::new(),
+    };
+    tokio::spawn(driver.run(events_rx));
+    Ok(Cluster { status, local_address, node_id, _advertiser: advertiser })
+}
+
+/// The address to print in the join line: a wildcard bind is shown as this host's LAN address
+/// when one can be found.
+fn advertised_address(local: SocketAddr) -> String {
+    if !local.ip().is_unspecified() {
+        return local.to_string();
+    }
+    // The address the OS would use to reach a LAN host (no packet is sent by connect on UDP).
+    let lan = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.168.0.1:9").map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip());
+    match lan {
+        Ok(ip) if !ip.is_unspecified() => SocketAddr::new(ip, local.port()).to_string(),
+        _ => format!("THIS_HOST:{}", local.port()),
+    }
+}
+
+fn spawn_acceptor(
+    endpoint: quinn::Endpoint,
+    token: JoinToken,
+    coordinator_id: String,
+    events: mpsc::UnboundedSender<Event>,
+    weights: Arc<WeightServer>,
+    sampled_route: SampledRoute,
+) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT_MAX));
+    tokio::spawn(async move {
+        let mut next_id: ConnectionId = 1;
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(remote = %incoming.remote_address(), "too many handshakes in flight; refusing a connection");
+                incoming.refuse();
+                continue;
+            };
+            let connection_id = next_id;
+            next_id += 1;
+            let (token, coordinator_id, events, weights, sampled_route) =
+                (token.clone(), coordinator_id.clone(), events.clone(), weights.clone(), sampled_route.clone());
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(
+                    Duration::from_millis(HELLO_TIMEOUT_MS),
+                    handshake(incoming, connection_id, &token, &coordinator_id),
+                )
+                .await;
+                drop(permit);
+                let (connection, hello, token_ok, control_out, control_in) = match handshake {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(e)) => return tracing::info!(error = format!("{e:#}"), "a connection failed before Hello"),
+                    Err(_) => return tracing::info!("a connection did not say Hello in time"),
+                };
+                serve_connection(connection_id, connection, hello, token_ok, control_out, control_in, events, weights, sampled_route)
+                    .await;
+            });
+        }
+    });
+}
+
+type Handshake = (quinn::Connection, Hello, bool, FrameWriter<quinn::SendStream>, FrameReader<quinn::RecvStream>);
+
+async fn handshake(incoming: quinn::Incoming, _id: ConnectionId, token: &JoinToken, coordinator_id: &str) -> Result<Handshake> {
+    let remote = incoming.remote_address();
+    let connection = incoming.await.with_context(|| format!("TLS handshake with {remote} failed"))?;
+    let peer = tls::peer_node_id(&connection)?;
+    let (send, recv) = connection.accept_bi().await.context("no control stream")?;
+    let (mut out, mut input) = (FrameWriter::new(send), FrameReader::new(recv));
+    let hello = match input.recv().await {
+        Ok(Some(Message::Hello(hello))) => hello,
+        Ok(Some(other)) => anyhow::bail!("{remote} opened with {:?}, not Hello", other.kind()),
+        Ok(None) => anyhow::bail!("{remote} closed the control stream before Hello"),
+        Err(e) => {
+            // A peer speaking another protocol version gets a reason it can show its user.
+            let refused = Refused { code: RefusalCode::UnsupportedVersion, reason: format!("cannot read your Hello: {e}") };
+            let _ = out.send(&Message::Refused(refused)).await;
+            let _ = out.get_mut().finish();
+            connection.close(5u32.into(), b"bad hello");
+            anyhow::bail!("bad Hello from {remote} ({peer}): {e}")
+        }
+    };
+    if hello.node_id != peer {
+        let refused = Refused {
+            code: RefusalCode::Other,
+            reason: format!("Hello says node {} but your certificate proves {peer}", hello.node_id),
+        };
+        let _ = out.send(&Message::Refused(refused)).await;
+        let _ = out.get_mut().finish();
+        connection.close(6u32.into(), b"identity mismatch");
+        anyhow::bail!("{remote}: Hello's node id does not match its certificate");
+    }
+    let token_ok = proofs_equal(&hello.token_proof, &token.worker_proof(coordinator_id, &peer));
+    Ok((connection, hello, token_ok, out, input))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection(
+    connection_id: ConnectionId,
+    connection: quinn::Connection,
+    hello: Hello,
+    token_ok: bool,
+    mut control_out: FrameWriter<quinn::SendStream>,
+    mut control_in: FrameReader<quinn::RecvStream>,
+    events: mpsc::UnboundedSender<Event>,
+    weights: Arc<WeightServer>,
+    sampled_route: SampledRoute,
+) {
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Message>();
+    let tensors: Arc<Mutex<Vec<TensorRef>>> = Arc::default();
+    let _ = events.send(Event::Hello {
+        connection_id,
+        connection: connection.clone(),
+        hello,
+        token_ok,
+        control: control_tx,
+        tensors: tensors.clone(),
+    });
+    // Writer: what the driver queues. Ends when the driver drops the sender (then finishes
+    // the stream, so a refused worker reads the whole Refused before the close).
+    let writer = tokio::spawn(async move {
+        while let Some(message) = control_rx.recv().await {
+            if control_out.send(&message).await.is_err() {
+                break;
+            }
+        }
+        let _ = control_out.get_mut().finish();
+        let _ = control_out.get_mut().stopped().await;
+    });
+    if !token_ok {
+        // Nothing else is served to a peer without the token: no weights, no data streams.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        connection.close(7u32.into(), b"bad join token");
+        return;
+    }
+    // Weight fetches (bidirectional streams after the control stream) and sampled tokens
+    // (unidirectional streams from the last stage).
+    {
+        let (connection, weights) = (connection.clone(), weights.clone());
+        let tensors = tensors.clone();
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                let (weights, tensors) = (weights.clone(), tensors.clone());
+                tokio::spawn(async move {
+                    let (mut writer, mut reader) = (FrameWriter::new(send), FrameReader::new(recv));
+                    let refs = tensors.lock().expect("tensors lock").clone();
+                    match weights.serve_fetch(&refs, &mut reader, &mut writer).await {
+                        Ok(bytes) => tracing::debug!(bytes, "weight stream served"),
+                        Err(e) => tracing::warn!(error = format!("{e:#}"), "weight stream failed"),
+                    }
+                    let _ = writer.get_mut().finish();
+                });
+            }
+        });
+    }
+    {
+        let (connection, route, events) = (connection.clone(), sampled_route.clone(), events.clone());
+        tokio::spawn(async move {
+            while let Ok(recv) = connection.accept_uni().await {
+                let (route, events, connection) = (route.clone(), events.clone(), connection.clone());
+                tokio::spawn(async move {
+                    let mut reader = FrameReader::new(recv);
+                    loop {
+                        match reader.recv().await {
+                            Ok(Some(Message::SampledTokens(sampled))) => {
+                                if let Some(tx) = route.lock().expect("route lock").as_ref() {
+                                    let _ = tx.send(Ok(sampled));
+                                }
+                            }
+                            Ok(Some(other)) => {
+                                tracing::warn!(kind = ?other.kind(), "unexpected message on a data stream to the coordinator");
+                            }
+                            Ok(None) => return,
+                            Err(e) => {
+                                let reason = format!("bad data stream: {e}");
+                                connection.close(4u32.into(), b"protocol error on a data stream");
+                                let _ = events.send(Event::Closed { connection_id, reason });
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    loop {
+        match control_in.recv().await {
+            Ok(Some(message)) => {
+                if events.send(Event::Control { connection_id, message }).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = events.send(Event::Closed { connection_id, reason: "closed its control stream".into() });
+                return;
+            }
+            Err(e) => {
+                let reason = connection.close_reason().map_or_else(|| e.to_string(), |r| r.to_string());
+                let _ = events.send(Event::Closed { connection_id, reason });
+                return;
+            }
+        }
+    }
+}
+
+struct PendingPlan {
+    generation: u64,
+    plan: Plan,
+    assignments: BTreeMap<String, Assignment>,
+    expected: usize,
+    /// The assignments went out; the plan activates when every stage is Ready.
+    sent: bool,
+}
+
+struct Driver {
+    config: ClusterConfig,
+    model_path: PathBuf,
+    profile: ModelProfile,
+    service: GenerationService,
+    status: ClusterStatus,
+    membership: Membership,
+    workers: BTreeMap<ConnectionId, Worker>,
+    events: mpsc::UnboundedSender<Event>,
+    weights: Arc<WeightServer>,
+    sampled_route: SampledRoute,
+    clock: Instant,
+    /// The plan the current pipeline runs.
+    plan: Option<Plan>,
+    plan_generation: u64,
+    /// Workers of the plan being rolled out that have not said Ready.
+    pending_ready: BTreeSet<String>,
+    pending_plan: Option<PendingPlan>,
+    node_id: String,
+    /// The generation service still runs the whole model loaded at start-up.
+    whole_model_local: bool,
+    /// Each worker stage's connection when its assignment went out (plan in force / being
+    /// rolled out): a stage back on another connection restarted and lost its state.
+    plan_connections: BTreeMap<String, ConnectionId>,
+    rollout_connections: BTreeMap<String, ConnectionId>,
+}
+
+impl Driver {
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS / 2));
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event).await,
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    let now = self.now_ms();
+                    if self.membership.poll_timeout().is_some_and(|deadline| deadline <= now) {
+                        self.membership.handle_timeout(now);
+                    }
+                }
+            }
+            self.drain_actions().await;
+            self.publish();
+        }
+    }
+
+    async fn handle(&mut self, event: Event) {
+        let now = self.now_ms();
+        match event {
+            Event::Hello { connection_id, connection, hello, token_ok, control, tensors } => {
+                let remote = connection.remote_address();
+                if token_ok {
+                    tracing::info!(node = %hello.node_id, name = %hello.name, %remote, budget_mib = hello.device.memory_budget_bytes >> 20, "worker joined");
+                } else {
+                    tracing::warn!(node = %hello.node_id, %remote, "refused a worker: its join token proof did not verify");
+                }
+                self.workers.insert(
+                    connection_id,
+                    Worker { node_id: hello.node_id.clone(), name: hello.name.clone(), connection, control, tensors },
+                );
+                self.membership.handle_hello(now, connection_id, &hello.node_id, &hello.name, hello.device, token_ok);
+            }
+            Event::Control { connection_id, message } => match message {
+                Message::LoadProgress(p) => self.membership.handle_load_progress(now, connection_id, p.bytes_done, p.bytes_total),
+                Message::Ready => self.membership.handle_ready(now, connection_id),
+                Message::Heartbeat(h) => self.membership.handle_heartbeat(now, connection_id, h.stats),
+                other => tracing::warn!(kind = ?other.kind(), connection_id, "unexpected control message from a worker"),
+            },
+            Event::Closed { connection_id, reason } => {
+                if let Some(w) = self.workers.get(&connection_id) {
+                    tracing::warn!(node = %w.node_id, name = %w.name, %reason, "worker disconnected");
+                }
+                self.membership.handle_disconnect(now, connection_id, &reason);
+                self.workers.remove(&connection_id);
+            }
+            Event::AssignmentReady { generation, node_id, assignment } => {
+                let Some(pending) = self.pending_plan.as_mut().filter(|p| p.generation == generation) else { return };
+                pending.assignments.insert(node_id, assignment);
+                if pending.assignments.len() == pending.expected {
+                    self.send_assignments();
+                }
+            }
+            Event::Activate => self.activate_if_ready().await,
+            Event::PlanFailed { generation, reason } => {
+                if self.pending_plan.as_ref().is_some_and(|p| p.generation == generation) {
+                    tracing::error!(%reason, "cannot roll out the plan");
+                    self.pending_plan = None;
+                }
+            }
+        }
+    }
+
+    async fn drain_actions(&mut self) {
+        let mut replan = None;
+        while let Some(action) = self.membership.poll_action() {
+            match action {
+                Action::Refuse { connection, code, reason } => {
+                    if let Some(w) = self.workers.remove(&connection) {
+                        let _ = w.control.send(Message::Refused(Refused { code, reason }));
+                        // Dropping the sender ends the writer, which finishes the stream.
+                    }
+                }
+                Action::Welcome { connection, node_id, heartbeat_interval_ms } => {
+                    if let Some(w) = self.workers.get(&connection) {
+                        let token_proof = self.config.token.coordinator_proof(&self.node_id, &node_id);
+                        let _ = w.control.send(Message::Welcome(Welcome { heartbeat_interval_ms, token_proof }));
+                    }
+                }
+                Action::Close { connection, reason } => {
+                    if let Some(w) = self.workers.remove(&connection) {
+                        tracing::warn!(node = %w.node_id, %reason, "closing a worker's connection");
+                        w.connection.close(8u32.into(), reason.as_bytes());
+                    }
+                }
+                Action::Replan { reason } => replan = Some(reason),
+                Action::StageReady { node_id } => {
+                    tracing::info!(node = %node_id, "stage ready");
+                    self.pending_ready.remove(&node_id);
+                    self.activate_if_ready().await;
+                }
+            }
+        }
+        if let Some(reason) = replan {
+            self.replan(&reason);
+        }
+    }
+
+    /// Members the planner may use: welcomed workers whose connection is live.
+    fn member_nodes(&self) -> Vec<(NodeProfile, ConnectionId)> {
+        let by_node: BTreeMap<&str, ConnectionId> = self.workers.iter().map(|(id, w)| (w.node_id.as_str(), *id)).collect();
+        self.membership
+            .members()
+            .filter_map(|(node_id, device)| {
+                let connection = *by_node.get(node_id)?;
+                Some((potluck_worker::node_profile_from_summary(device, node_id), connection))
+            })
+            .collect()
+    }
+
+    fn replan(&mut self, reason: &str) {
+        let members = self.member_nodes();
+        // A stage of the plan in force that is no longer a member breaks the pipeline now.
+        if let Some(plan) = &self.plan {
+            let live: BTreeSet<&str> = members.iter().map(|(n, _)| n.id.as_str()).collect();
+            let lost: Vec<&str> = plan
+                .stages
+                .iter()
+                .map(|s| s.node_id.as_str())
+                .filter(|id| {
+                    // Gone, or back on a new connection (a restart): its stage state is lost.
+                    *id != COORDINATOR_NODE
+                        && (!live.contains(id)
+                            || members.iter().find(|(m, _)| m.id == *id).map(|(_, c)| *c)
+                                != self.plan_connections.get(*id).copied())
+                })
+                .collect();
+            if !lost.is_empty() {
+                let message = format!("stage node(s) {} left the cluster", lost.join(", "));
+                if let Some(tx) = self.sampled_route.lock().expect("route lock").take() {
+                    let _ = tx.send(Err(PipelineError::Broken(message.clone())));
+                }
+                tracing::warn!(%message, "the pipeline is broken; re-planning");
+                self.plan = None;
+            }
+        }
+        if members.len() < self.config.min_workers {
+            tracing::info!(%reason, workers = members.len(), needed = self.config.min_workers, "waiting for more workers before planning");
+            if self.plan.is_none() && !self.whole_model_local {
+                // The cluster broke and cannot be re-planned yet: fail requests clearly
+                // instead of leaving them hanging.
+                let message = format!(
+                    "the cluster lost workers: {} of the {} needed are connected; waiting for more to join",
+                    members.len(),
+                    self.config.min_workers
+                );
+                let _ = self.service.replace_pipeline(Box::new(crate::pipeline::UnavailablePipeline::new(message)));
+            }
+            return;
+        }
+        let mut nodes: Vec<NodeProfile> = Vec::new();
+        if self.config.local_layers {
+            nodes.push(self.config.local_device.clone());
+        }
+        nodes.extend(members.iter().map(|(n, _)| n.clone()));
+        if nodes.is_empty() {
+            return;
+        }
+        let n = nodes.len();
+        let mut links = LinkMatrix::uniform(n, LinkProfile { rtt_us: 0, bandwidth_bytes_per_s: LINK_BANDWIDTH_ASSUMED_BYTES_PER_S });
+        let rtt_us: Vec<u64> = nodes
+            .iter()
+            .map(|node| {
+                members
+                    .iter()
+                    .find(|(m, _)| m.id == node.id)
+                    .and_then(|(_, c)| self.workers.get(c))
+                    .map_or(0, |w| w.connection.rtt().as_micros() as u64)
+            })
+            .collect();
+        for a in 0..n {
+            for b in 0..n {
+                if a != b {
+                    let rtt = if nodes[a].id == COORDINATOR_NODE || nodes[b].id == COORDINATOR_NODE {
+                        rtt_us[a].max(rtt_us[b])
+                    } else {
+                        rtt_us[a].max(rtt_us[b]).max(1)
+                    };
+                    links.set(a, b, LinkProfile { rtt_us: rtt, bandwidth_bytes_per_s: LINK_BANDWIDTH_ASSUMED_BYTES_PER_S });
+                }
+            }
+        }
+        let model = potluck_worker::planner_model(&self.profile, "model");
+        let workload = Workload {
+            context_tokens: self.service.context_length() as u32,
+            sequences: ACTIVE_SEQUENCES_MAX as u32,
+        };
+        let mut request = PlanRequest::new(&model, &nodes, &links, workload);
+        if self.config.local_layers {
+            request = request.with_first_node(COORDINATOR_NODE);
+        }
+        if let Some(previous) = &self.plan {
+            request = request.with_previous(previous);
+        }
+        let planned = match self.config.planner {
+            PlannerKind::Optimal => potluck_shard_planner::plan(&request),
+            PlannerKind::Proportional => potluck_shard_planner::proportional_plan(&request),
+        };
+        let plan = match planned {
+            Ok(p) if p.fits => p,
+            Ok(p) => {
+                tracing::error!(%reason, "the model does not fit the cluster:\n{p}");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(%reason, error = %e, "cannot plan");
+                return;
+            }
+        };
+        let same = self.plan.as_ref().is_some_and(|current| stages_of(current) == stages_of(&plan));
+        if same {
+            tracing::info!(%reason, "membership changed; the plan in force stays");
+            return;
+        }
+        let whole_model_here = plan.stages.len() == 1 && plan.stages[0].node_id == COORDINATOR_NODE;
+        if whole_model_here && self.whole_model_local {
+            tracing::info!(%reason, "the planner keeps every layer on this machine:\n{plan}");
+            self.plan = Some(plan);
+            return;
+        }
+        println!("potluck: new plan ({reason}):\n{plan}");
+        self.roll_out(plan, &members);
+    }
+
+    /// Hashes each worker stage's tensors (blocking, off the driver) and then sends the
+    /// assignments.
+    fn roll_out(&mut self, plan: Plan, members: &[(NodeProfile, ConnectionId)]) {
+        self.plan_generation += 1;
+        let generation = self.plan_generation;
+        let stages = &plan.stages;
+        let address_of = |node_id: &str| -> Option<(String, String)> {
+            let (_, c) = members.iter().find(|(m, _)| m.id == node_id)?;
+            let w = self.workers.get(c)?;
+            Some((w.connection.remote_address().to_string(), w.node_id.clone()))
+        };
+        let mut expected = 0;
+        for (i, stage) in stages.iter().enumerate() {
+            if stage.node_id == COORDINATOR_NODE {
+                continue;
+            }
+            expected += 1;
+            let upstream_id = if i == 0 {
+                self.node_id.clone()
+            } else if stages[i - 1].node_id == COORDINATOR_NODE {
+                self.node_id.clone()
+            } else {
+                stages[i - 1].node_id.clone()
+            };
+            let (next_stage, next_stage_id) = match stages.get(i + 1) {
+                Some(next) => match address_of(&next.node_id) {
+                    Some((address, id)) => (Some(address), Some(id)),
+                    None => return tracing::error!(node = %next.node_id, "a planned node has no connection"),
+                },
+                None => (None, None),
+            };
+            let template = Assignment {
+                model_hash: self.weights.model_hash(),
+                layer_start: stage.layers.start,
+                layer_end: stage.layers.end,
+                n_layers: self.profile.n_layers,
+                next_stage,
+                tensors: Vec::new(),
+                upstream_id,
+                next_stage_id,
+                stage_index: i as u32,
+                n_stages: stages.len() as u32,
+                context_length: self.service.context_length() as u32,
+                sequences_max: ACTIVE_SEQUENCES_MAX as u32,
+                activation_dtype: self.config.activation_dtype,
+                model_profile: serde_json::to_string(&self.profile).expect("a profile serializes"),
+            };
+            let (weights, profile, events) = (self.weights.clone(), self.profile.clone(), self.events.clone());
+            let (node_id, layers) = (stage.node_id.clone(), stage.layers.clone());
+            tokio::task::spawn_blocking(move || {
+                let event = match weights.slice_refs(&profile, layers) {
+                    Ok(tensors) => Event::AssignmentReady { generation, node_id, assignment: Assignment { tensors, ..template } },
+                    Err(e) => Event::PlanFailed { generation, reason: format!("{e:#}") },
+                };
+                let _ = events.send(event);
+            });
+        }
+        self.pending_ready = stages.iter().filter(|s| s.node_id != COORDINATOR_NODE).map(|s| s.node_id.clone()).collect();
+        self.rollout_connections = members.iter().map(|(m, c)| (m.id.clone(), *c)).collect();
+        self.pending_plan = Some(PendingPlan { generation, plan, assignments: BTreeMap::new(), expected, sent: false });
+        if expected == 0 {
+            self.send_assignments();
+        }
+    }
+
+    fn send_assignments(&mut self) {
+        let Some(pending) = self.pending_plan.as_ref() else { return };
+        for (node_id, assignment) in &pending.assignments {
+            let Some(worker) = self.workers.values().find(|w| &w.node_id == node_id) else { continue };
+            let bytes: u64 = assignment.tensors.iter().map(|t| t.bytes).sum();
+            *worker.tensors.lock().expect("tensors lock") = assignment.tensors.clone();
+            tracing::info!(node = %node_id, name = %worker.name, layers = format!("{}..{}", assignment.layer_start, assignment.layer_end), mib = bytes >> 20, "assignment sent");
+            let _ = worker.control.send(Message::Assignment(assignment.clone()));
+            self.membership.handle_assignment_sent(node_id, bytes);
+        }
+        if let Some(pending) = self.pending_plan.as_mut() {
+            pending.sent = true;
+        }
+        if self.pending_ready.is_empty() {
+            // Only the coordinator's own stage: nothing to wait for.
+            let _ = self.events.send(Event::Activate);
+        }
+    }
+
+    async fn activate_if_ready(&mut self) {
+        if !self.pending_ready.is_empty() || !self.pending_plan.as_ref().is_some_and(|p| p.sent) {
+            return;
+        }
+        let Some(pending) = self.pending_plan.take() else { return };
+        let plan = pending.plan;
+        match self.build_pipeline(&plan).await {
+            Ok(pipeline) => {
+                tracing::info!(pipeline = %pipeline.describe(), predicted_tokens_per_s = plan.tokens_per_s, "cluster pipeline active");
+                println!("potluck: cluster ready: {}", pipeline.describe());
+                if self.service.replace_pipeline(pipeline).is_err() {
+                    tracing::error!("the generation service has stopped");
+                }
+                self.status.update(|v| {
+                    v.stages = plan
+                        .stages
+                        .iter()
+                        .map(|s| StageView {
+                            node_id: s.node_id.clone(),
+                            name: self
+                                .workers
+                                .values()
+                                .find(|w| w.node_id == s.node_id)
+                                .map_or_else(|| s.node_id.clone(), |w| w.name.clone()),
+                            layers: [s.layers.start, s.layers.end],
+                        })
+                        .collect();
+                    v.plan = Some(plan.to_string());
+                    v.predicted_tokens_per_s = Some(plan.tokens_per_s);
+                });
+                self.plan = Some(plan);
+                self.plan_connections = std::mem::take(&mut self.rollout_connections);
+                self.whole_model_local = false;
+            }
+            Err(e) => tracing::error!(error = format!("{e:#}"), "cannot start the cluster pipeline"),
+        }
+    }
+
+    async fn build_pipeline(&mut self, plan: &Plan) -> Result<Box<dyn Pipeline>> {
+        let stages = &plan.stages;
+        let context_length = self.service.context_length();
+        let mut head = None;
+        if stages[0].node_id == COORDINATOR_NODE {
+            let (path, layers, threads) = (self.model_path.clone(), stages[0].layers.clone(), self.config.threads);
+            let dtype = self.config.activation_dtype;
+            let runner = tokio::task::spawn_blocking(move || -> Result<StageRunner> {
+                let model = LlamaSlice::load(&path, layers)?;
+                Ok(StageRunner::new(model, ComputePool::new(threads), context_length, ACTIVE_SEQUENCES_MAX, dtype))
+            })
+            .await??;
+            if stages.len() == 1 {
+                return Ok(Box::new(crate::pipeline::LocalPipeline::new(runner)));
+            }
+            head = Some(runner);
+        }
+        let first_remote = if head.is_some() { &stages[1] } else { &stages[0] };
+        let worker = self
+            .workers
+            .values()
+            .find(|w| w.node_id == first_remote.node_id)
+            .context("the first worker stage is not connected")?;
+        let send = worker.connection.open_uni().await.context("cannot open the data stream to the first worker stage")?;
+        let (sampled_tx, sampled_rx) = std_mpsc::channel();
+        *self.sampled_route.lock().expect("route lock") = Some(sampled_tx.clone());
+        let (downstream, mut downstream_rx) = mpsc::unbounded_channel::<Message>();
+        tokio::spawn(async move {
+            let mut writer = FrameWriter::new(send);
+            while let Some(message) = downstream_rx.recv().await {
+                if let Err(e) = writer.send(&message).await {
+                    let _ = sampled_tx.send(Err(PipelineError::Broken(format!("the data stream to the first worker failed: {e}"))));
+                    return;
+                }
+            }
+            let _ = writer.get_mut().finish();
+        });
+        let description = stages
+            .iter()
+            .map(|s| {
+                let name = self.workers.values().find(|w| w.node_id == s.node_id).map_or(s.node_id.as_str(), |w| w.name.as_str());
+                format!("{name} [{}..{})", s.layers.start, s.layers.end)
+            })
+            .collect::<Vec<_>>()
+            .join(" → ");
+        Ok(Box::new(ClusterPipeline { head, downstream, sampled: sampled_rx, local_errors: Default::default(), description }))
+    }
+
+    /// Copies membership into the shared view.
+    fn publish(&self) {
+        let now = self.now_ms();
+        let snapshot = self.membership.snapshot(now);
+        let sent = self.weights.bytes_sent();
+        self.status.update(|v| {
+            v.weight_bytes_sent = sent;
+            v.nodes = snapshot
+                .iter()
+                .map(|n| {
+                    let worker = self.workers.values().find(|w| w.node_id == n.node_id);
+                    NodeView {
+                        node_id: n.node_id.clone(),
+                        name: n.name.clone(),
+                        state: match &n.state {
+                            NodeState::Joining => "joining".into(),
+                            NodeState::Loading { bytes_done, bytes_total } => {
+                                format!("loading {}%", if *bytes_total == 0 { 100 } else { bytes_done * 100 / bytes_total })
+                            }
+                            NodeState::Ready => "ready".into(),
+                            NodeState::Gone { reason, .. } => format!("gone ({reason:?})"),
+                        },
+                        address: worker.map_or_else(String::new, |w| w.connection.remote_address().to_string()),
+                        memory_budget_bytes: self
+                            .membership
+                            .members()
+                            .find(|(id, _)| *id == n.node_id)
+                            .map_or(0, |(_, d)| d.memory_budget_bytes),
+                        last_seen_age_ms: n.last_seen_age_ms,
+                    }
+                })
+                .collect();
+        });
+    }
+}
+
+fn stages_of(plan: &Plan) -> Vec<(String, u32, u32)> {
+    plan.stages.iter().map(|s| (s.node_id.clone(), s.layers.start, s.layers.end)).collect()
+}
+
+/// Stage 0 here or on a worker, the rest on workers; the last stage's sampled tokens come
+/// back on a stream of their own (routed here by the connection task).
+pub struct ClusterPipeline {
+    head: Option<StageRunner>,
+    downstream: mpsc::UnboundedSender<Message>,
+    sampled: std_mpsc::Receiver<Result<SampledTokens, PipelineError>>,
+    local_errors: std::collections::VecDeque<PipelineError>,
+    description: String,
+}
+
+impl Pipeline for ClusterPipeline {
+    fn send(&mut self, message: Message) -> Result<(), PipelineError> {
+        let is_step = matches!(message, Message::StepTokens(_));
+        let out = match &mut self.head {
+            Some(head) => match head.handle(message) {
+                Ok(Some(out)) => out,
+                Ok(None) => return Ok(()),
+                Err(e) if is_step => {
+                    self.local_errors.push_back(PipelineError::Step(e.to_string()));
+                    return Ok(());
+                }
+                Err(e) => return Err(PipelineError::Step(e.to_string())),
+            },
+            None => message,
+        };
+        self.downstream.send(out).map_err(|_| PipelineError::Broken("the link to the next stage is closed".into()))
+    }
+
+    fn recv(&mut self, timeout: Duration) -> Result<SampledTokens, PipelineError> {
+        if let Some(e) = self.local_errors.pop_front() {
+            return Err(e);
+        }
+        match self.sampled.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(PipelineError::Timeout(timeout)),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(PipelineError::Broken("the last stage's stream closed".into())),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}

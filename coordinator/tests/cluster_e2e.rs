@@ -1,0 +1,226 @@
+//! End-to-end cluster tests with the real model: a `coordinator serve` process and `worker
+//! join` processes on loopback, talking QUIC to each other, driven through the OpenAI API.
+//!
+//! The worker binary is the workspace's own (`target/<profile>/worker`, built beside the
+//! coordinator by `cargo build --workspace`, which scripts/test.sh runs first).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "e2e-test-token-0123456789";
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("POTLUCK_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.exists(), "model missing at {}: run `coordinator fetch-model` or set POTLUCK_MODEL", path.display());
+    path
+}
+
+fn worker_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_coordinator")).with_file_name("worker");
+    assert!(path.exists(), "{} missing: run `cargo build --workspace` first (scripts/test.sh does)", path.display());
+    path
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("potluck-cluster-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A child process killed when dropped, with its output collected for failure messages.
+struct Process {
+    name: String,
+    child: Child,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    fn spawn(name: &str, command: &mut Command) -> Process {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let output = output.clone();
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("[{name}] {line}");
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        Process { name: name.to_string(), child, output }
+    }
+
+    fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.output.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            assert!(Instant::now() < deadline, "{}: no line containing {needle:?} within {timeout:?}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn output_contains(&self, needle: &str) -> bool {
+        self.output.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Coordinator {
+    process: Process,
+    http: String,
+    cluster: String,
+}
+
+fn start_coordinator(dir: &Path, extra: &[&str]) -> Coordinator {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["--token", TOKEN, "--model"])
+        .arg(model_path())
+        .args(extra)
+        .env("POTLUCK_CONFIG_DIR", dir.join("coordinator-config"))
+        .env_remove("POTLUCK_API_KEY")
+        .env_remove("POTLUCK_TOKEN");
+    let process = Process::spawn("coordinator", &mut command);
+    let line = process.wait_for_line(" on http://", Duration::from_secs(120));
+    let http = line.split(" on http://").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let line = process.wait_for_line("cluster endpoint on ", Duration::from_secs(60));
+    let cluster = line.split("cluster endpoint on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    Coordinator { process, http, cluster }
+}
+
+fn start_worker(dir: &Path, name: &str, coordinator: &Coordinator, token: &str, extra: &[&str]) -> Process {
+    let mut command = Command::new(worker_binary());
+    command
+        .args(["join", "--coordinator", &coordinator.cluster, "--token", token, "--name", name, "--threads", "1"])
+        .args(["--listen", "127.0.0.1:0", "--identity"])
+        .arg(dir.join(format!("{name}.key")))
+        .arg("--cache-dir")
+        .arg(dir.join(format!("{name}-cache")))
+        .args(extra)
+        .env_remove("POTLUCK_TOKEN");
+    Process::spawn(name, &mut command)
+}
+
+/// GET `path` over plain HTTP/1.1 (no client library needed for a JSON status page).
+fn get_json(address: &str, path: &str) -> serde_json::Value {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `/health` shows `n` stages, all on workers, and every node ready.
+fn wait_for_stages(coordinator: &Coordinator, n: usize, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let health = get_json(&coordinator.http, "/health");
+        let stages = health["stages"].as_array().map_or(0, Vec::len);
+        let ready = health["nodes"].as_array().is_some_and(|nodes| !nodes.is_empty() && nodes.iter().all(|n| n["state"] == "ready"));
+        let on_workers = health["stages"].as_array().is_some_and(|s| s.iter().all(|s| s["node_id"] != "coordinator"));
+        if stages == n && ready && on_workers {
+            return health;
+        }
+        assert!(Instant::now() < deadline, "the cluster did not reach {n} ready stages within {timeout:?}: {health}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn run_python(script: &str, base_url: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("python3")
+        .arg(root.join("tests/e2e").join(script))
+        .arg(format!("http://{base_url}"))
+        .arg(root.join("tests/fixtures/smollm2-q4_1-llamacpp.json"))
+        .status()
+        .expect("running python3");
+    assert!(status.success(), "{script} failed against the cluster");
+}
+
+#[test]
+fn two_workers_on_loopback_answer_exactly_as_one_machine() {
+    let dir = temp_dir("two-workers");
+    // The coordinator keeps no layers and splits by memory, so each worker holds half.
+    let coordinator = start_coordinator(&dir, &["--workers", "2", "--no-local-layers", "--planner", "proportional", "--activation-dtype", "f32"]);
+    let _w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let _w2 = start_worker(&dir, "w2", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let health = wait_for_stages(&coordinator, 2, Duration::from_secs(180));
+    let stages = health["stages"].as_array().unwrap();
+    let (a, b) = (&stages[0]["layers"], &stages[1]["layers"]);
+    assert_eq!(a[0], 0, "{health}");
+    assert_eq!(a[1], b[0], "contiguous: {health}");
+    assert_eq!(b[1], 30, "{health}");
+    assert!(health["cluster"]["weight_bytes_sent"].as_u64().unwrap() > 50 << 20, "the slices were streamed: {health}");
+    run_python("cluster_client.py", &coordinator.http);
+    // The whole client suite (errors, chat, logprobs, seeds, concurrency) on the cluster too.
+    run_python("openai_client_test.py", &coordinator.http);
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_a_restarted_worker_loads_from_its_cache() {
+    let dir = temp_dir("token-cache");
+    let coordinator = start_coordinator(&dir, &["--workers", "1", "--no-local-layers", "--activation-dtype", "f32"]);
+
+    // No token and a wrong token: refused with a clear message on both sides, nothing served.
+    let mut missing = Process::spawn(
+        "no-token",
+        Command::new(worker_binary()).args(["join", "--coordinator", &coordinator.cluster]).env_remove("POTLUCK_TOKEN"),
+    );
+    assert!(!missing.wait_exit(Duration::from_secs(30)).success());
+    assert!(missing.output_contains("a join token is required"));
+    let mut wrong = start_worker(&dir, "intruder", &coordinator, "not-the-right-token", &[]);
+    assert!(!wrong.wait_exit(Duration::from_secs(60)).success(), "a worker with a wrong token must fail");
+    assert!(wrong.output_contains("refused"), "the worker says it was refused");
+    coordinator.process.wait_for_line("join token proof did not verify", Duration::from_secs(10));
+    let health = get_json(&coordinator.http, "/health");
+    assert_eq!(health["cluster"]["weight_bytes_sent"], 0, "no weights to a refused worker: {health}");
+
+    // The right token: the slice is streamed, then the model answers through the worker.
+    let mut worker = start_worker(&dir, "w1", &coordinator, TOKEN, &[]);
+    wait_for_stages(&coordinator, 1, Duration::from_secs(180));
+    let health = get_json(&coordinator.http, "/health");
+    assert_eq!(health["stages"][0]["name"], "w1", "{health}");
+    let sent = health["cluster"]["weight_bytes_sent"].as_u64().unwrap();
+    assert!(sent > 50 << 20, "the whole model went to the worker: {health}");
+    run_python("cluster_client.py", &coordinator.http);
+
+    // Restart the worker with the same identity and cache: no slice bytes are sent again.
+    let _ = worker.child.kill();
+    let _ = worker.child.wait();
+    let worker = start_worker(&dir, "w1", &coordinator, TOKEN, &[]);
+    worker.wait_for_line("worker: ready", Duration::from_secs(120));
+    wait_for_stages(&coordinator, 1, Duration::from_secs(120));
+    let health = get_json(&coordinator.http, "/health");
+    assert_eq!(health["cluster"]["weight_bytes_sent"].as_u64().unwrap(), sent, "a restart loads from the cache: {health}");
+    assert!(worker.output_contains("0.0 MiB received"), "the worker reports nothing received");
+    run_python("cluster_client.py", &coordinator.http);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,537 @@
+//! `worker join`: find the coordinator, prove the join token, receive an assignment, fetch
+//! the slice's weights into the cache, and run the stage until told to stop.
+//!
+//! Tasks (one tokio runtime; the layers run on a thread of their own):
+//!
+//! * the **control loop** reads the coordinator's control stream (Assignment, Shutdown);
+//! * a **control writer** owns that stream's send half; the heartbeat ticker and the loader
+//!   queue messages to it;
+//! * an **acceptor** takes incoming QUIC connections, keeps only the coordinator's and the
+//!   upstream stage's (identities proven by TLS), and feeds every data stream they open into
+//!   the stage;
+//! * the **stage thread** runs [`StageRunner::handle`] on each message in order;
+//! * the **downstream writer** sends the stage's output to the next stage (a connection it
+//!   dials, checking the next stage's identity) or, on the last stage, to the coordinator.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use potluck_engine::model::LlamaSlice;
+use potluck_engine::profile::ModelProfile;
+use potluck_engine::threads::ComputePool;
+use potluck_protocol::{
+    Assignment, DeviceSummary, Heartbeat, Hello, LoadProgress, Message, StageStats, PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+
+use crate::net::framed::{FrameReader, FrameWriter};
+use crate::net::identity::NodeIdentity;
+use crate::net::token::{proofs_equal, JoinToken};
+use crate::net::{discovery, tls};
+use crate::slice_cache::{CachedSliceSource, SliceCache};
+use crate::stage::{StageCounters, StageRunner};
+use crate::weights::fetch_slice;
+
+/// How long the coordinator has to answer Hello.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// LoadProgress messages at most this often while fetching a slice.
+pub const LOAD_PROGRESS_INTERVAL_MS: u64 = 250;
+/// Messages queued for the stage thread at most; the upstream waits beyond it (QUIC flow
+/// control then slows the sender), so a fast upstream cannot grow our memory.
+pub const STAGE_INPUT_QUEUE_MAX: usize = 64;
+
+pub struct JoinConfig {
+    /// `None`: find the coordinator by mDNS.
+    pub coordinator: Option<SocketAddr>,
+    pub token: JoinToken,
+    pub name: String,
+    pub identity: NodeIdentity,
+    pub cache_dir: PathBuf,
+    /// Where this worker's QUIC endpoint listens (other stages dial it).
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub device: DeviceSummary,
+}
+
+/// How a joined worker's session ended.
+#[derive(Debug)]
+pub enum JoinOutcome {
+    /// The coordinator sent Shutdown.
+    Shutdown,
+    /// The connection to the coordinator ended: the reason.
+    Disconnected(String),
+    /// Ctrl-C (or the caller's shutdown future).
+    Interrupted,
+}
+
+/// What the stage thread's inbox carries.
+type StageInbox = std_mpsc::SyncSender<Message>;
+
+/// Joins and serves until the coordinator shuts us down, the connection drops, or
+/// `shutdown` resolves.
+pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<JoinOutcome> {
+    tls::install_crypto_provider();
+    let identity = Arc::new(config.identity);
+    let endpoint = tls::endpoint(&identity, config.listen).context("cannot open this worker's QUIC endpoint")?;
+    let node_id = identity.node_id();
+    println!("worker: node id {node_id}, listening on {}", endpoint.local_addr()?);
+
+    let (connection, coordinator_id) = find_and_connect(&endpoint, &identity, config.coordinator).await?;
+    let coordinator_addr = connection.remote_address();
+    let (send, recv) = connection.open_bi().await.context("cannot open the control stream")?;
+    let mut control_out = FrameWriter::new(send);
+    let mut control_in = FrameReader::new(recv);
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: node_id.clone(),
+        name: config.name.clone(),
+        token_proof: config.token.worker_proof(&coordinator_id, &node_id),
+        device: config.device.clone(),
+    };
+    control_out.send(&Message::Hello(hello)).await?;
+    let reply = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), control_in.recv())
+        .await
+        .map_err(|_| anyhow!("the coordinator at {coordinator_addr} did not answer within {HANDSHAKE_TIMEOUT_MS} ms"))??;
+    let heartbeat_ms = match reply {
+        Some(Message::Welcome(welcome)) => {
+            let expected = config.token.coordinator_proof(&coordinator_id, &node_id);
+            if !proofs_equal(&welcome.token_proof, &expected) {
+                connection.close(1u32.into(), b"coordinator failed the token proof");
+                bail!(
+                    "the coordinator at {coordinator_addr} ({coordinator_id}) could not prove it knows the join token; \
+                     refusing to work for it (is another potluck cluster on this network?)"
+                );
+            }
+            welcome.heartbeat_interval_ms
+        }
+        Some(Message::Refused(refused)) => {
+            bail!("the coordinator refused this worker ({:?}): {}", refused.code, refused.reason)
+        }
+        Some(other) => bail!("the coordinator answered Hello with {:?}", other.kind()),
+        None => bail!("the coordinator closed the connection during the handshake"),
+    };
+    println!("worker: joined the cluster of coordinator {coordinator_id} at {coordinator_addr}");
+
+    // Control writer.
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        while let Some(message) = control_rx.recv().await {
+            if let Err(e) = control_out.send(&message).await {
+                tracing::warn!(error = %e, "cannot write to the coordinator");
+                break;
+            }
+        }
+        let _ = control_out.get_mut().finish();
+    });
+
+    // Counters shared with the heartbeat.
+    let counters = Arc::new(SharedCounters::default());
+    {
+        let (control_tx, counters) = (control_tx.clone(), counters.clone());
+        let started = Instant::now();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms)));
+            loop {
+                tick.tick().await;
+                let beat = Heartbeat { now_ms: started.elapsed().as_millis() as u64, stats: counters.stats() };
+                if control_tx.send(Message::Heartbeat(beat)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    // Who may open data streams to us: the coordinator always, the upstream stage once assigned.
+    let allowed: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::from([coordinator_id.clone()])));
+    let coordinator_id_for_session = coordinator_id.clone();
+    let inbox: Arc<Mutex<Option<StageInbox>>> = Arc::new(Mutex::new(None));
+    spawn_acceptor(endpoint.clone(), allowed.clone(), inbox.clone());
+    spawn_data_streams(connection.clone(), "the coordinator".into(), inbox.clone());
+
+    let cache = SliceCache::open(config.cache_dir.clone())
+        .with_context(|| format!("cannot open the slice cache at {}", config.cache_dir.display()))?;
+    let mut session = Session {
+        coordinator_id: coordinator_id_for_session,
+        endpoint,
+        identity,
+        connection: connection.clone(),
+        control_tx,
+        allowed,
+        inbox,
+        counters,
+        cache,
+        threads: config.threads,
+        stage_thread: None,
+    };
+    let outcome = tokio::select! {
+        outcome = session.control_loop(&mut control_in) => outcome,
+        () = shutdown => JoinOutcome::Interrupted,
+    };
+    session.stop_stage();
+    let reason: &[u8] = match outcome {
+        JoinOutcome::Interrupted => b"worker interrupted",
+        _ => b"worker leaving",
+    };
+    connection.close(0u32.into(), reason);
+    session.endpoint.wait_idle().await;
+    Ok(outcome)
+}
+
+/// Dials the coordinator: the given address, or each one mDNS finds until one answers.
+async fn find_and_connect(
+    endpoint: &quinn::Endpoint,
+    identity: &NodeIdentity,
+    address: Option<SocketAddr>,
+) -> Result<(quinn::Connection, String)> {
+    if let Some(address) = address {
+        let connection = tls::connect(endpoint, identity, address, None).await?;
+        let id = tls::peer_node_id(&connection)?;
+        return Ok((connection, id));
+    }
+    println!("worker: looking for a coordinator on the local network (mDNS)...");
+    let found = discovery::discover(Duration::from_millis(discovery::DISCOVERY_TIMEOUT_MS)).await?;
+    if found.is_empty() {
+        bail!(
+            "no coordinator answered on the local network within {} ms; give its address with --coordinator HOST:PORT \
+             (multicast may be blocked between these machines)",
+            discovery::DISCOVERY_TIMEOUT_MS
+        );
+    }
+    let mut errors = Vec::new();
+    for node in &found {
+        for address in &node.addresses {
+            match tls::connect(endpoint, identity, *address, Some(&node.node_id)).await {
+                Ok(connection) => {
+                    println!("worker: found coordinator {} at {address}", node.node_id);
+                    return Ok((connection, node.node_id.clone()));
+                }
+                Err(e) => errors.push(format!("{address}: {e:#}")),
+            }
+        }
+    }
+    bail!("mDNS found {} node(s) but none answered as a potluck coordinator: {}", found.len(), errors.join("; "))
+}
+
+#[derive(Default)]
+struct SharedCounters {
+    steps: AtomicU64,
+    rows: AtomicU64,
+    busy_us: AtomicU64,
+    kv_bytes: AtomicU64,
+}
+
+impl SharedCounters {
+    fn stats(&self) -> StageStats {
+        StageStats {
+            steps: self.steps.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            busy_us: self.busy_us.load(Ordering::Relaxed),
+            kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn store(&self, c: StageCounters, kv_bytes: u64) {
+        self.steps.store(c.steps, Ordering::Relaxed);
+        self.rows.store(c.rows, Ordering::Relaxed);
+        self.busy_us.store(c.busy_us, Ordering::Relaxed);
+        self.kv_bytes.store(kv_bytes, Ordering::Relaxed);
+    }
+}
+
+struct Session {
+    coordinator_id: String,
+    endpoint: quinn::Endpoint,
+    identity: Arc<NodeIdentity>,
+    connection: quinn::Connection,
+    control_tx: mpsc::UnboundedSender<Message>,
+    allowed: Arc<Mutex<HashSet<String>>>,
+    inbox: Arc<Mutex<Option<StageInbox>>>,
+    counters: Arc<SharedCounters>,
+    cache: SliceCache,
+    threads: usize,
+    stage_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Session {
+    async fn control_loop(&mut self, control_in: &mut FrameReader<quinn::RecvStream>) -> JoinOutcome {
+        loop {
+            let message = match control_in.recv().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return JoinOutcome::Disconnected("the coordinator closed the control stream".into()),
+                Err(e) => {
+                    let reason = self
+                        .connection
+                        .close_reason()
+                        .map_or_else(|| e.to_string(), |r| format!("connection closed: {r}"));
+                    return JoinOutcome::Disconnected(reason);
+                }
+            };
+            match message {
+                Message::Assignment(assignment) => {
+                    if let Err(e) = self.take_assignment(assignment).await {
+                        eprintln!("worker: cannot take the assignment: {e:#}");
+                        tracing::error!(error = format!("{e:#}"), "assignment failed");
+                        return JoinOutcome::Disconnected(format!("assignment failed: {e:#}"));
+                    }
+                }
+                Message::Shutdown => return JoinOutcome::Shutdown,
+                Message::ReleaseSequence(_) | Message::Heartbeat(_) => {}
+                other => tracing::warn!(kind = ?other.kind(), "unexpected message on the control stream; ignored"),
+            }
+        }
+    }
+
+    fn stop_stage(&mut self) {
+        // Closing the inbox ends the stage thread after the message it is on.
+        self.inbox.lock().expect("inbox lock").take();
+        if let Some(thread) = self.stage_thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    async fn take_assignment(&mut self, a: Assignment) -> Result<()> {
+        self.stop_stage();
+        let layers = a.layer_start..a.layer_end;
+        let total: u64 = a.tensors.iter().map(|t| t.bytes).sum();
+        println!(
+            "worker: assigned layers {}..{} of {} (stage {} of {}), {} tensors, {:.1} MiB{}",
+            a.layer_start,
+            a.layer_end,
+            a.n_layers,
+            a.stage_index + 1,
+            a.n_stages,
+            a.tensors.len(),
+            total as f64 / (1u64 << 20) as f64,
+            match &a.next_stage {
+                Some(address) => format!(", then to the next stage at {address}"),
+                None => ", last stage: samples and answers the coordinator".into(),
+            }
+        );
+        let profile: ModelProfile =
+            serde_json::from_str(&a.model_profile).context("the assignment's model profile is not valid")?;
+        if profile.n_layers != a.n_layers {
+            bail!("the assignment's model profile has {} layers, the assignment says {}", profile.n_layers, a.n_layers);
+        }
+        {
+            let mut allowed = self.allowed.lock().expect("allowed lock");
+            allowed.retain(|id| *id == self.coordinator_id);
+            allowed.insert(a.upstream_id.clone());
+        }
+
+        // Fetch what the cache lacks, with a progress bar and LoadProgress to the coordinator.
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("worker: loading slice [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let started = Instant::now();
+        let mut last_sent = Instant::now() - Duration::from_millis(LOAD_PROGRESS_INTERVAL_MS);
+        let control_tx = self.control_tx.clone();
+        let connection = self.connection.clone();
+        let mut progress = |done: u64, all: u64| {
+            bar.set_position(done);
+            if last_sent.elapsed() >= Duration::from_millis(LOAD_PROGRESS_INTERVAL_MS) || done == all {
+                last_sent = Instant::now();
+                let _ = control_tx.send(Message::LoadProgress(LoadProgress { bytes_done: done.min(all), bytes_total: all }));
+            }
+        };
+        let report = fetch_slice(
+            &self.cache,
+            a.model_hash,
+            &a.tensors,
+            || {
+                let connection = connection.clone();
+                async move {
+                    let (send, recv) = connection.open_bi().await.context("cannot open a weight stream")?;
+                    Ok((FrameWriter::new(send), FrameReader::new(recv)))
+                }
+            },
+            &mut progress,
+        )
+        .await?;
+        bar.finish_and_clear();
+        println!(
+            "worker: slice ready in {:.1} s: {:.1} MiB from the cache, {:.1} MiB received{}",
+            started.elapsed().as_secs_f64(),
+            report.bytes_from_cache as f64 / (1u64 << 20) as f64,
+            report.bytes_fetched as f64 / (1u64 << 20) as f64,
+            if report.chunks_refetched > 0 { format!(", {} corrupt chunk(s) fetched again", report.chunks_refetched) } else { String::new() }
+        );
+
+        // Load the layers from the cache (blocking: reads and repacks the weights).
+        let cache_root = self.cache.root().to_path_buf();
+        let (hash, tensors) = (a.model_hash, a.tensors.clone());
+        let threads = self.threads;
+        let model = tokio::task::spawn_blocking(move || -> Result<LlamaSlice> {
+            let cache = SliceCache::open(cache_root)?;
+            let mut source = CachedSliceSource::new(cache, hash, &tensors);
+            Ok(LlamaSlice::from_source(profile, layers, &mut source)?)
+        })
+        .await??;
+        let runner = StageRunner::new(
+            model,
+            ComputePool::new(threads),
+            a.context_length as usize,
+            a.sequences_max as usize,
+            a.activation_dtype,
+        );
+
+        // Downstream: the next stage (dialled, its identity checked) or the coordinator.
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Message>();
+        let downstream: Downstream = match (&a.next_stage, &a.next_stage_id) {
+            (Some(address), Some(id)) => Downstream::Dial {
+                address: address.parse().with_context(|| format!("bad next-stage address {address:?}"))?,
+                node_id: id.clone(),
+            },
+            _ => Downstream::Coordinator(self.connection.clone()),
+        };
+        spawn_downstream(self.endpoint.clone(), self.identity.clone(), downstream, out_rx);
+
+        let (inbox_tx, inbox_rx) = std_mpsc::sync_channel::<Message>(STAGE_INPUT_QUEUE_MAX);
+        let counters = self.counters.clone();
+        self.stage_thread = Some(
+            std::thread::Builder::new()
+                .name("potluck-stage".into())
+                .spawn(move || stage_thread(runner, inbox_rx, out_tx, counters))
+                .context("cannot start the stage thread")?,
+        );
+        *self.inbox.lock().expect("inbox lock") = Some(inbox_tx);
+        self.control_tx.send(Message::Ready).map_err(|_| anyhow!("the control stream closed"))?;
+        println!("worker: ready");
+        Ok(())
+    }
+}
+
+fn stage_thread(
+    mut runner: StageRunner,
+    inbox: std_mpsc::Receiver<Message>,
+    out: mpsc::UnboundedSender<Message>,
+    counters: Arc<SharedCounters>,
+) {
+    while let Ok(message) = inbox.recv() {
+        let kind = message.kind();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.handle(message)));
+        match result {
+            Ok(Ok(Some(output))) => {
+                if out.send(output).is_err() {
+                    break;
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!(?kind, error = %e, "the stage refused a message"),
+            Err(_) => tracing::error!(?kind, "the stage panicked on a message; it goes on with the next"),
+        }
+        counters.store(runner.counters(), runner.kv_bytes());
+    }
+}
+
+enum Downstream {
+    Dial { address: SocketAddr, node_id: String },
+    Coordinator(quinn::Connection),
+}
+
+fn spawn_downstream(
+    endpoint: quinn::Endpoint,
+    identity: Arc<NodeIdentity>,
+    downstream: Downstream,
+    mut out: mpsc::UnboundedReceiver<Message>,
+) {
+    tokio::spawn(async move {
+        let connection = match downstream {
+            Downstream::Coordinator(c) => c,
+            Downstream::Dial { address, node_id } => match tls::connect(&endpoint, &identity, address, Some(&node_id)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(%address, error = format!("{e:#}"), "cannot reach the next stage");
+                    return;
+                }
+            },
+        };
+        let send = match connection.open_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the data stream downstream");
+                return;
+            }
+        };
+        let mut writer = FrameWriter::new(send);
+        while let Some(message) = out.recv().await {
+            if let Err(e) = writer.send(&message).await {
+                tracing::error!(error = %e, "the data stream downstream failed");
+                return;
+            }
+        }
+        let _ = writer.get_mut().finish();
+    });
+}
+
+/// Accepts connections on our endpoint; keeps those whose TLS-proven identity is allowed.
+fn spawn_acceptor(endpoint: quinn::Endpoint, allowed: Arc<Mutex<HashSet<String>>>, inbox: Arc<Mutex<Option<StageInbox>>>) {
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let (allowed, inbox) = (allowed.clone(), inbox.clone());
+            tokio::spawn(async move {
+                let connection = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!(error = %e, "an incoming connection failed its handshake");
+                        return;
+                    }
+                };
+                let peer = match tls::peer_node_id(&connection) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        connection.close(2u32.into(), b"no identity");
+                        tracing::warn!(error = %e, "refused a connection without a node identity");
+                        return;
+                    }
+                };
+                if !allowed.lock().expect("allowed lock").contains(&peer) {
+                    tracing::warn!(%peer, remote = %connection.remote_address(), "refused a connection from a node that is not our upstream stage");
+                    connection.close(3u32.into(), b"not a member of this pipeline");
+                    return;
+                }
+                spawn_data_streams(connection, peer, inbox);
+            });
+        }
+    });
+}
+
+/// Feeds every unidirectional stream `connection` opens into the stage, frame by frame. A
+/// bad frame closes that connection (with the reason logged); the stage is unaffected.
+fn spawn_data_streams(connection: quinn::Connection, peer: String, inbox: Arc<Mutex<Option<StageInbox>>>) {
+    tokio::spawn(async move {
+        while let Ok(recv) = connection.accept_uni().await {
+            let (inbox, peer, connection) = (inbox.clone(), peer.clone(), connection.clone());
+            tokio::spawn(async move {
+                let mut reader = FrameReader::new(recv);
+                loop {
+                    match reader.recv().await {
+                        Ok(Some(message)) => {
+                            let Some(tx) = inbox.lock().expect("inbox lock").clone() else {
+                                tracing::warn!(%peer, "data arrived before the stage was ready; dropped");
+                                continue;
+                            };
+                            // Blocking send off the runtime's core threads: back-pressure.
+                            let sent = tokio::task::block_in_place(|| tx.send(message));
+                            if sent.is_err() {
+                                tracing::debug!("the stage stopped; dropping its input");
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "bad data stream; closing the connection");
+                            connection.close(4u32.into(), b"protocol error on a data stream");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+}

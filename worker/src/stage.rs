@@ -1,0 +1,370 @@
+//! The stage runtime: one contiguous layer range of the model, the KV caches of the sequences
+//! passing through it, and (on the last stage) their samplers. It turns the messages a stage
+//! receives into the one it sends on, with no I/O of its own, so the same code runs inside a
+//! worker (fed by a QUIC stream) and inside the coordinator (the single-machine case, or the
+//! coordinator's own first stage), and is tested without sockets.
+//!
+//! What flows in, in order, on one stage's input:
+//!
+//! * [`SequenceStart`] — creates the sequence's KV cache here (and its sampler on the last
+//!   stage), then travels on, so it reaches every stage before the sequence's first step.
+//! * [`StepTokens`] (stage 0) or [`Activations`] (the others) — one step: several sequences'
+//!   rows. The stage runs its layers; it sends on [`Activations`], or, on the last stage,
+//!   runs the head on the rows that complete a sequence's input and sends back
+//!   [`SampledTokens`].
+//! * [`ReleaseSequence`] — frees the sequence's cache here, then travels on.
+//!
+//! **Invariant:** a step is validated whole (known sequences, positions equal to what each
+//! cache holds, shapes) before any cache changes, so a bad frame leaves the stage as it was.
+
+use std::collections::HashMap;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use potluck_engine::kv_cache::SequenceCache;
+use potluck_engine::model::LlamaSlice;
+use potluck_engine::sampler::{log_softmax_at, top_logprobs, Sampler, SamplingParams};
+use potluck_engine::threads::ComputePool;
+use potluck_protocol::limits::TOP_LOGPROBS_MAX;
+use potluck_protocol::{
+    Activations, Dtype, Message, ReleaseSequence, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
+    StepTokens, TokenLogprob,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("sequence {0} is unknown on this stage (no SequenceStart, or already released)")]
+    UnknownSequence(u64),
+    #[error("sequence {0} started twice")]
+    DuplicateSequence(u64),
+    #[error("sequence {sequence_id}: step starts at position {got}, but this stage holds {held} positions")]
+    PositionMismatch { sequence_id: u64, got: u32, held: usize },
+    #[error("this stage holds {held} sequences, its budget is {max}")]
+    TooManySequences { held: usize, max: usize },
+    #[error("a step's rows ({rows}) do not match its {what} ({len})")]
+    Shape { rows: usize, what: &'static str, len: usize },
+    #[error("sequence {0} appears twice in one step")]
+    RepeatedSequence(u64),
+    #[error("{0} is not a message a stage accepts on its data stream")]
+    UnexpectedMessage(&'static str),
+    #[error("stage {stage} expects {expected}, got {got}")]
+    WrongInput { stage: &'static str, expected: &'static str, got: &'static str },
+    #[error("the engine failed: {0}")]
+    Engine(#[from] potluck_engine::error::EngineError),
+}
+
+/// Counters for heartbeats and `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StageCounters {
+    pub steps: u64,
+    pub rows: u64,
+    pub busy_us: u64,
+}
+
+struct StageSequence {
+    cache: SequenceCache,
+    /// Last stage only.
+    sampling: Option<SamplingState>,
+}
+
+struct SamplingState {
+    sampler: Sampler,
+    /// The tokens the penalties look at: the history sent with SequenceStart plus every
+    /// token sampled here since.
+    history: Vec<u32>,
+    logprobs: bool,
+    top_logprobs: usize,
+}
+
+/// One stage of the pipeline.
+pub struct StageRunner {
+    model: LlamaSlice,
+    pool: ComputePool,
+    context_length: usize,
+    sequences_max: usize,
+    activation_dtype: Dtype,
+    sequences: HashMap<u64, StageSequence>,
+    counters: StageCounters,
+}
+
+impl StageRunner {
+    /// A stage over `model`; each sequence's cache holds `context_length` positions at most,
+    /// and at most `sequences_max` sequences are held at once. Activations sent on use
+    /// `activation_dtype`.
+    pub fn new(model: LlamaSlice, pool: ComputePool, context_length: usize, sequences_max: usize, activation_dtype: Dtype) -> Self {
+        Self {
+            model,
+            pool,
+            context_length: context_length.max(1),
+            sequences_max: sequences_max.max(1),
+            activation_dtype,
+            sequences: HashMap::new(),
+            counters: StageCounters::default(),
+        }
+    }
+
+    pub fn model(&self) -> &LlamaSlice {
+        &self.model
+    }
+
+    pub fn counters(&self) -> StageCounters {
+        self.counters
+    }
+
+    pub fn sequences_held(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// Bytes of KV cache held by every sequence on this stage.
+    pub fn kv_bytes(&self) -> u64 {
+        self.sequences.values().map(|s| s.cache.size_in_bytes() as u64).sum()
+    }
+
+    /// Handles one message from the stage's input and returns what to send on: to the next
+    /// stage, or from the last stage to the coordinator (only [`SampledTokens`]).
+    pub fn handle(&mut self, message: Message) -> Result<Option<Message>, StageError> {
+        match message {
+            Message::SequenceStart(start) => {
+                self.start_sequence(&start)?;
+                Ok((!self.model.is_last()).then_some(Message::SequenceStart(start)))
+            }
+            Message::ReleaseSequence(release) => {
+                self.sequences.remove(&release.sequence_id);
+                Ok((!self.model.is_last()).then_some(Message::ReleaseSequence(release)))
+            }
+            Message::StepTokens(step) => {
+                if !self.model.is_first() {
+                    return Err(StageError::WrongInput { stage: "past the first", expected: "Activations", got: "StepTokens" });
+                }
+                let hidden = {
+                    check_rows(&step.segments, step.tokens.len(), "tokens")?;
+                    self.check_step(&step.segments)?;
+                    self.model.embed(&step.tokens)?
+                };
+                self.run_step(step.step, step.segments, hidden).map(Some)
+            }
+            Message::Activations(act) => {
+                if self.model.is_first() {
+                    return Err(StageError::WrongInput { stage: "first", expected: "StepTokens", got: "Activations" });
+                }
+                let n_embd = self.model.profile().n_embd;
+                if act.hidden as usize != n_embd {
+                    return Err(StageError::Shape { rows: act.hidden as usize, what: "model's hidden size", len: n_embd });
+                }
+                // The protocol checked payload = rows × hidden × dtype size.
+                let rows: usize = act.segments.iter().map(|s| s.n_rows as usize).sum();
+                check_rows(&act.segments, act.payload.len() / (n_embd * act.dtype.size_bytes() as usize), "payload")?;
+                self.check_step(&act.segments)?;
+                let hidden = decode_payload(act.dtype, &act.payload, rows * n_embd);
+                self.run_step(act.step, act.segments, hidden).map(Some)
+            }
+            other => Err(StageError::UnexpectedMessage(kind_name(&other))),
+        }
+    }
+
+    fn start_sequence(&mut self, start: &SequenceStart) -> Result<(), StageError> {
+        if self.sequences.contains_key(&start.sequence_id) {
+            return Err(StageError::DuplicateSequence(start.sequence_id));
+        }
+        if self.sequences.len() >= self.sequences_max {
+            return Err(StageError::TooManySequences { held: self.sequences.len(), max: self.sequences_max });
+        }
+        let sampling = self.model.is_last().then(|| SamplingState {
+            sampler: Sampler::new(sampling_params(&start.sampling)),
+            history: start.history.clone(),
+            logprobs: start.logprobs,
+            top_logprobs: (start.top_logprobs.min(TOP_LOGPROBS_MAX)) as usize,
+        });
+        let cache = self.model.new_cache(self.context_length);
+        self.sequences.insert(start.sequence_id, StageSequence { cache, sampling });
+        Ok(())
+    }
+
+    /// Every segment names a held sequence, once, at the position its cache is at.
+    fn check_step(&self, segments: &[Segment]) -> Result<(), StageError> {
+        let mut seen = std::collections::HashSet::with_capacity(segments.len());
+        for s in segments {
+            if !seen.insert(s.sequence_id) {
+                return Err(StageError::RepeatedSequence(s.sequence_id));
+            }
+            let seq = self.sequences.get(&s.sequence_id).ok_or(StageError::UnknownSequence(s.sequence_id))?;
+            if seq.cache.len() != s.first_position as usize {
+                return Err(StageError::PositionMismatch {
+                    sequence_id: s.sequence_id,
+                    got: s.first_position,
+                    held: seq.cache.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn run_step(&mut self, step: u64, segments: Vec<Segment>, mut hidden: Vec<f32>) -> Result<Message, StageError> {
+        let started = std::time::Instant::now();
+        let rows: Vec<usize> = segments.iter().map(|s| s.n_rows as usize).collect();
+        {
+            // Segments name distinct sequences (checked): borrow each one's cache mutably.
+            let mut by_id: HashMap<u64, &mut StageSequence> = self.sequences.iter_mut().map(|(k, v)| (*k, v)).collect();
+            let mut caches: Vec<&mut SequenceCache> = Vec::with_capacity(segments.len());
+            for s in &segments {
+                let seq = by_id.remove(&s.sequence_id).ok_or(StageError::UnknownSequence(s.sequence_id))?;
+                caches.push(&mut seq.cache);
+            }
+            self.model.forward_layers(&mut hidden, &rows, &mut caches, &self.pool)?;
+        }
+        let n_rows: usize = rows.iter().sum();
+        self.counters.steps += 1;
+        self.counters.rows += n_rows as u64;
+        let out = if self.model.is_last() {
+            Message::SampledTokens(self.sample(step, &segments, &hidden)?)
+        } else {
+            let n_embd = self.model.profile().n_embd;
+            Message::Activations(Activations {
+                step,
+                segments,
+                dtype: self.activation_dtype,
+                hidden: n_embd as u32,
+                payload: encode_payload(self.activation_dtype, &hidden),
+            })
+        };
+        self.counters.busy_us += started.elapsed().as_micros() as u64;
+        Ok(out)
+    }
+
+    /// The head over each sampling segment's last row, then each sequence's sampler.
+    fn sample(&mut self, step: u64, segments: &[Segment], hidden: &[f32]) -> Result<SampledTokens, StageError> {
+        let n_embd = self.model.profile().n_embd;
+        let mut head_rows = Vec::new();
+        let mut samplers = Vec::new();
+        let mut row_end = 0;
+        for s in segments {
+            row_end += s.n_rows as usize;
+            if s.sample {
+                head_rows.extend_from_slice(&hidden[(row_end - 1) * n_embd..row_end * n_embd]);
+                samplers.push(s.sequence_id);
+            }
+        }
+        let mut tokens = Vec::with_capacity(samplers.len());
+        if samplers.is_empty() {
+            return Ok(SampledTokens { step, tokens });
+        }
+        let logits = self.model.head(&head_rows, &self.pool)?;
+        let vocab = self.model.profile().vocab_size;
+        for (row, id) in samplers.into_iter().enumerate() {
+            let seq = self.sequences.get_mut(&id).ok_or(StageError::UnknownSequence(id))?;
+            let state = seq.sampling.as_mut().expect("the last stage keeps a sampler per sequence");
+            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            // Log-probabilities are of the raw logits (before penalties), as llama.cpp and
+            // OpenAI report them; computed only when asked for.
+            let raw = state.logprobs.then(|| row_logits.clone());
+            let token = state.sampler.sample(&mut row_logits, &state.history);
+            state.history.push(token);
+            let (logprob, top) = match &raw {
+                Some(raw) => (
+                    Some(log_softmax_at(raw, &[token])[0]),
+                    top_logprobs(raw, state.top_logprobs)
+                        .into_iter()
+                        .map(|(token, logprob)| TokenLogprob { token, logprob })
+                        .collect(),
+                ),
+                None => (None, Vec::new()),
+            };
+            tokens.push(SampledToken { sequence_id: id, token, logprob, top });
+        }
+        Ok(SampledTokens { step, tokens })
+    }
+}
+
+fn check_rows(segments: &[Segment], len: usize, what: &'static str) -> Result<(), StageError> {
+    let rows: usize = segments.iter().map(|s| s.n_rows as usize).sum();
+    if rows != len {
+        return Err(StageError::Shape { rows, what, len });
+    }
+    Ok(())
+}
+
+/// Hidden rows → wire payload (little-endian).
+pub fn encode_payload(dtype: Dtype, hidden: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => hidden.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::F16 => {
+            let mut halves = vec![f16::ZERO; hidden.len()];
+            halves.convert_from_f32_slice(hidden);
+            halves.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+    }
+}
+
+/// Wire payload → `n` f32 values (the protocol checked the length).
+pub fn decode_payload(dtype: Dtype, payload: &[u8], n: usize) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => payload.chunks_exact(4).take(n).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => {
+            let halves: Vec<f16> = payload.chunks_exact(2).take(n).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let mut out = vec![0f32; halves.len()];
+            halves.convert_to_f32_slice(&mut out);
+            out
+        }
+    }
+}
+
+/// The engine's sampling parameters from their wire form.
+pub fn sampling_params(w: &SamplingWire) -> SamplingParams {
+    SamplingParams {
+        temperature: w.temperature,
+        top_k: w.top_k,
+        top_p: w.top_p,
+        min_p: w.min_p,
+        repetition_penalty: w.repetition_penalty,
+        frequency_penalty: w.frequency_penalty,
+        presence_penalty: w.presence_penalty,
+        penalty_last_n: w.penalty_last_n as usize,
+        seed: Some(w.seed),
+    }
+}
+
+/// The wire form of `params`; a request without a seed gets a random one here, so every stage
+/// that might ever sample this sequence draws the same tokens.
+pub fn sampling_wire(params: &SamplingParams) -> SamplingWire {
+    SamplingWire {
+        temperature: params.temperature,
+        top_k: params.top_k,
+        top_p: params.top_p,
+        min_p: params.min_p,
+        repetition_penalty: params.repetition_penalty,
+        frequency_penalty: params.frequency_penalty,
+        presence_penalty: params.presence_penalty,
+        penalty_last_n: params.penalty_last_n.min(potluck_protocol::limits::PENALTY_WINDOW_TOKENS_MAX as usize) as u32,
+        seed: params.seed.unwrap_or_else(rand::random),
+    }
+}
+
+/// A release message for `sequence_id`.
+pub fn release(sequence_id: u64) -> Message {
+    Message::ReleaseSequence(ReleaseSequence { sequence_id })
+}
+
+/// A step's first message for stage 0.
+pub fn step_tokens(step: u64, segments: Vec<Segment>, tokens: Vec<u32>) -> Message {
+    Message::StepTokens(StepTokens { step, segments, tokens })
+}
+
+fn kind_name(message: &Message) -> &'static str {
+    match message.kind() {
+        potluck_protocol::Kind::Hello => "Hello",
+        potluck_protocol::Kind::Welcome => "Welcome",
+        potluck_protocol::Kind::Refused => "Refused",
+        potluck_protocol::Kind::Assignment => "Assignment",
+        potluck_protocol::Kind::LoadProgress => "LoadProgress",
+        potluck_protocol::Kind::Ready => "Ready",
+        potluck_protocol::Kind::Heartbeat => "Heartbeat",
+        potluck_protocol::Kind::ReleaseSequence => "ReleaseSequence",
+        potluck_protocol::Kind::Shutdown => "Shutdown",
+        potluck_protocol::Kind::WeightChunk => "WeightChunk",
+        potluck_protocol::Kind::SequenceStart => "SequenceStart",
+        potluck_protocol::Kind::StepTokens => "StepTokens",
+        potluck_protocol::Kind::Activations => "Activations",
+        potluck_protocol::Kind::SampledTokens => "SampledTokens",
+        potluck_protocol::Kind::FetchTensors => "FetchTensors",
+    }
+}
