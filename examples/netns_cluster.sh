@@ -26,6 +26,10 @@
 #   POTLUCK_BIN_DIR   where `coordinator` and `worker` are (default target/debug)
 #   POTLUCK_MODEL     GGUF file for the demo (default: `coordinator fetch-model`)
 #   PLK_TOKEN         join token for the demo (default: a random one)
+#   PLK_COORD_ARGS    extra `coordinator serve` arguments for the demo (default
+#                     --no-local-layers: on one machine the planner would rather keep every
+#                     layer on the coordinator than pay the hops, and the demo is about the
+#                     workers; set it to "" to let the planner choose)
 #   PLK_READY_TIMEOUT_S  how long the demo waits for the cluster to be ready (default 600)
 set -euo pipefail
 
@@ -35,6 +39,8 @@ DELAY="${PLK_DELAY:-2ms}"
 RATE="${PLK_RATE:-1gbit}"
 SHAPING="${PLK_SHAPING:-1}"
 READY_TIMEOUT_S="${PLK_READY_TIMEOUT_S:-600}"
+COORD_ARGS="${PLK_COORD_ARGS---no-local-layers}"
+DEMO_WORKERS=(w1 w2)
 HOSTS=(coord w1 w2)
 HUB="$PREFIX-hub"
 COORD_IP="$SUBNET.1"
@@ -189,10 +195,11 @@ PY
   done
 }
 
-# Health says ready once every expected worker has joined and loaded its layers.
-# (Accepts `"ready": true` or `"status": "ready"` in the /health JSON.)
+# Ready once /health lists every demo worker in state "ready" (joined, layers loaded).
 health_is_ready() {
-  grep -Eq '"ready"[[:space:]]*:[[:space:]]*true|"status"[[:space:]]*:[[:space:]]*"ready"' <<<"$1"
+  local ready
+  ready="$(grep -Eo '"state"[[:space:]]*:[[:space:]]*"ready"' <<<"$1" | wc -l)"
+  [ "$ready" -ge "${#DEMO_WORKERS[@]}" ]
 }
 
 # On any exit of the demo: stop the processes it started, remove the hosts, say where the
@@ -227,13 +234,14 @@ demo() {
 
   # Each host gets its own config dir (so its own node key) and cache, like a real machine.
   mkdir -p "$state/coord"
+  # shellcheck disable=SC2086 # PLK_COORD_ARGS is a list of words
   ip netns exec "$(ns_of coord)" env POTLUCK_CONFIG_DIR="$state/coord" \
     "$bin/coordinator" serve --model "$model" --listen "$COORD_IP:$HTTP_PORT" \
-    --cluster-listen "0.0.0.0:$CLUSTER_PORT" --token "$token" --workers 2 \
-    >"$state/coord/log" 2>&1 &
+    --cluster-listen "0.0.0.0:$CLUSTER_PORT" --token "$token" --workers "${#DEMO_WORKERS[@]}" \
+    $COORD_ARGS >"$state/coord/log" 2>&1 &
   DEMO_PIDS+=($!)
   local host
-  for host in w1 w2; do
+  for host in "${DEMO_WORKERS[@]}"; do
     mkdir -p "$state/$host"
     # No coordinator address: the worker finds it by mDNS.
     ip netns exec "$(ns_of "$host")" env POTLUCK_CONFIG_DIR="$state/$host" \

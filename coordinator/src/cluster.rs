@@ -626,16 +626,18 @@ impl Driver {
                 self.plan = None;
             }
         }
-        if members.len() < self.config.min_workers {
+        // `--workers N` holds back the first split only; after that the cluster re-plans
+        // over whoever is left.
+        let waiting_for_first = self.whole_model_local && members.len() < self.config.min_workers;
+        let nobody = members.is_empty() && !self.config.local_layers;
+        if waiting_for_first || nobody {
             tracing::info!(%reason, workers = members.len(), needed = self.config.min_workers, "waiting for more workers before planning");
             if self.plan.is_none() && !self.whole_model_local {
                 // The cluster broke and cannot be re-planned yet: fail requests clearly
                 // instead of leaving them hanging.
-                let message = format!(
-                    "the cluster lost workers: {} of the {} needed are connected; waiting for more to join",
-                    members.len(),
-                    self.config.min_workers
-                );
+                let message = "the cluster lost its workers and this coordinator keeps no layers (--no-local-layers); \
+                               waiting for a worker to join"
+                    .to_string();
                 let _ = self.service.replace_pipeline(Box::new(crate::pipeline::UnavailablePipeline::new(message)));
             }
             return;

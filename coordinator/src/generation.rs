@@ -129,6 +129,7 @@ impl GenerationService {
                     stats: thread_stats,
                     next_sequence_id: 1,
                     next_step: 1,
+                    broken: false,
                 }
                 .run(receiver)
             })
@@ -196,6 +197,8 @@ struct Generator {
     stats: Arc<ServiceStats>,
     next_sequence_id: u64,
     next_step: u64,
+    /// The pipeline lost a stage: nothing is stepped until a new one arrives.
+    broken: bool,
 }
 
 impl Generator {
@@ -226,6 +229,13 @@ impl Generator {
             }
             self.retire(&mut active);
             if active.is_empty() {
+                continue;
+            }
+            if self.broken {
+                // Wait for the cluster's next pipeline (taken at the top of the loop).
+                if let Ok(pipeline) = self.pipelines.recv_timeout(Duration::from_millis(IDLE_POLL_MS)) {
+                    self.install(pipeline, &mut active);
+                }
                 continue;
             }
             self.stats.active.store(active.len() as u64, Ordering::Relaxed);
@@ -269,7 +279,13 @@ impl Generator {
         while let Ok(p) = self.pipelines.try_recv() {
             newest = Some(p);
         }
-        let Some(pipeline) = newest else { return };
+        if let Some(pipeline) = newest {
+            self.install(pipeline, active);
+        }
+    }
+
+    fn install(&mut self, pipeline: Box<dyn Pipeline>, active: &mut [Sequence]) {
+        self.broken = false;
         tracing::info!(pipeline = %pipeline.describe(), replayed_sequences = active.len(), "generation moves to a new pipeline");
         self.pipeline = pipeline;
         for seq in active.iter_mut() {
@@ -315,6 +331,11 @@ impl Generator {
             request,
             events,
         };
+        // While the pipeline is broken the next one's replay opens the sequence.
+        if self.broken {
+            active.push(seq);
+            return;
+        }
         if let Err(e) = self.pipeline.send(sequence_start(&seq)) {
             let _ = seq.events.send(GenerateEvent::Failed(format!("the model is not available: {e}")));
             return;
@@ -363,12 +384,10 @@ impl Generator {
             Ok(s) if s.step == step => s,
             Ok(s) => return failed(active, format!("internal error: step {step} answered as step {}", s.step)),
             Err(e @ PipelineError::Broken(_)) => {
-                // The sequences stay: the next pipeline replays them (the cluster re-plans).
+                // The sequences stay: the next pipeline replays them (the cluster re-plans,
+                // or says it cannot, with a pipeline that fails them).
                 tracing::warn!(error = %e, "step lost; waiting for a new pipeline");
-                for &i in &members {
-                    active[i].n_cached = 0;
-                }
-                std::thread::sleep(Duration::from_millis(IDLE_POLL_MS));
+                self.broken = true;
                 return;
             }
             Err(e) => return failed(active, e.to_string()),

@@ -144,7 +144,10 @@ fn wait_for_stages(coordinator: &Coordinator, n: usize, timeout: Duration) -> se
     loop {
         let health = get_json(&coordinator.http, "/health");
         let stages = health["stages"].as_array().map_or(0, Vec::len);
-        let ready = health["nodes"].as_array().is_some_and(|nodes| !nodes.is_empty() && nodes.iter().all(|n| n["state"] == "ready"));
+        let ready = health["nodes"].as_array().is_some_and(|nodes| {
+            let live: Vec<_> = nodes.iter().filter(|n| !n["state"].as_str().unwrap_or("").starts_with("gone")).collect();
+            !live.is_empty() && live.iter().all(|n| n["state"] == "ready")
+        });
         let on_workers = health["stages"].as_array().is_some_and(|s| s.iter().all(|s| s["node_id"] != "coordinator"));
         if stages == n && ready && on_workers {
             return health;
@@ -222,5 +225,30 @@ fn a_wrong_token_is_refused_and_a_restarted_worker_loads_from_its_cache() {
     assert_eq!(health["cluster"]["weight_bytes_sent"].as_u64().unwrap(), sent, "a restart loads from the cache: {health}");
     assert!(worker.output_contains("0.0 MiB received"), "the worker reports nothing received");
     run_python("cluster_client.py", &coordinator.http);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_worker_killed_mid_stream_changes_no_token() {
+    let dir = temp_dir("kill");
+    let coordinator = start_coordinator(
+        &dir,
+        &["--workers", "3", "--no-local-layers", "--planner", "proportional", "--activation-dtype", "f32"],
+    );
+    let _w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let w2 = start_worker(&dir, "w2", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let _w3 = start_worker(&dir, "w3", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    wait_for_stages(&coordinator, 3, Duration::from_secs(180));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("python3")
+        .arg(root.join("tests/e2e/kill_midstream.py"))
+        .arg(format!("http://{}", coordinator.http))
+        .arg(w2.child.id().to_string())
+        .status()
+        .expect("running python3");
+    assert!(status.success(), "the stream must survive the worker's death unchanged");
+    // The cluster re-planned over the two workers left.
+    let health = wait_for_stages(&coordinator, 2, Duration::from_secs(60));
+    assert!(health["stages"].as_array().unwrap().iter().all(|s| s["name"] != "w2"), "{health}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -35,8 +35,6 @@ use potluck_protocol::{
 pub enum StageError {
     #[error("sequence {0} is unknown on this stage (no SequenceStart, or already released)")]
     UnknownSequence(u64),
-    #[error("sequence {0} started twice")]
-    DuplicateSequence(u64),
     #[error("sequence {sequence_id}: step starts at position {got}, but this stage holds {held} positions")]
     PositionMismatch { sequence_id: u64, got: u32, held: usize },
     #[error("this stage holds {held} sequences, its budget is {max}")]
@@ -163,9 +161,9 @@ impl StageRunner {
     }
 
     fn start_sequence(&mut self, start: &SequenceStart) -> Result<(), StageError> {
-        if self.sequences.contains_key(&start.sequence_id) {
-            return Err(StageError::DuplicateSequence(start.sequence_id));
-        }
+        // A start for a sequence already here re-opens it from scratch: the coordinator
+        // replays a sequence (after the pipeline changed) with everything it holds so far.
+        self.sequences.remove(&start.sequence_id);
         if self.sequences.len() >= self.sequences_max {
             return Err(StageError::TooManySequences { held: self.sequences.len(), max: self.sequences_max });
         }

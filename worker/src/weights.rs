@@ -42,6 +42,10 @@ pub const FETCH_ATTEMPTS_MAX: u32 = 3;
 /// hashes tensors before it streams them; a minute of silence means it is stuck.
 pub const PEER_WAIT_TIMEOUT_MS: u64 = 60_000;
 
+/// Tensors named in warnings per attempt at most: a broken stream fails every tensor it had
+/// not delivered, and a thousand identical lines would bury the first, telling one.
+const FAILURE_WARNINGS_MAX: usize = 8;
+
 /// What [`fetch_slice`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FetchReport {
@@ -135,14 +139,24 @@ where
         }
         failures = fetch.round(&pending, &mut open_stream).await?;
         pending = failures.iter().map(|(index, _)| *index).collect();
-        for (index, reason) in &failures {
+        let again = attempt < FETCH_ATTEMPTS_MAX;
+        if again {
+            fetch.report.tensors_refetched += failures.len() as u64;
+        }
+        for (index, reason) in failures.iter().take(FAILURE_WARNINGS_MAX) {
             let name = &tensors[*index as usize].name;
-            if attempt < FETCH_ATTEMPTS_MAX {
-                fetch.report.tensors_refetched += 1;
+            if again {
                 tracing::warn!(tensor = %name, attempt, "fetching tensor `{name}` again: {reason}");
             } else {
                 tracing::warn!(tensor = %name, attempt, "giving up on tensor `{name}`: {reason}");
             }
+        }
+        if failures.len() > FAILURE_WARNINGS_MAX {
+            let more = failures.len() - FAILURE_WARNINGS_MAX;
+            tracing::warn!(
+                attempt,
+                "and {more} more tensors of the slice (the first is named above)"
+            );
         }
     }
     if let Some((index, reason)) = failures.first() {

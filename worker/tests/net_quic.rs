@@ -299,6 +299,58 @@ async fn garbage_and_foreign_tls_clients_cannot_connect_and_the_server_keeps_ser
     );
 }
 
+#[tokio::test]
+async fn a_restarted_node_resets_its_old_connections_at_once() {
+    let server_identity = NodeIdentity::generate();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
+    let identity = server_identity.clone();
+    // The first life of the server runs on its own runtime, so it can die abruptly.
+    let first_life = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handles = runtime.block_on(async {
+            let endpoint = endpoint(&identity, loopback()).unwrap();
+            addr_tx.send(endpoint.local_addr().unwrap()).unwrap();
+            let connection = endpoint.accept().await.unwrap().await.unwrap();
+            (endpoint, connection)
+        });
+        crash_rx.recv().unwrap();
+        // A crash: every task stops where it is; no CONNECTION_CLOSE is ever sent.
+        drop(runtime);
+        drop(handles);
+    });
+    let addr = addr_rx.recv().unwrap();
+    let (identity, client_endpoint) = client();
+    let connection = connect(
+        &client_endpoint,
+        &identity,
+        addr,
+        Some(&server_identity.node_id()),
+    )
+    .await
+    .unwrap();
+    crash_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || first_life.join().unwrap())
+        .await
+        .unwrap();
+
+    // Its second life: same key, same port. The client's next keep-alive reaches it, and
+    // the reset key derived from the node key makes its stateless reset valid.
+    let started = Instant::now();
+    let _second_life = endpoint(&server_identity, addr).unwrap();
+    let error = timeout(STEP_TIMEOUT, connection.closed()).await.unwrap();
+    assert!(matches!(error, quinn::ConnectionError::Reset), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(IDLE_TIMEOUT_MS),
+        "reset after {:?}, no sooner than the idle timeout",
+        started.elapsed()
+    );
+}
+
 /// Dials `addr` with a plain quinn client using `crypto`, and returns how the connection
 /// ended: it must fail during the handshake, or (TLS 1.3 lets a client finish before the
 /// server has checked its certificate) be closed by the server right after.

@@ -62,7 +62,9 @@ impl Coordinator {
         self.requests.lock().unwrap().clone()
     }
 
-    async fn open(self: Arc<Self>) -> Result<(FrameWriter<DuplexStream>, FrameReader<DuplexStream>)> {
+    async fn open(
+        self: Arc<Self>,
+    ) -> Result<(FrameWriter<DuplexStream>, FrameReader<DuplexStream>)> {
         self.opened.fetch_add(1, Ordering::SeqCst);
         let (worker_send, coordinator_receive) = duplex(PIPE_BYTES);
         let (coordinator_send, worker_receive) = duplex(PIPE_BYTES);
@@ -72,8 +74,16 @@ impl Coordinator {
             let Ok(Some(Message::FetchTensors(request))) = reader.recv().await else {
                 panic!("the worker must open with FetchTensors");
             };
-            self.requests.lock().unwrap().push(request.tensor_indices.clone());
-            let behaviour = self.script.lock().unwrap().pop_front().unwrap_or(Behaviour::Honest);
+            self.requests
+                .lock()
+                .unwrap()
+                .push(request.tensor_indices.clone());
+            let behaviour = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Behaviour::Honest);
             let mut messages = Vec::new();
             for &index in &request.tensor_indices {
                 let data = &self.data[index as usize];
@@ -86,27 +96,16 @@ impl Coordinator {
                     }));
                 }
             }
-            let chunk = |m: &mut Message| match m {
-                Message::WeightChunk(c) => c as *mut WeightChunk,
-                _ => unreachable!(),
-            };
             match behaviour {
                 Behaviour::Honest => {}
                 Behaviour::EndAfter(n) => messages.truncate(n),
                 Behaviour::ChunkOutOfRange => {
-                    // SAFETY: the pointer is to an element of `messages`, used at once.
-                    let first = unsafe { &mut *chunk(&mut messages[0]) };
+                    let first = chunk_mut(&mut messages[0]);
                     first.offset = self.data[first.tensor_index as usize].len() as u64;
                 }
-                Behaviour::DamageSecondChunk => {
-                    let second = unsafe { &mut *chunk(&mut messages[1]) };
-                    second.data[0] ^= 0x40;
-                }
+                Behaviour::DamageSecondChunk => chunk_mut(&mut messages[1]).data[0] ^= 0x40,
                 Behaviour::UnaskedTensor => {
-                    let mut stray = match &messages[0] {
-                        Message::WeightChunk(c) => c.clone(),
-                        _ => unreachable!(),
-                    };
+                    let mut stray = chunk_mut(&mut messages[0]).clone();
                     stray.tensor_index = 999;
                     messages.insert(0, Message::WeightChunk(stray));
                 }
@@ -119,7 +118,17 @@ impl Coordinator {
                 }
             }
         });
-        Ok((FrameWriter::new(worker_send), FrameReader::new(worker_receive)))
+        Ok((
+            FrameWriter::new(worker_send),
+            FrameReader::new(worker_receive),
+        ))
+    }
+}
+
+fn chunk_mut(message: &mut Message) -> &mut WeightChunk {
+    match message {
+        Message::WeightChunk(chunk) => chunk,
+        other => unreachable!("the script only edits chunks, not {:?}", other.kind()),
     }
 }
 
@@ -127,8 +136,14 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        Self(std::env::temp_dir().join(format!("potluck-worker-weights-{tag}-{}-{nanos}", std::process::id())))
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        Self(std::env::temp_dir().join(format!(
+            "potluck-worker-weights-{tag}-{}-{nanos}",
+            std::process::id()
+        )))
     }
 }
 
@@ -165,14 +180,27 @@ fn tensors() -> (Vec<TensorRef>, Vec<Vec<u8>>) {
 }
 
 /// Fetches `refs` from `coordinator` into `cache`; returns the result and the progress calls.
-async fn fetch(cache: &SliceCache, refs: &[TensorRef], coordinator: &Arc<Coordinator>) -> (Result<FetchReport>, Vec<(u64, u64)>) {
+async fn fetch(
+    cache: &SliceCache,
+    refs: &[TensorRef],
+    coordinator: &Arc<Coordinator>,
+) -> (Result<FetchReport>, Vec<(u64, u64)>) {
     let mut calls = Vec::new();
-    let result = fetch_slice(cache, MODEL, refs, || coordinator.clone().open(), &mut |done, total| calls.push((done, total))).await;
+    let result = fetch_slice(
+        cache,
+        MODEL,
+        refs,
+        || coordinator.clone().open(),
+        &mut |done, total| calls.push((done, total)),
+    )
+    .await;
     (result, calls)
 }
 
 fn verified(cache: &SliceCache, refs: &[TensorRef]) -> Vec<bool> {
-    refs.iter().map(|t| cache.has_verified(&MODEL, t).unwrap()).collect()
+    refs.iter()
+        .map(|t| cache.has_verified(&MODEL, t).unwrap())
+        .collect()
 }
 
 /// One run with `script`: every tensor must end verified; returns the report and requests.
@@ -184,7 +212,10 @@ async fn recovers_from(tag: &str, script: &[Behaviour]) -> (FetchReport, Vec<Vec
     let (report, progress) = fetch(&cache, &refs, &coordinator).await;
     let report = report.unwrap();
     assert_eq!(verified(&cache, &refs), [true; 3]);
-    assert_eq!(progress.last(), Some(&(report.bytes_total, report.bytes_total)));
+    assert_eq!(
+        progress.last(),
+        Some(&(report.bytes_total, report.bytes_total))
+    );
     assert!(progress.iter().all(|&(done, total)| done <= total));
     (report, coordinator.requests())
 }
@@ -195,7 +226,9 @@ async fn only_tensors_missing_from_the_cache_are_asked_for() {
     let cache = SliceCache::open(dir.0.clone()).unwrap();
     let (refs, data) = tensors();
     let mut writer = cache.begin(&MODEL, &refs[1]).unwrap();
-    writer.write_chunk(0, &data[1], &Sha256::digest(&data[1]).into()).unwrap();
+    writer
+        .write_chunk(0, &data[1], &Sha256::digest(&data[1]).into())
+        .unwrap();
     writer.finish().unwrap();
 
     let coordinator = Coordinator::new(data, &[]);
@@ -216,8 +249,14 @@ async fn only_tensors_missing_from_the_cache_are_asked_for() {
     assert_eq!(verified(&cache, &refs), [true; 3]);
     let total = report.bytes_total;
     assert_eq!(progress[0], (0, total));
-    assert!(progress.contains(&(bytes(1), total)), "cached bytes count as done at once: {progress:?}");
-    assert!(progress.windows(2).all(|w| w[0].0 <= w[1].0), "{progress:?}");
+    assert!(
+        progress.contains(&(bytes(1), total)),
+        "cached bytes count as done at once: {progress:?}"
+    );
+    assert!(
+        progress.windows(2).all(|w| w[0].0 <= w[1].0),
+        "{progress:?}"
+    );
     assert_eq!(progress.last(), Some(&(total, total)));
 }
 
@@ -233,7 +272,11 @@ async fn a_stream_that_ends_early_is_retried_for_what_it_did_not_complete() {
 #[tokio::test]
 async fn a_chunk_outside_its_tensor_is_fetched_again() {
     let (report, requests) = recovers_from("out-of-range", &[Behaviour::ChunkOutOfRange]).await;
-    assert_eq!(requests, vec![vec![0, 1, 2], vec![0]], "the tensors after it are kept");
+    assert_eq!(
+        requests,
+        vec![vec![0, 1, 2], vec![0]],
+        "the tensors after it are kept"
+    );
     assert_eq!((report.chunks_refetched, report.tensors_refetched), (1, 1));
 }
 
@@ -242,7 +285,10 @@ async fn a_damaged_chunk_is_fetched_again() {
     let (report, requests) = recovers_from("damaged", &[Behaviour::DamageSecondChunk]).await;
     assert_eq!(requests, vec![vec![0, 1, 2], vec![0]]);
     assert_eq!((report.chunks_refetched, report.tensors_refetched), (1, 1));
-    assert_eq!(report.bytes_fetched, report.bytes_total + 4 * CHUNK_BYTES as u64);
+    assert_eq!(
+        report.bytes_fetched,
+        report.bytes_total + 4 * CHUNK_BYTES as u64
+    );
 }
 
 #[tokio::test]
@@ -254,8 +300,13 @@ async fn a_chunk_of_a_tensor_not_asked_for_abandons_the_stream() {
 
 #[tokio::test]
 async fn another_kind_of_message_abandons_the_stream() {
-    let (_, requests) = recovers_from("wrong-kind", &[Behaviour::WrongKind, Behaviour::WrongKind]).await;
-    assert_eq!(requests.len(), 3, "the last of {FETCH_ATTEMPTS_MAX} attempts succeeds");
+    let (_, requests) =
+        recovers_from("wrong-kind", &[Behaviour::WrongKind, Behaviour::WrongKind]).await;
+    assert_eq!(
+        requests.len(),
+        3,
+        "the last of {FETCH_ATTEMPTS_MAX} attempts succeeds"
+    );
 }
 
 #[tokio::test]
@@ -265,9 +316,18 @@ async fn a_tensor_damaged_every_time_fails_naming_it_and_the_rest_are_kept() {
     let (refs, data) = tensors();
     let script = [Behaviour::DamageSecondChunk; FETCH_ATTEMPTS_MAX as usize];
     let coordinator = Coordinator::new(data, &script);
-    let error = format!("{:#}", fetch(&cache, &refs, &coordinator).await.0.unwrap_err());
-    assert!(error.contains(&refs[0].name) && error.contains("SHA-256"), "{error}");
-    assert_eq!(coordinator.requests(), vec![vec![0, 1, 2], vec![0], vec![0]]);
+    let error = format!(
+        "{:#}",
+        fetch(&cache, &refs, &coordinator).await.0.unwrap_err()
+    );
+    assert!(
+        error.contains(&refs[0].name) && error.contains("SHA-256"),
+        "{error}"
+    );
+    assert_eq!(
+        coordinator.requests(),
+        vec![vec![0, 1, 2], vec![0], vec![0]]
+    );
     assert_eq!(verified(&cache, &refs), [false, true, true]);
 }
 
@@ -283,13 +343,20 @@ async fn an_unreachable_coordinator_fails_after_the_attempt_limit() {
         &refs,
         || {
             attempts.fetch_add(1, Ordering::SeqCst);
-            async { Err::<(FrameWriter<DuplexStream>, FrameReader<DuplexStream>), _>(anyhow!("connection lost")) }
+            async {
+                Err::<(FrameWriter<DuplexStream>, FrameReader<DuplexStream>), _>(anyhow!(
+                    "connection lost"
+                ))
+            }
         },
         &mut |_, _| {},
     )
     .await;
     let error = format!("{:#}", result.unwrap_err());
-    assert!(error.contains("connection lost") && error.contains(&refs[0].name), "{error}");
+    assert!(
+        error.contains("connection lost") && error.contains(&refs[0].name),
+        "{error}"
+    );
     assert_eq!(attempts.load(Ordering::SeqCst), FETCH_ATTEMPTS_MAX);
 }
 
@@ -303,7 +370,10 @@ async fn a_bad_assignment_fails_before_any_stream_and_an_empty_one_needs_none() 
     assert!(fetch(&cache, &refs, &coordinator).await.0.is_err());
     refs[1].name = "blk.1.attn_norm.weight".into();
     refs[2].dims = vec![3];
-    assert!(fetch(&cache, &refs, &coordinator).await.0.is_err(), "dims × type size must make the bytes");
+    assert!(
+        fetch(&cache, &refs, &coordinator).await.0.is_err(),
+        "dims × type size must make the bytes"
+    );
     assert_eq!(coordinator.opened.load(Ordering::SeqCst), 0);
 
     let (report, progress) = fetch(&cache, &[], &coordinator).await;

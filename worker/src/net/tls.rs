@@ -16,7 +16,10 @@
 //!   encrypted and authenticated (QUIC packet protection).
 //! - **Other protocols and stray traffic.** The ALPN is [`ALPN`] only (QUIC requires a match,
 //!   RFC 9001 §8.1), so a libp2p node or any other QUIC service cannot complete a handshake;
-//!   datagrams that are not QUIC v1 are dropped by quinn without state.
+//!   datagrams that are not QUIC v1 create no state (at most a stateless reset, smaller than
+//!   the datagram, answers one).
+//! - **Stale connections to a restarted node.** Its reset key is derived from its node key,
+//!   so its next life ends them at once (see `endpoint_config`).
 //! - **Memory a peer can make us hold.** Flow-control windows and stream counts are named
 //!   limits below; a peer can never have us buffer more than
 //!   [`CONNECTION_RECEIVE_WINDOW_BYTES`] per connection.
@@ -203,8 +206,8 @@ pub async fn connect(
     };
     // Defense in depth: the verifier already refused any other identity.
     let node_id = peer_node_id(&connection)?;
-    if let Some(expected) = expected {
-        if node_id != expected {
+    if let Some(expected) = expected_peer {
+        if node_id != expected.to_base58() {
             connection.close(VarInt::from_u32(0), b"unexpected node id");
             return Err(anyhow!("{addr} is node {node_id}, expected {expected}"));
         }
@@ -306,17 +309,46 @@ fn transport_config() -> Arc<TransportConfig> {
     Arc::new(transport)
 }
 
-/// QUIC v1 only (no drafts), and a stateless-reset key derived from the node key, as
-/// libp2p-quic does: a restarted node answers packets of its previous life's connections
-/// with a valid reset, so peers learn at once that it restarted instead of waiting for the
-/// idle timeout.
+/// QUIC v1 only (no drafts), and what lets a restarted node end its previous life's
+/// connections at once: a stateless-reset key derived from the node key (as libp2p-quic
+/// does) and connection ids that any endpoint of this node treats as possibly its own.
+/// A peer still sending on such a connection then gets a valid reset (RFC 9000 §10.3) on its
+/// next keep-alive and drops it, instead of waiting out [`IDLE_TIMEOUT_MS`] (during which
+/// the coordinator would refuse the restarted worker's id as a duplicate).
 fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
     let mut config = match identity.keypair().derive_secret(RESET_KEY_DOMAIN) {
         Some(secret) => quinn::EndpointConfig::new(Arc::new(ResetKey::new(&secret))),
         None => quinn::EndpointConfig::default(),
     };
     config.supported_versions(vec![1]);
+    config.cid_generator(|| Box::new(RandomCids));
     config
+}
+
+/// Bytes of the connection ids we issue (quinn's default length).
+const CONNECTION_ID_BYTES: usize = 8;
+
+/// Random connection ids that every id "validates". quinn's default generator tags its ids
+/// with a per-process random key and silently drops packets for ids without its tag, which
+/// would keep a restarted process from ever sending the reset above; the price of accepting
+/// every id is that a stray short-header datagram may get a reset back, which quinn keeps
+/// smaller than the datagram and to one per 20 ms (no amplification). `quinn-proto`'s
+/// `HashedConnectionIdGenerator::from_key` would keep the filter too, but quinn does not
+/// re-export it.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; CONNECTION_ID_BYTES]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        CONNECTION_ID_BYTES
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// HMAC-SHA256 key for quinn's stateless-reset tokens.
