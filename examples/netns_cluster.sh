@@ -16,7 +16,8 @@
 # traffic), two copies never clash, and `down` only has to delete namespaces. Multicast
 # snooping is off, so the bridge floods multicast (mDNS) to every host like a home switch.
 # Each host's eth0 gets `tc netem delay $PLK_DELAY rate $PLK_RATE`, so every packet
-# crosses a link with a LAN's latency (2 ms each way by default) and bandwidth.
+# crosses a link with a LAN's latency (2 ms each way by default) and bandwidth. A kernel
+# without sch_netem gets the rate alone (tbf) and a note saying the delay is missing.
 #
 # Environment (all optional):
 #   PLK_PREFIX        namespace prefix (default plk); give each concurrent copy its own
@@ -195,11 +196,32 @@ PY
   done
 }
 
-# Ready once /health lists every demo worker in state "ready" (joined, layers loaded).
+# Ready once every demo worker has joined (is listed in /health's nodes, not gone), none is
+# still loading, and every stage of the active plan runs on the coordinator or on a worker
+# in state "ready" -- and, with --no-local-layers, on workers only (until the split is
+# active the coordinator runs every layer). Not "every worker ready": the planner may
+# leave a worker out when it would slow the pipeline.
 health_is_ready() {
-  local ready
-  ready="$(grep -Eo '"state"[[:space:]]*:[[:space:]]*"ready"' <<<"$1" | wc -l)"
-  [ "$ready" -ge "${#DEMO_WORKERS[@]}" ]
+  local workers_only=0
+  [[ " $COORD_ARGS " == *" --no-local-layers "* ]] && workers_only=1
+  python3 - "${#DEMO_WORKERS[@]}" "$workers_only" "$1" <<'PY'
+import json, sys
+try:
+    health = json.loads(sys.argv[3])
+except ValueError:
+    sys.exit(1)
+nodes = {n["node_id"]: n["state"] for n in health.get("nodes", [])}
+joined = [s for s in nodes.values() if not s.startswith("gone")]
+stages = [s["node_id"] for s in health.get("stages", [])]
+ok = (
+    len(joined) >= int(sys.argv[1])
+    and not any(s.startswith("loading") for s in joined)
+    and stages
+    and all(s == "coordinator" or nodes.get(s) == "ready" for s in stages)
+    and not (sys.argv[2] == "1" and "coordinator" in stages)
+)
+sys.exit(0 if ok else 1)
+PY
 }
 
 # On any exit of the demo: stop the processes it started, remove the hosts, say where the
@@ -216,6 +238,7 @@ end_demo() {
 demo() {
   need_root
   command -v curl >/dev/null || die "the demo needs curl"
+  command -v python3 >/dev/null || die "the demo needs python3 (to read /health)"
   local bin="${POTLUCK_BIN_DIR:-target/debug}"
   for b in coordinator worker; do
     [ -x "$bin/$b" ] || die "$bin/$b not found: build it (cargo build) or set POTLUCK_BIN_DIR"
@@ -266,7 +289,7 @@ demo() {
 
   ip netns exec "$(ns_of coord)" curl -fsS --max-time 300 "$url/v1/chat/completions" \
     -H 'Content-Type: application/json' \
-    -d '{"model":"any","max_tokens":48,"messages":[{"role":"user","content":"Say hello to the potluck cluster in one sentence."}]}'
+    -d '{"model":"any","max_tokens":48,"temperature":0,"messages":[{"role":"user","content":"Say hello to the potluck cluster in one sentence."}]}'
   echo
 }
 
