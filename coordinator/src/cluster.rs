@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -167,8 +167,15 @@ struct Worker {
     tensors: Arc<Mutex<Vec<TensorRef>>>,
 }
 
-/// Where the last stage's sampled tokens go: the pipeline in force.
-type SampledRoute = Arc<Mutex<Option<std_mpsc::Sender<Result<SampledTokens, PipelineError>>>>>;
+/// Where the last stage's data streams (its sampled tokens) go: the pipeline in force, which
+/// reads them on the generation thread itself.
+type SampledRoute = Arc<Mutex<Option<TailSenders>>>;
+
+/// The driver's and the connection tasks' ends of a pipeline's tail.
+struct TailSenders {
+    streams: mpsc::UnboundedSender<(quinn::RecvStream, quinn::Connection)>,
+    broken: mpsc::UnboundedSender<String>,
+}
 
 /// Starts the cluster side: binds the endpoint, advertises it, and spawns the driver.
 pub async fn start(
@@ -397,32 +404,15 @@ async fn serve_connection(
         });
     }
     {
-        let (connection, route, events) = (connection.clone(), sampled_route.clone(), events.clone());
+        let (connection, route) = (connection.clone(), sampled_route.clone());
         tokio::spawn(async move {
             while let Ok(recv) = connection.accept_uni().await {
-                let (route, events, connection) = (route.clone(), events.clone(), connection.clone());
-                tokio::spawn(async move {
-                    let mut reader = FrameReader::new(recv);
-                    loop {
-                        match reader.recv().await {
-                            Ok(Some(Message::SampledTokens(sampled))) => {
-                                if let Some(tx) = route.lock().expect("route lock").as_ref() {
-                                    let _ = tx.send(Ok(sampled));
-                                }
-                            }
-                            Ok(Some(other)) => {
-                                tracing::warn!(kind = ?other.kind(), "unexpected message on a data stream to the coordinator");
-                            }
-                            Ok(None) => return,
-                            Err(e) => {
-                                let reason = format!("bad data stream: {e}");
-                                connection.close(4u32.into(), b"protocol error on a data stream");
-                                let _ = events.send(Event::Closed { connection_id, reason });
-                                return;
-                            }
-                        }
+                match route.lock().expect("route lock").as_ref() {
+                    Some(tail) => {
+                        let _ = tail.streams.send((recv, connection.clone()));
                     }
-                });
+                    None => tracing::warn!("a data stream from a worker with no pipeline in force; ignored"),
+                }
             }
         });
     }
@@ -619,8 +609,8 @@ impl Driver {
                 .collect();
             if !lost.is_empty() {
                 let message = format!("stage node(s) {} left the cluster", lost.join(", "));
-                if let Some(tx) = self.sampled_route.lock().expect("route lock").take() {
-                    let _ = tx.send(Err(PipelineError::Broken(message.clone())));
+                if let Some(tail) = self.sampled_route.lock().expect("route lock").take() {
+                    let _ = tail.broken.send(message.clone());
                 }
                 tracing::warn!(%message, "the pipeline is broken; re-planning");
                 self.plan = None;
@@ -862,19 +852,11 @@ impl Driver {
             .find(|w| w.node_id == first_remote.node_id)
             .context("the first worker stage is not connected")?;
         let send = worker.connection.open_uni().await.context("cannot open the data stream to the first worker stage")?;
-        let (sampled_tx, sampled_rx) = std_mpsc::channel();
-        *self.sampled_route.lock().expect("route lock") = Some(sampled_tx.clone());
-        let (downstream, mut downstream_rx) = mpsc::unbounded_channel::<Message>();
-        tokio::spawn(async move {
-            let mut writer = FrameWriter::new(send);
-            while let Some(message) = downstream_rx.recv().await {
-                if let Err(e) = writer.send(&message).await {
-                    let _ = sampled_tx.send(Err(PipelineError::Broken(format!("the data stream to the first worker failed: {e}"))));
-                    return;
-                }
-            }
-            let _ = writer.get_mut().finish();
-        });
+        let (streams_tx, streams) = mpsc::unbounded_channel();
+        let (broken_tx, broken) = mpsc::unbounded_channel();
+        if let Some(old) = self.sampled_route.lock().expect("route lock").replace(TailSenders { streams: streams_tx, broken: broken_tx }) {
+            let _ = old.broken.send("replaced by a new pipeline".into());
+        }
         let description = stages
             .iter()
             .map(|s| {
@@ -883,7 +865,16 @@ impl Driver {
             })
             .collect::<Vec<_>>()
             .join(" → ");
-        Ok(Box::new(ClusterPipeline { head, downstream, sampled: sampled_rx, local_errors: Default::default(), description }))
+        Ok(Box::new(ClusterPipeline {
+            head,
+            runtime: tokio::runtime::Handle::current(),
+            downstream: Some(FrameWriter::new(send)),
+            streams,
+            broken,
+            tail: None,
+            local_errors: Default::default(),
+            description,
+        }))
     }
 
     /// Copies membership into the shared view.
@@ -926,12 +917,18 @@ fn stages_of(plan: &Plan) -> Vec<(String, u32, u32)> {
     plan.stages.iter().map(|s| (s.node_id.clone(), s.layers.start, s.layers.end)).collect()
 }
 
-/// Stage 0 here or on a worker, the rest on workers; the last stage's sampled tokens come
-/// back on a stream of their own (routed here by the connection task).
+/// Stage 0 here or on a worker, the rest on workers. The generation thread writes the first
+/// worker's stream and reads the last stage's stream itself (through the runtime's handle):
+/// no thread hand-off on the way out or back, which a token would pay at every step.
 pub struct ClusterPipeline {
     head: Option<StageRunner>,
-    downstream: mpsc::UnboundedSender<Message>,
-    sampled: std_mpsc::Receiver<Result<SampledTokens, PipelineError>>,
+    runtime: tokio::runtime::Handle,
+    downstream: Option<FrameWriter<quinn::SendStream>>,
+    /// The last stage's data streams, as its connection task accepts them.
+    streams: mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection)>,
+    /// A reason, when the driver finds the pipeline broken (a stage left).
+    broken: mpsc::UnboundedReceiver<String>,
+    tail: Option<(FrameReader<quinn::RecvStream>, quinn::Connection)>,
     local_errors: std::collections::VecDeque<PipelineError>,
     description: String,
 }
@@ -951,17 +948,55 @@ impl Pipeline for ClusterPipeline {
             },
             None => message,
         };
-        self.downstream.send(out).map_err(|_| PipelineError::Broken("the link to the next stage is closed".into()))
+        let Some(writer) = self.downstream.as_mut() else {
+            return Err(PipelineError::Broken("the link to the next stage failed earlier".into()));
+        };
+        if let Err(e) = self.runtime.block_on(writer.send(&out)) {
+            self.downstream = None;
+            return Err(PipelineError::Broken(format!("the data stream to the first worker failed: {e}")));
+        }
+        Ok(())
     }
 
     fn recv(&mut self, timeout: Duration) -> Result<SampledTokens, PipelineError> {
         if let Some(e) = self.local_errors.pop_front() {
             return Err(e);
         }
-        match self.sampled.recv_timeout(timeout) {
+        let (streams, broken, tail) = (&mut self.streams, &mut self.broken, &mut self.tail);
+        let wait = async {
+            loop {
+                let current = async {
+                    match tail.as_mut() {
+                        Some((reader, _)) => reader.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    reason = broken.recv() => {
+                        return Err(PipelineError::Broken(reason.unwrap_or_else(|| "the cluster stopped".into())));
+                    }
+                    stream = streams.recv() => match stream {
+                        Some((recv, connection)) => *tail = Some((FrameReader::new(recv), connection)),
+                        None => return Err(PipelineError::Broken("the cluster stopped".into())),
+                    },
+                    message = current => match message {
+                        Ok(Some(Message::SampledTokens(sampled))) => return Ok(sampled),
+                        Ok(Some(other)) => tracing::warn!(kind = ?other.kind(), "unexpected message from the last stage"),
+                        Ok(None) => *tail = None,
+                        Err(e) => {
+                            if let Some((_, connection)) = tail.take() {
+                                connection.close(4u32.into(), b"protocol error on a data stream");
+                            }
+                            return Err(PipelineError::Broken(format!("bad data stream from the last stage: {e}")));
+                        }
+                    },
+                }
+            }
+        };
+        match self.runtime.block_on(async { tokio::time::timeout(timeout, wait).await }) {
             Ok(result) => result,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(PipelineError::Timeout(timeout)),
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(PipelineError::Broken("the last stage's stream closed".into())),
+            Err(_) => Err(PipelineError::Timeout(timeout)),
         }
     }
 

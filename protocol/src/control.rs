@@ -25,7 +25,7 @@ use crate::limits::{
 };
 use crate::{ProtocolError, PROTOCOL_VERSION};
 
-/// Label of the TLS keying-material exporter that yields the join challenge (see
+/// Domain-separation label at the start of every join-token proof (see
 /// [`Hello::token_proof`]).
 pub const JOIN_CHALLENGE_LABEL: &[u8] = b"potluck join v1";
 
@@ -40,11 +40,11 @@ pub struct Hello {
     pub node_id: String,
     /// Name shown on the dashboard (the host name by default); at most [`NAME_BYTES_MAX`].
     pub name: String,
-    /// HMAC-SHA256 keyed with the join token over the 32-byte join challenge, which both
-    /// ends derive from the QUIC connection's TLS exporter (label [`JOIN_CHALLENGE_LABEL`],
-    /// context: `node_id`'s bytes). Bound to the connection, so a captured proof cannot be
-    /// replayed on another one, and the token itself never travels. Computing and checking
-    /// it is the drivers' job (this crate has no crypto); all zeros until they do.
+    /// HMAC-SHA256 keyed with the join token over [`JOIN_CHALLENGE_LABEL`], the role
+    /// ("worker"), the coordinator's node id and this node's id, each length-prefixed. Both
+    /// ids are proven by the connection's TLS certificates, so a captured proof is useless to
+    /// any other pair of nodes, and the token itself never travels. Computing and checking it
+    /// is the drivers' job (`worker/src/net/token.rs`; this crate has no crypto).
     pub token_proof: [u8; 32],
     /// What the node measured about itself; the shard planner's input.
     pub device: DeviceSummary,

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -41,9 +41,6 @@ use crate::weights::fetch_slice;
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// LoadProgress messages at most this often while fetching a slice.
 pub const LOAD_PROGRESS_INTERVAL_MS: u64 = 250;
-/// Messages queued for the stage thread at most; the upstream waits beyond it (QUIC flow
-/// control then slows the sender), so a fast upstream cannot grow our memory.
-pub const STAGE_INPUT_QUEUE_MAX: usize = 64;
 
 pub struct JoinConfig {
     /// `None`: find the coordinator by mDNS.
@@ -69,8 +66,9 @@ pub enum JoinOutcome {
     Interrupted,
 }
 
-/// What the stage thread's inbox carries.
-type StageInbox = std_mpsc::SyncSender<Message>;
+/// Data streams handed to the stage thread: each with the connection it arrived on (closed,
+/// with the reason logged, if the stream carries a bad frame) and the peer's node id.
+type StageInbox = mpsc::UnboundedSender<(quinn::RecvStream, quinn::Connection, String)>;
 
 /// Joins and serves until the coordinator shuts us down, the connection drops, or
 /// `shutdown` resolves.
@@ -382,7 +380,6 @@ impl Session {
         );
 
         // Downstream: the next stage (dialled, its identity checked) or the coordinator.
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<Message>();
         let downstream: Downstream = match (&a.next_stage, &a.next_stage_id) {
             (Some(address), Some(id)) => Downstream::Dial {
                 address: address.parse().with_context(|| format!("bad next-stage address {address:?}"))?,
@@ -390,14 +387,21 @@ impl Session {
             },
             _ => Downstream::Coordinator(self.connection.clone()),
         };
-        spawn_downstream(self.endpoint.clone(), self.identity.clone(), downstream, out_rx);
-
-        let (inbox_tx, inbox_rx) = std_mpsc::sync_channel::<Message>(STAGE_INPUT_QUEUE_MAX);
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let io = StageIo {
+            runtime: tokio::runtime::Handle::current(),
+            endpoint: self.endpoint.clone(),
+            identity: self.identity.clone(),
+            downstream,
+            writer: None,
+            streams: inbox_rx,
+            reader: None,
+        };
         let counters = self.counters.clone();
         self.stage_thread = Some(
             std::thread::Builder::new()
                 .name("potluck-stage".into())
-                .spawn(move || stage_thread(runner, inbox_rx, out_tx, counters))
+                .spawn(move || stage_thread(runner, io, counters))
                 .context("cannot start the stage thread")?,
         );
         *self.inbox.lock().expect("inbox lock") = Some(inbox_tx);
@@ -407,19 +411,87 @@ impl Session {
     }
 }
 
-fn stage_thread(
-    mut runner: StageRunner,
-    inbox: std_mpsc::Receiver<Message>,
-    out: mpsc::UnboundedSender<Message>,
-    counters: Arc<SharedCounters>,
-) {
-    while let Ok(message) = inbox.recv() {
+/// The stage thread's own I/O: it reads its input stream and writes its output stream
+/// itself (through the runtime's handle), so a step crosses no thread but QUIC's own on its
+/// way in and out: every hand-off between threads costs a wake-up, paid per token per hop.
+struct StageIo {
+    runtime: tokio::runtime::Handle,
+    endpoint: quinn::Endpoint,
+    identity: Arc<NodeIdentity>,
+    downstream: Downstream,
+    writer: Option<FrameWriter<quinn::SendStream>>,
+    /// New input streams; closed when the session stops this stage.
+    streams: mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection, String)>,
+    reader: Option<(FrameReader<quinn::RecvStream>, quinn::Connection, String)>,
+}
+
+impl StageIo {
+    /// The next message from the newest input stream; `None` when the stage is stopped.
+    fn next(&mut self) -> Option<Message> {
+        let (runtime, streams, reader) = (&self.runtime, &mut self.streams, &mut self.reader);
+        runtime.block_on(async {
+            loop {
+                let current = async {
+                    match reader.as_mut() {
+                        Some((r, _, _)) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    stream = streams.recv() => match stream {
+                        // A newer stream (a re-planned upstream) replaces the current one.
+                        Some((recv, connection, peer)) => *reader = Some((FrameReader::new(recv), connection, peer)),
+                        None => return None,
+                    },
+                    message = current => match message {
+                        Ok(Some(message)) => return Some(message),
+                        Ok(None) => *reader = None,
+                        Err(e) => {
+                            if let Some((_, connection, peer)) = reader.take() {
+                                tracing::warn!(%peer, error = %e, "bad data stream; closing the connection");
+                                connection.close(4u32.into(), b"protocol error on a data stream");
+                            }
+                        }
+                    },
+                }
+            }
+        })
+    }
+
+    /// Sends `message` downstream, opening the stream (dialling the next stage) the first time.
+    fn send(&mut self, message: &Message) -> Result<()> {
+        let (runtime, writer) = (&self.runtime, &mut self.writer);
+        let (endpoint, identity, downstream) = (&self.endpoint, &self.identity, &self.downstream);
+        runtime.block_on(async {
+            if writer.is_none() {
+                let connection = match downstream {
+                    Downstream::Coordinator(c) => c.clone(),
+                    Downstream::Dial { address, node_id } => tls::connect(endpoint, identity, *address, Some(node_id))
+                        .await
+                        .with_context(|| format!("cannot reach the next stage at {address}"))?,
+                };
+                let send = connection.open_uni().await.context("cannot open the data stream downstream")?;
+                *writer = Some(FrameWriter::new(send));
+            }
+            let w = writer.as_mut().expect("opened above");
+            if let Err(e) = w.send(message).await {
+                *writer = None;
+                return Err(anyhow!("the data stream downstream failed: {e}"));
+            }
+            Ok(())
+        })
+    }
+}
+
+fn stage_thread(mut runner: StageRunner, mut io: StageIo, counters: Arc<SharedCounters>) {
+    while let Some(message) = io.next() {
         let kind = message.kind();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.handle(message)));
         match result {
             Ok(Ok(Some(output))) => {
-                if out.send(output).is_err() {
-                    break;
+                if let Err(e) = io.send(&output) {
+                    tracing::error!(error = format!("{e:#}"), "cannot send a step downstream");
                 }
             }
             Ok(Ok(None)) => {}
@@ -428,46 +500,14 @@ fn stage_thread(
         }
         counters.store(runner.counters(), runner.kv_bytes());
     }
+    if let Some(mut writer) = io.writer.take() {
+        let _ = writer.get_mut().finish();
+    }
 }
 
 enum Downstream {
     Dial { address: SocketAddr, node_id: String },
     Coordinator(quinn::Connection),
-}
-
-fn spawn_downstream(
-    endpoint: quinn::Endpoint,
-    identity: Arc<NodeIdentity>,
-    downstream: Downstream,
-    mut out: mpsc::UnboundedReceiver<Message>,
-) {
-    tokio::spawn(async move {
-        let connection = match downstream {
-            Downstream::Coordinator(c) => c,
-            Downstream::Dial { address, node_id } => match tls::connect(&endpoint, &identity, address, Some(&node_id)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(%address, error = format!("{e:#}"), "cannot reach the next stage");
-                    return;
-                }
-            },
-        };
-        let send = match connection.open_uni().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open the data stream downstream");
-                return;
-            }
-        };
-        let mut writer = FrameWriter::new(send);
-        while let Some(message) = out.recv().await {
-            if let Err(e) = writer.send(&message).await {
-                tracing::error!(error = %e, "the data stream downstream failed");
-                return;
-            }
-        }
-        let _ = writer.get_mut().finish();
-    });
 }
 
 /// Accepts connections on our endpoint; keeps those whose TLS-proven identity is allowed.
@@ -502,36 +542,16 @@ fn spawn_acceptor(endpoint: quinn::Endpoint, allowed: Arc<Mutex<HashSet<String>>
     });
 }
 
-/// Feeds every unidirectional stream `connection` opens into the stage, frame by frame. A
-/// bad frame closes that connection (with the reason logged); the stage is unaffected.
+/// Hands every unidirectional stream `connection` opens to the stage thread, which reads it.
 fn spawn_data_streams(connection: quinn::Connection, peer: String, inbox: Arc<Mutex<Option<StageInbox>>>) {
     tokio::spawn(async move {
         while let Ok(recv) = connection.accept_uni().await {
-            let (inbox, peer, connection) = (inbox.clone(), peer.clone(), connection.clone());
-            tokio::spawn(async move {
-                let mut reader = FrameReader::new(recv);
-                loop {
-                    match reader.recv().await {
-                        Ok(Some(message)) => {
-                            let Some(tx) = inbox.lock().expect("inbox lock").clone() else {
-                                tracing::warn!(%peer, "data arrived before the stage was ready; dropped");
-                                continue;
-                            };
-                            // Blocking send off the runtime's core threads: back-pressure.
-                            let sent = tokio::task::block_in_place(|| tx.send(message));
-                            if sent.is_err() {
-                                tracing::debug!("the stage stopped; dropping its input");
-                            }
-                        }
-                        Ok(None) => return,
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "bad data stream; closing the connection");
-                            connection.close(4u32.into(), b"protocol error on a data stream");
-                            return;
-                        }
-                    }
+            match inbox.lock().expect("inbox lock").as_ref() {
+                Some(tx) => {
+                    let _ = tx.send((recv, connection.clone(), peer.clone()));
                 }
-            });
+                None => tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored"),
+            }
         }
     });
 }

@@ -107,9 +107,9 @@ fn memory_limit_rejects_a_bad_size() {
 }
 
 #[test]
-fn join_still_explains_that_clustering_is_not_available() {
-    let output = worker(&["join", "--memory-limit", "4GiB"]);
+fn join_without_a_token_says_where_to_get_one() {
+    let output = worker(&["join", "--coordinator", "127.0.0.1:9", "--memory-limit", "4GiB"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot join a cluster yet"), "{stderr}");
+    assert!(stderr.contains("a join token is required") && stderr.contains("coordinator serve"), "{stderr}");
 }

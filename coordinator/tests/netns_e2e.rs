@@ -1,0 +1,91 @@
+//! End-to-end across three test hosts in network namespaces (examples/netns_cluster.sh: a
+//! bridge, veth pairs, a shaped 1 Gbit/s link with netem delay where the kernel has it):
+//! the workers find the coordinator by mDNS with no address given, their slices cross the
+//! network, and a chat completion equals the single-machine answer.
+//!
+//! Needs root and iproute2 (CI runs as root); set POTLUCK_SKIP_NETNS=1 to skip elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn model_path() -> PathBuf {
+    std::env::var_os("POTLUCK_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    })
+}
+
+const CHAT: &str = r#"{"model":"any","max_tokens":48,"temperature":0,"messages":[{"role":"user","content":"Say hello to the potluck cluster in one sentence."}]}"#;
+
+/// The same chat on one machine (no cluster), for comparison.
+fn single_machine_answer(bin: &Path) -> String {
+    let mut child = Command::new(bin.join("coordinator"))
+        .args(["serve", "--no-cluster", "--listen", "127.0.0.1:0", "--threads", "1", "--model"])
+        .arg(model_path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let address = loop {
+        let line = lines.next().expect("coordinator exited").unwrap();
+        if let Some(rest) = line.split(" on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let out = Command::new("curl")
+        .args(["-fsS", "--max-time", "300", &format!("http://{address}/v1/chat/completions")])
+        .args(["-H", "Content-Type: application/json", "-d", CHAT])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.status.success(), "single-machine chat failed");
+    content(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn content(json: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"));
+    v["choices"][0]["message"]["content"].as_str().expect("a chat answer").to_string()
+}
+
+#[test]
+fn three_hosts_find_each_other_by_mdns_and_answer_like_one_machine() {
+    if std::env::var_os("POTLUCK_SKIP_NETNS").is_some_and(|v| v == "1") {
+        eprintln!("POTLUCK_SKIP_NETNS=1: skipped");
+        return;
+    }
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    assert!(is_root, "network namespaces need root (set POTLUCK_SKIP_NETNS=1 to skip this test)");
+    let bin = Path::new(env!("CARGO_BIN_EXE_coordinator")).parent().unwrap().to_path_buf();
+    assert!(bin.join("worker").exists(), "build the workspace first (cargo build --workspace)");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/netns_cluster.sh");
+    let id = std::process::id();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("demo")
+        .env("PLK_PREFIX", format!("plke{}", id % 100_000))
+        .env("PLK_SUBNET", format!("10.{}.{}", 100 + id % 100, (id / 100) % 250))
+        .env("POTLUCK_BIN_DIR", &bin)
+        .env("POTLUCK_MODEL", model_path())
+        .env("PLK_READY_TIMEOUT_S", "240")
+        // Both workers hold layers (split by memory); f32 activations are bit-exact with one machine.
+        .env("PLK_COORD_ARGS", "--no-local-layers --planner proportional --activation-dtype f32 --threads 1")
+        .output()
+        .expect("running examples/netns_cluster.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the demo failed:\n{stdout}\n{stderr}");
+    let health_line = stdout.lines().find_map(|l| l.strip_prefix("health: ")).expect("the demo prints /health");
+    let health: serde_json::Value = serde_json::from_str(health_line).unwrap();
+    let stages = health["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "both workers hold layers: {health}");
+    for node in health["nodes"].as_array().unwrap() {
+        assert!(node["address"].as_str().unwrap().starts_with("10."), "workers joined over the test network: {health}");
+    }
+    assert!(health["cluster"]["weight_bytes_sent"].as_u64().unwrap() > 50 << 20, "the slices crossed the network: {health}");
+    let answer = stdout.lines().rev().find(|l| l.contains("\"choices\"")).expect("a chat completion");
+    let cluster_answer = content(answer);
+    assert_eq!(cluster_answer, single_machine_answer(&bin), "the cluster answers exactly as one machine");
+    eprintln!("cluster answer: {cluster_answer:?}");
+}
