@@ -12,6 +12,11 @@
 //! feeds); each worker fetches what its cache lacks over a weight stream ([`WeightServer`])
 //! and says Ready; when every stage is ready the driver builds a [`ClusterPipeline`] and
 //! hands it to the generation service, whose in-flight sequences replay into it.
+//!
+//! Activations and sampled tokens never touch the driver's runtime: the generation thread
+//! drives a data endpoint of its own ([`DataPlane`], the cluster port + 1), dials the first
+//! worker stage's data endpoint and accepts the last stage's connection, so a token crosses
+//! no thread inside the coordinator on its way out or back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -163,18 +168,98 @@ struct Worker {
     node_id: String,
     name: String,
     connection: quinn::Connection,
+    /// Its data endpoint: the control connection's IP and the port its Hello gave.
+    data_address: SocketAddr,
     control: mpsc::UnboundedSender<Message>,
     tensors: Arc<Mutex<Vec<TensorRef>>>,
 }
 
 /// Where the last stage's data streams (its sampled tokens) go: the pipeline in force, which
 /// reads them on the generation thread itself.
-type SampledRoute = Arc<Mutex<Option<TailSenders>>>;
+/// How the driver tells the pipeline in force that it is broken (a stage left).
+type BrokenRoute = Arc<Mutex<Option<mpsc::UnboundedSender<String>>>>;
 
-/// The driver's and the connection tasks' ends of a pipeline's tail.
-struct TailSenders {
-    streams: mpsc::UnboundedSender<(quinn::RecvStream, quinn::Connection)>,
-    broken: mpsc::UnboundedSender<String>,
+/// The coordinator's data plane: a data endpoint (`net::tls::Plane::Data`) on a
+/// current-thread runtime that only the generation thread drives, inside
+/// [`ClusterPipeline`]'s `send` and `recv`. Its acceptor keeps connections from welcomed
+/// workers and queues their data streams (the last stage's sampled tokens).
+pub struct DataPlane {
+    runtime: Option<tokio::runtime::Runtime>,
+    endpoint: quinn::Endpoint,
+    identity: Arc<NodeIdentity>,
+    local_addr: SocketAddr,
+    /// Node ids that may open data connections to us: the welcomed workers.
+    allowed: Arc<Mutex<BTreeSet<String>>>,
+    /// Data streams as the acceptor takes them, with their connection and the peer's id.
+    streams: Mutex<mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection, String)>>,
+}
+
+impl DataPlane {
+    fn start(identity: Arc<NodeIdentity>, bind: SocketAddr) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the data plane's runtime")?;
+        let endpoint = {
+            let _context = runtime.enter();
+            tls::endpoint_for(tls::Plane::Data, &identity, bind)
+                .with_context(|| format!("cannot open the data endpoint on UDP {bind} (is the port in use?)"))?
+        };
+        let local_addr = endpoint.local_addr()?;
+        let allowed: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let (streams_tx, streams) = mpsc::unbounded_channel();
+        runtime.spawn(accept_data_connections(endpoint.clone(), allowed.clone(), streams_tx));
+        Ok(Self { runtime: Some(runtime), endpoint, identity, local_addr, allowed, streams: Mutex::new(streams) })
+    }
+
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.as_ref().expect("the runtime lives until drop").block_on(future)
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"coordinator stopping");
+        // May be dropped inside the driver's runtime, where blocking is not allowed.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The data endpoint's acceptor: connections whose TLS-proven node id is a welcomed worker;
+/// their unidirectional streams go to the pipeline in force, which keeps its last stage's.
+async fn accept_data_connections(
+    endpoint: quinn::Endpoint,
+    allowed: Arc<Mutex<BTreeSet<String>>>,
+    streams: mpsc::UnboundedSender<(quinn::RecvStream, quinn::Connection, String)>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (allowed, streams) = (allowed.clone(), streams.clone());
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(c) => c,
+                Err(e) => return tracing::info!(error = %e, "a data connection failed its handshake"),
+            };
+            let peer = match tls::peer_node_id(&connection) {
+                Ok(p) => p,
+                Err(e) => {
+                    connection.close(2u32.into(), b"no identity");
+                    return tracing::warn!(error = %e, "refused a data connection without a node identity");
+                }
+            };
+            if !allowed.lock().expect("allowed lock").contains(&peer) {
+                tracing::warn!(%peer, remote = %connection.remote_address(), "refused a data connection from a node that is not a member");
+                connection.close(3u32.into(), b"not a member of this cluster");
+                return;
+            }
+            while let Ok(recv) = connection.accept_uni().await {
+                if streams.send((recv, connection.clone(), peer.clone())).is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 /// Starts the cluster side: binds the endpoint, advertises it, and spawns the driver.
@@ -224,9 +309,15 @@ pub async fn start(
         println!("  (on the same LAN, `worker join --token {}` finds this coordinator by itself)", config.token.as_str());
     }
 
+    // The data endpoint: the next port up (so a firewall rule can name both), or any free
+    // port when the cluster port was left to the OS.
+    let data_bind = SocketAddr::new(local_address.ip(), if config.listen.port() == 0 { 0 } else { local_address.port().wrapping_add(1) });
+    let identity = Arc::new(config.identity.clone());
+    let data = Arc::new(DataPlane::start(identity, data_bind)?);
+    println!("potluck: data endpoint on {} (QUIC)", data.local_addr);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let sampled_route: SampledRoute = Arc::new(Mutex::new(None));
-    spawn_acceptor(endpoint.clone(), config.token.clone(), node_id.clone(), events_tx.clone(), weights.clone(), sampled_route.clone());
+    let broken_route: BrokenRoute = Arc::new(Mutex::new(None));
+    spawn_acceptor(endpoint.clone(), config.token.clone(), node_id.clone(), events_tx.clone(), weights.clone());
     let driver = Driver {
         config,
         model_path,
@@ -237,7 +328,8 @@ pub async fn start(
         workers: BTreeMap::new(),
         events: events_tx,
         weights,
-        sampled_route,
+        broken_route,
+        data,
         clock: Instant::now(),
         plan: None,
         plan_generation: 0,
@@ -275,7 +367,6 @@ fn spawn_acceptor(
     coordinator_id: String,
     events: mpsc::UnboundedSender<Event>,
     weights: Arc<WeightServer>,
-    sampled_route: SampledRoute,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT_MAX));
     tokio::spawn(async move {
@@ -288,8 +379,8 @@ fn spawn_acceptor(
             };
             let connection_id = next_id;
             next_id += 1;
-            let (token, coordinator_id, events, weights, sampled_route) =
-                (token.clone(), coordinator_id.clone(), events.clone(), weights.clone(), sampled_route.clone());
+            let (token, coordinator_id, events, weights) =
+                (token.clone(), coordinator_id.clone(), events.clone(), weights.clone());
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(
                     Duration::from_millis(HELLO_TIMEOUT_MS),
@@ -302,8 +393,7 @@ fn spawn_acceptor(
                     Ok(Err(e)) => return tracing::info!(error = format!("{e:#}"), "a connection failed before Hello"),
                     Err(_) => return tracing::info!("a connection did not say Hello in time"),
                 };
-                serve_connection(connection_id, connection, hello, token_ok, control_out, control_in, events, weights, sampled_route)
-                    .await;
+                serve_connection(connection_id, connection, hello, token_ok, control_out, control_in, events, weights).await;
             });
         }
     });
@@ -354,7 +444,6 @@ async fn serve_connection(
     mut control_in: FrameReader<quinn::RecvStream>,
     events: mpsc::UnboundedSender<Event>,
     weights: Arc<WeightServer>,
-    sampled_route: SampledRoute,
 ) {
     let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Message>();
     let tensors: Arc<Mutex<Vec<TensorRef>>> = Arc::default();
@@ -383,8 +472,7 @@ async fn serve_connection(
         connection.close(7u32.into(), b"bad join token");
         return;
     }
-    // Weight fetches (bidirectional streams after the control stream) and sampled tokens
-    // (unidirectional streams from the last stage).
+    // Weight fetches: bidirectional streams after the control stream.
     {
         let (connection, weights) = (connection.clone(), weights.clone());
         let tensors = tensors.clone();
@@ -400,19 +488,6 @@ async fn serve_connection(
                     }
                     let _ = writer.get_mut().finish();
                 });
-            }
-        });
-    }
-    {
-        let (connection, route) = (connection.clone(), sampled_route.clone());
-        tokio::spawn(async move {
-            while let Ok(recv) = connection.accept_uni().await {
-                match route.lock().expect("route lock").as_ref() {
-                    Some(tail) => {
-                        let _ = tail.streams.send((recv, connection.clone()));
-                    }
-                    None => tracing::warn!("a data stream from a worker with no pipeline in force; ignored"),
-                }
             }
         });
     }
@@ -455,7 +530,8 @@ struct Driver {
     workers: BTreeMap<ConnectionId, Worker>,
     events: mpsc::UnboundedSender<Event>,
     weights: Arc<WeightServer>,
-    sampled_route: SampledRoute,
+    broken_route: BrokenRoute,
+    data: Arc<DataPlane>,
     clock: Instant,
     /// The plan the current pipeline runs.
     plan: Option<Plan>,
@@ -494,6 +570,9 @@ impl Driver {
             }
             self.drain_actions().await;
             self.publish();
+            // Data connections are taken from the welcomed members with a live connection only.
+            let members: BTreeSet<String> = self.member_nodes().into_iter().map(|(n, _)| n.id).collect();
+            *self.data.allowed.lock().expect("allowed lock") = members;
         }
     }
 
@@ -507,9 +586,10 @@ impl Driver {
                 } else {
                     tracing::warn!(node = %hello.node_id, %remote, "refused a worker: its join token proof did not verify");
                 }
+                let data_address = SocketAddr::new(remote.ip(), hello.data_port);
                 self.workers.insert(
                     connection_id,
-                    Worker { node_id: hello.node_id.clone(), name: hello.name.clone(), connection, control, tensors },
+                    Worker { node_id: hello.node_id.clone(), name: hello.name.clone(), connection, data_address, control, tensors },
                 );
                 self.membership.handle_hello(now, connection_id, &hello.node_id, &hello.name, hello.device, token_ok);
             }
@@ -609,8 +689,8 @@ impl Driver {
                 .collect();
             if !lost.is_empty() {
                 let message = format!("stage node(s) {} left the cluster", lost.join(", "));
-                if let Some(tail) = self.sampled_route.lock().expect("route lock").take() {
-                    let _ = tail.broken.send(message.clone());
+                if let Some(broken) = self.broken_route.lock().expect("route lock").take() {
+                    let _ = broken.send(message.clone());
                 }
                 tracing::warn!(%message, "the pipeline is broken; re-planning");
                 self.plan = None;
@@ -712,10 +792,9 @@ impl Driver {
         self.plan_generation += 1;
         let generation = self.plan_generation;
         let stages = &plan.stages;
-        let address_of = |node_id: &str| -> Option<(String, String)> {
+        let worker_of = |node_id: &str| -> Option<&Worker> {
             let (_, c) = members.iter().find(|(m, _)| m.id == node_id)?;
-            let w = self.workers.get(c)?;
-            Some((w.connection.remote_address().to_string(), w.node_id.clone()))
+            self.workers.get(c)
         };
         let mut expected = 0;
         for (i, stage) in stages.iter().enumerate() {
@@ -731,12 +810,20 @@ impl Driver {
                 stages[i - 1].node_id.clone()
             };
             let (next_stage, next_stage_id) = match stages.get(i + 1) {
-                Some(next) => match address_of(&next.node_id) {
-                    Some((address, id)) => (Some(address), Some(id)),
+                Some(next) => match worker_of(&next.node_id) {
+                    Some(w) => (w.data_address, w.node_id.clone()),
                     None => return tracing::error!(node = %next.node_id, "a planned node has no connection"),
                 },
-                None => (None, None),
+                // The last stage answers our data endpoint, at the address it reached us on.
+                None => match worker_of(&stage.node_id) {
+                    Some(w) => {
+                        let ip = w.connection.local_ip().unwrap_or(self.data.local_addr.ip());
+                        (SocketAddr::new(ip, self.data.local_addr.port()), self.node_id.clone())
+                    }
+                    None => return tracing::error!(node = %stage.node_id, "a planned node has no connection"),
+                },
             };
+            let (next_stage, next_stage_id) = (Some(next_stage.to_string()), Some(next_stage_id));
             let template = Assignment {
                 model_hash: self.weights.model_hash(),
                 layer_start: stage.layers.start,
@@ -851,11 +938,11 @@ impl Driver {
             .values()
             .find(|w| w.node_id == first_remote.node_id)
             .context("the first worker stage is not connected")?;
-        let send = worker.connection.open_uni().await.context("cannot open the data stream to the first worker stage")?;
-        let (streams_tx, streams) = mpsc::unbounded_channel();
+        let first = (worker.data_address, worker.node_id.clone());
+        let last_stage = stages.last().expect("a plan has stages").node_id.clone();
         let (broken_tx, broken) = mpsc::unbounded_channel();
-        if let Some(old) = self.sampled_route.lock().expect("route lock").replace(TailSenders { streams: streams_tx, broken: broken_tx }) {
-            let _ = old.broken.send("replaced by a new pipeline".into());
+        if let Some(old) = self.broken_route.lock().expect("route lock").replace(broken_tx) {
+            let _ = old.send("replaced by a new pipeline".into());
         }
         let description = stages
             .iter()
@@ -867,9 +954,10 @@ impl Driver {
             .join(" → ");
         Ok(Box::new(ClusterPipeline {
             head,
-            runtime: tokio::runtime::Handle::current(),
-            downstream: Some(FrameWriter::new(send)),
-            streams,
+            data: self.data.clone(),
+            first,
+            downstream: Downstream::NotYet,
+            last_stage,
             broken,
             tail: None,
             local_errors: Default::default(),
@@ -918,19 +1006,28 @@ fn stages_of(plan: &Plan) -> Vec<(String, u32, u32)> {
 }
 
 /// Stage 0 here or on a worker, the rest on workers. The generation thread writes the first
-/// worker's stream and reads the last stage's stream itself (through the runtime's handle):
-/// no thread hand-off on the way out or back, which a token would pay at every step.
+/// worker's stream and reads the last stage's stream itself, on the data plane's runtime
+/// (which only it drives): no thread hand-off on the way out or back, which a token would
+/// pay at every step.
 pub struct ClusterPipeline {
     head: Option<StageRunner>,
-    runtime: tokio::runtime::Handle,
-    downstream: Option<FrameWriter<quinn::SendStream>>,
-    /// The last stage's data streams, as its connection task accepts them.
-    streams: mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection)>,
+    data: Arc<DataPlane>,
+    /// The first worker stage's data endpoint and node id, dialled on the first send.
+    first: (SocketAddr, String),
+    downstream: Downstream,
+    /// The node whose data streams carry this pipeline's sampled tokens.
+    last_stage: String,
     /// A reason, when the driver finds the pipeline broken (a stage left).
     broken: mpsc::UnboundedReceiver<String>,
     tail: Option<(FrameReader<quinn::RecvStream>, quinn::Connection)>,
     local_errors: std::collections::VecDeque<PipelineError>,
     description: String,
+}
+
+enum Downstream {
+    NotYet,
+    Open(FrameWriter<quinn::SendStream>),
+    Failed,
 }
 
 impl Pipeline for ClusterPipeline {
@@ -948,21 +1045,38 @@ impl Pipeline for ClusterPipeline {
             },
             None => message,
         };
-        let Some(writer) = self.downstream.as_mut() else {
-            return Err(PipelineError::Broken("the link to the next stage failed earlier".into()));
-        };
-        if let Err(e) = self.runtime.block_on(writer.send(&out)) {
-            self.downstream = None;
-            return Err(PipelineError::Broken(format!("the data stream to the first worker failed: {e}")));
-        }
-        Ok(())
+        let (data, (address, node_id), downstream) = (&self.data, &self.first, &mut self.downstream);
+        let result = data.block_on(async {
+            if matches!(downstream, Downstream::NotYet) {
+                let connection = tls::connect_on(tls::Plane::Data, &data.endpoint, &data.identity, *address, Some(node_id))
+                    .await
+                    .map_err(|e| format!("cannot reach the first worker stage at {address}: {e:#}"))?;
+                let send = connection.open_uni().await.map_err(|e| format!("cannot open the data stream to the first worker stage: {e}"))?;
+                *downstream = Downstream::Open(FrameWriter::new(send));
+            }
+            match downstream {
+                Downstream::Open(writer) => {
+                    writer.send(&out).await.map_err(|e| format!("the data stream to the first worker stage failed: {e}"))?;
+                    // Put the frame on the wire now: nothing drives this runtime between
+                    // requests, and a ReleaseSequence is sent with no recv after it.
+                    tokio::task::yield_now().await;
+                    Ok(())
+                }
+                _ => Err("the link to the next stage failed earlier".to_string()),
+            }
+        });
+        result.map_err(|reason| {
+            self.downstream = Downstream::Failed;
+            PipelineError::Broken(reason)
+        })
     }
 
     fn recv(&mut self, timeout: Duration) -> Result<SampledTokens, PipelineError> {
         if let Some(e) = self.local_errors.pop_front() {
             return Err(e);
         }
-        let (streams, broken, tail) = (&mut self.streams, &mut self.broken, &mut self.tail);
+        let mut streams = self.data.streams.lock().expect("streams lock");
+        let (broken, tail, last_stage) = (&mut self.broken, &mut self.tail, &self.last_stage);
         let wait = async {
             loop {
                 let current = async {
@@ -977,7 +1091,9 @@ impl Pipeline for ClusterPipeline {
                         return Err(PipelineError::Broken(reason.unwrap_or_else(|| "the cluster stopped".into())));
                     }
                     stream = streams.recv() => match stream {
-                        Some((recv, connection)) => *tail = Some((FrameReader::new(recv), connection)),
+                        Some((recv, connection, peer)) if peer == *last_stage => *tail = Some((FrameReader::new(recv), connection)),
+                        // A stage of an earlier pipeline still finishing a stream.
+                        Some((_, _, peer)) => tracing::debug!(%peer, "a data stream from a node that is not the last stage; dropped"),
                         None => return Err(PipelineError::Broken("the cluster stopped".into())),
                     },
                     message = current => match message {
@@ -994,7 +1110,7 @@ impl Pipeline for ClusterPipeline {
                 }
             }
         };
-        match self.runtime.block_on(async { tokio::time::timeout(timeout, wait).await }) {
+        match self.data.block_on(async { tokio::time::timeout(timeout, wait).await }) {
             Ok(result) => result,
             Err(_) => Err(PipelineError::Timeout(timeout)),
         }

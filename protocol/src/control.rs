@@ -48,6 +48,10 @@ pub struct Hello {
     pub token_proof: [u8; 32],
     /// What the node measured about itself; the shard planner's input.
     pub device: DeviceSummary,
+    /// UDP port of the node's data endpoint, where the previous stage dials it (on the IP
+    /// address this connection comes from). The control connection uses an endpoint of its
+    /// own, so the port differs from this connection's. Non-zero.
+    pub data_port: u16,
 }
 
 /// A node's measured profile, as the shard planner consumes it.
@@ -114,9 +118,11 @@ pub struct Assignment {
     /// Blocks in the whole model; 1..=[`LAYERS_MAX`]. `layer_start == 0` means this stage
     /// embeds, `layer_end == n_layers` that it holds the head and samples.
     pub n_layers: u32,
-    /// Address (`host:port`) of the stage that receives this stage's activations; `None`
-    /// for the last stage, which sends [`crate::SampledTokens`] back to the coordinator.
-    /// Non-empty, at most [`ADDRESS_BYTES_MAX`] bytes.
+    /// Address (`host:port`) of the data endpoint that receives this stage's output: the
+    /// next stage's, or on the last stage the coordinator's (where it sends
+    /// [`crate::SampledTokens`]). Non-empty, at most [`ADDRESS_BYTES_MAX`] bytes. `None` only
+    /// from a coordinator that does not take data connections; a worker refuses such an
+    /// assignment.
     pub next_stage: Option<String>,
     /// The tensors of the slice, in the order [`crate::WeightChunk::tensor_index`] refers
     /// to them; at most [`TENSORS_PER_ASSIGNMENT_MAX`].
@@ -124,8 +130,8 @@ pub struct Assignment {
     /// The node that feeds this stage its input (the coordinator for stage 0): the only
     /// peer besides the coordinator whose data connection the worker accepts.
     pub upstream_id: String,
-    /// The next stage's node id (its certificate must prove it), with `next_stage`'s address.
-    /// `None` on the last stage, which sends sampled tokens to the coordinator.
+    /// The node id behind `next_stage` (its certificate must prove it): the next stage's, or
+    /// the coordinator's on the last stage.
     pub next_stage_id: Option<String>,
     /// Position of this stage in the pipeline, and the pipeline's length.
     pub stage_index: u32,
@@ -222,6 +228,9 @@ impl Hello {
         }
         check_name("node_id", &self.node_id, NAME_BYTES_MAX)?;
         check_len("name", self.name.len(), NAME_BYTES_MAX)?;
+        if self.data_port == 0 {
+            return Err(ProtocolError::InvalidValue { field: "data_port", reason: "must be a port number, not 0" });
+        }
         self.device.validate()
     }
 }

@@ -346,7 +346,7 @@ mod tests {
         });
         #[rustfmt::skip]
         let expected = [
-            b'P', b'L', b'C', b'K', 1, 0, 7, 0, 40, 0, 0, 0,   // header: magic, v1, Heartbeat, flags, 40-byte body
+            b'P', b'L', b'C', b'K', 2, 0, 7, 0, 40, 0, 0, 0,   // header: magic, v2, Heartbeat, flags, 40-byte body
             1, 0, 0, 0, 0, 0, 0, 0,                            // now_ms
             2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,    // steps, rows
             4, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,    // busy_us, kv_bytes
@@ -360,7 +360,7 @@ mod tests {
         });
         #[rustfmt::skip]
         let expected = [
-            b'P', b'L', b'C', b'K', 1, 0, 12, 0, 49, 0, 0, 0,  // header: StepTokens, 49-byte body
+            b'P', b'L', b'C', b'K', 2, 0, 12, 0, 49, 0, 0, 0,  // header: StepTokens, 49-byte body
             9, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 1, // segment: sequence_id, first_position, n_rows, sample
             100, 0, 0, 0, 101, 0, 0, 0,                        // tokens
             7, 0, 0, 0, 0, 0, 0, 0,                            // root: step,

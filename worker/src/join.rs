@@ -1,17 +1,18 @@
 //! `worker join`: find the coordinator, prove the join token, receive an assignment, fetch
 //! the slice's weights into the cache, and run the stage until told to stop.
 //!
-//! Tasks (one tokio runtime; the layers run on a thread of their own):
+//! Two planes, each with its own QUIC endpoint (see `net::tls::Plane`):
 //!
-//! * the **control loop** reads the coordinator's control stream (Assignment, Shutdown);
-//! * a **control writer** owns that stream's send half; the heartbeat ticker and the loader
-//!   queue messages to it;
-//! * an **acceptor** takes incoming QUIC connections, keeps only the coordinator's and the
-//!   upstream stage's (identities proven by TLS), and feeds every data stream they open into
-//!   the stage;
-//! * the **stage thread** runs [`StageRunner::handle`] on each message in order;
-//! * the **downstream writer** sends the stage's output to the next stage (a connection it
-//!   dials, checking the next stage's identity) or, on the last stage, to the coordinator.
+//! * **control**, on the process's multi-threaded runtime: the **control loop** reads the
+//!   coordinator's control stream (Assignment, Shutdown); a **control writer** owns that
+//!   stream's send half, and the heartbeat ticker and the loader queue messages to it;
+//! * **data**, on the **stage thread** ([`DataPlane`]), which owns a current-thread runtime
+//!   and the data endpoint (the `--listen` port). Between assignments it only drives the
+//!   endpoint; with a stage, it reads the next message from its input stream, runs
+//!   [`StageRunner::handle`], and writes the output to the next stage's data endpoint (the
+//!   coordinator's, on the last stage) itself: a token crosses no thread inside a worker.
+//!   Its **acceptor** task keeps only connections from the coordinator and the upstream
+//!   stage (identities proven by TLS) and hands their data streams to the stage.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use tokio::sync::mpsc;
 use crate::net::framed::{FrameReader, FrameWriter};
 use crate::net::identity::NodeIdentity;
 use crate::net::token::{proofs_equal, JoinToken};
+use crate::net::tls::Plane;
 use crate::net::{discovery, tls};
 use crate::slice_cache::{CachedSliceSource, SliceCache};
 use crate::stage::{StageCounters, StageRunner};
@@ -75,9 +77,14 @@ type StageInbox = mpsc::UnboundedSender<(quinn::RecvStream, quinn::Connection, S
 pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<JoinOutcome> {
     tls::install_crypto_provider();
     let identity = Arc::new(config.identity);
-    let endpoint = tls::endpoint(&identity, config.listen).context("cannot open this worker's QUIC endpoint")?;
+    // Who may open data connections to us: the coordinator, and the upstream stage once assigned.
+    let allowed: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let inbox: Arc<Mutex<Option<StageInbox>>> = Arc::new(Mutex::new(None));
+    let data = DataPlane::start(identity.clone(), config.listen, allowed.clone(), inbox.clone()).await?;
+    let endpoint = tls::endpoint(&identity, SocketAddr::new(config.listen.ip(), 0))
+        .context("cannot open this worker's control endpoint")?;
     let node_id = identity.node_id();
-    println!("worker: node id {node_id}, listening on {}", endpoint.local_addr()?);
+    println!("worker: node id {node_id}, data endpoint on {} (QUIC)", data.local_addr);
 
     let (connection, coordinator_id) = find_and_connect(&endpoint, &identity, config.coordinator).await?;
     let coordinator_addr = connection.remote_address();
@@ -90,6 +97,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         name: config.name.clone(),
         token_proof: config.token.worker_proof(&coordinator_id, &node_id),
         device: config.device.clone(),
+        data_port: data.local_addr.port(),
     };
     control_out.send(&Message::Hello(hello)).await?;
     let reply = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), control_in.recv())
@@ -144,19 +152,14 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         });
     }
 
-    // Who may open data streams to us: the coordinator always, the upstream stage once assigned.
-    let allowed: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::from([coordinator_id.clone()])));
+    allowed.lock().expect("allowed lock").insert(coordinator_id.clone());
     let coordinator_id_for_session = coordinator_id.clone();
-    let inbox: Arc<Mutex<Option<StageInbox>>> = Arc::new(Mutex::new(None));
-    spawn_acceptor(endpoint.clone(), allowed.clone(), inbox.clone());
-    spawn_data_streams(connection.clone(), "the coordinator".into(), inbox.clone());
 
     let cache = SliceCache::open(config.cache_dir.clone())
         .with_context(|| format!("cannot open the slice cache at {}", config.cache_dir.display()))?;
     let mut session = Session {
         coordinator_id: coordinator_id_for_session,
         endpoint,
-        identity,
         connection: connection.clone(),
         control_tx,
         allowed,
@@ -164,7 +167,8 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         counters,
         cache,
         threads: config.threads,
-        stage_thread: None,
+        data,
+        stage_done: None,
     };
     let outcome = tokio::select! {
         outcome = session.control_loop(&mut control_in) => outcome,
@@ -176,6 +180,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         _ => b"worker leaving",
     };
     connection.close(0u32.into(), reason);
+    session.data.stop().await;
     session.endpoint.wait_idle().await;
     Ok(outcome)
 }
@@ -244,7 +249,6 @@ impl SharedCounters {
 struct Session {
     coordinator_id: String,
     endpoint: quinn::Endpoint,
-    identity: Arc<NodeIdentity>,
     connection: quinn::Connection,
     control_tx: mpsc::UnboundedSender<Message>,
     allowed: Arc<Mutex<HashSet<String>>>,
@@ -252,7 +256,9 @@ struct Session {
     counters: Arc<SharedCounters>,
     cache: SliceCache,
     threads: usize,
-    stage_thread: Option<std::thread::JoinHandle<()>>,
+    data: DataPlane,
+    /// Says when the running stage has stopped (after its inbox closed).
+    stage_done: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Session {
@@ -285,10 +291,10 @@ impl Session {
     }
 
     fn stop_stage(&mut self) {
-        // Closing the inbox ends the stage thread after the message it is on.
+        // Closing the inbox ends the stage after the message it is on.
         self.inbox.lock().expect("inbox lock").take();
-        if let Some(thread) = self.stage_thread.take() {
-            let _ = thread.join();
+        if let Some(done) = self.stage_done.take() {
+            let _ = done.recv();
         }
     }
 
@@ -305,9 +311,10 @@ impl Session {
             a.n_stages,
             a.tensors.len(),
             total as f64 / (1u64 << 20) as f64,
-            match &a.next_stage {
-                Some(address) => format!(", then to the next stage at {address}"),
-                None => ", last stage: samples and answers the coordinator".into(),
+            if a.layer_end == a.n_layers {
+                ", last stage: samples and answers the coordinator".to_string()
+            } else {
+                format!(", then to the next stage at {}", a.next_stage.as_deref().unwrap_or("?"))
             }
         );
         let profile: ModelProfile =
@@ -379,31 +386,26 @@ impl Session {
             a.activation_dtype,
         );
 
-        // Downstream: the next stage (dialled, its identity checked) or the coordinator.
-        let downstream: Downstream = match (&a.next_stage, &a.next_stage_id) {
-            (Some(address), Some(id)) => Downstream::Dial {
-                address: address.parse().with_context(|| format!("bad next-stage address {address:?}"))?,
-                node_id: id.clone(),
-            },
-            _ => Downstream::Coordinator(self.connection.clone()),
+        // Downstream: the next stage's data endpoint, or the coordinator's (dialled, its
+        // identity checked).
+        let (Some(address), Some(node_id)) = (&a.next_stage, &a.next_stage_id) else {
+            bail!("the assignment names no data endpoint for this stage's output (a coordinator of another version?)");
         };
+        let mut address: SocketAddr = address.parse().with_context(|| format!("bad next-stage address {address:?}"))?;
+        if address.ip().is_unspecified() {
+            address.set_ip(self.connection.remote_address().ip());
+        }
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
-        let io = StageIo {
-            runtime: tokio::runtime::Handle::current(),
-            endpoint: self.endpoint.clone(),
-            identity: self.identity.clone(),
-            downstream,
-            writer: None,
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let job = StageJob {
+            runner,
+            downstream: Downstream { address, node_id: node_id.clone() },
             streams: inbox_rx,
-            reader: None,
+            counters: self.counters.clone(),
+            done: done_tx,
         };
-        let counters = self.counters.clone();
-        self.stage_thread = Some(
-            std::thread::Builder::new()
-                .name("potluck-stage".into())
-                .spawn(move || stage_thread(runner, io, counters))
-                .context("cannot start the stage thread")?,
-        );
+        self.data.jobs.send(job).map_err(|_| anyhow!("the stage thread has stopped"))?;
+        self.stage_done = Some(done_rx);
         *self.inbox.lock().expect("inbox lock") = Some(inbox_tx);
         self.control_tx.send(Message::Ready).map_err(|_| anyhow!("the control stream closed"))?;
         println!("worker: ready");
@@ -411,11 +413,90 @@ impl Session {
     }
 }
 
-/// The stage thread's own I/O: it reads its input stream and writes its output stream
-/// itself (through the runtime's handle), so a step crosses no thread but QUIC's own on its
-/// way in and out: every hand-off between threads costs a wake-up, paid per token per hop.
-struct StageIo {
-    runtime: tokio::runtime::Handle,
+/// The worker's data plane: the stage thread, its current-thread runtime and the data
+/// endpoint it drives.
+struct DataPlane {
+    local_addr: SocketAddr,
+    jobs: mpsc::UnboundedSender<StageJob>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A stage for the stage thread to run until its `streams` close.
+struct StageJob {
+    runner: StageRunner,
+    downstream: Downstream,
+    streams: mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection, String)>,
+    counters: Arc<SharedCounters>,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+impl DataPlane {
+    /// Starts the stage thread and binds the data endpoint on `listen`.
+    async fn start(
+        identity: Arc<NodeIdentity>,
+        listen: SocketAddr,
+        allowed: Arc<Mutex<HashSet<String>>>,
+        inbox: Arc<Mutex<Option<StageInbox>>>,
+    ) -> Result<Self> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<SocketAddr>>();
+        let (jobs, mut jobs_rx) = mpsc::unbounded_channel::<StageJob>();
+        let thread = std::thread::Builder::new()
+            .name("potluck-stage".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(r) => r,
+                    Err(e) => return drop(ready_tx.send(Err(anyhow!("cannot start the stage thread's runtime: {e}")))),
+                };
+                let endpoint = {
+                    let _context = runtime.enter();
+                    tls::endpoint_for(Plane::Data, &identity, listen)
+                        .with_context(|| format!("cannot open this worker's data endpoint on {listen} (is the port in use?)"))
+                };
+                let endpoint = match endpoint.and_then(|e| Ok((e.local_addr()?, e))) {
+                    Ok((address, endpoint)) => {
+                        let _ = ready_tx.send(Ok(address));
+                        endpoint
+                    }
+                    Err(e) => return drop(ready_tx.send(Err(e))),
+                };
+                runtime.spawn(accept_data_connections(endpoint.clone(), allowed, inbox));
+                while let Some(job) = runtime.block_on(jobs_rx.recv()) {
+                    let io = StageIo {
+                        runtime: &runtime,
+                        endpoint: endpoint.clone(),
+                        identity: identity.clone(),
+                        downstream: job.downstream,
+                        writer: None,
+                        streams: job.streams,
+                        reader: None,
+                    };
+                    run_stage(job.runner, io, &job.counters);
+                    let _ = job.done.send(());
+                }
+                endpoint.close(0u32.into(), b"worker leaving");
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+                });
+            })
+            .context("cannot start the stage thread")?;
+        let local_addr = ready_rx.await.map_err(|_| anyhow!("the stage thread stopped while starting"))??;
+        Ok(Self { local_addr, jobs, thread: Some(thread) })
+    }
+
+    /// Ends the stage thread (after any stage was stopped) and waits for it.
+    async fn stop(&mut self) {
+        let (tx, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.jobs, tx));
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// The stage thread's I/O: it reads its input stream and writes its output stream itself,
+/// on the runtime it alone drives, so a step crosses no thread on its way in or out.
+struct StageIo<'a> {
+    runtime: &'a tokio::runtime::Runtime,
     endpoint: quinn::Endpoint,
     identity: Arc<NodeIdentity>,
     downstream: Downstream,
@@ -425,10 +506,10 @@ struct StageIo {
     reader: Option<(FrameReader<quinn::RecvStream>, quinn::Connection, String)>,
 }
 
-impl StageIo {
+impl StageIo<'_> {
     /// The next message from the newest input stream; `None` when the stage is stopped.
     fn next(&mut self) -> Option<Message> {
-        let (runtime, streams, reader) = (&self.runtime, &mut self.streams, &mut self.reader);
+        let (runtime, streams, reader) = (self.runtime, &mut self.streams, &mut self.reader);
         runtime.block_on(async {
             loop {
                 let current = async {
@@ -461,16 +542,14 @@ impl StageIo {
 
     /// Sends `message` downstream, opening the stream (dialling the next stage) the first time.
     fn send(&mut self, message: &Message) -> Result<()> {
-        let (runtime, writer) = (&self.runtime, &mut self.writer);
+        let (runtime, writer) = (self.runtime, &mut self.writer);
         let (endpoint, identity, downstream) = (&self.endpoint, &self.identity, &self.downstream);
         runtime.block_on(async {
             if writer.is_none() {
-                let connection = match downstream {
-                    Downstream::Coordinator(c) => c.clone(),
-                    Downstream::Dial { address, node_id } => tls::connect(endpoint, identity, *address, Some(node_id))
-                        .await
-                        .with_context(|| format!("cannot reach the next stage at {address}"))?,
-                };
+                let Downstream { address, node_id } = downstream;
+                let connection = tls::connect_on(Plane::Data, endpoint, identity, *address, Some(node_id))
+                    .await
+                    .with_context(|| format!("cannot reach the next stage at {address}"))?;
                 let send = connection.open_uni().await.context("cannot open the data stream downstream")?;
                 *writer = Some(FrameWriter::new(send));
             }
@@ -479,12 +558,15 @@ impl StageIo {
                 *writer = None;
                 return Err(anyhow!("the data stream downstream failed: {e}"));
             }
+            // Let the connection's driver put the frame on the wire now, not when this
+            // thread next waits for input.
+            tokio::task::yield_now().await;
             Ok(())
         })
     }
 }
 
-fn stage_thread(mut runner: StageRunner, mut io: StageIo, counters: Arc<SharedCounters>) {
+fn run_stage(mut runner: StageRunner, mut io: StageIo<'_>, counters: &SharedCounters) {
     while let Some(message) = io.next() {
         let kind = message.kind();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.handle(message)));
@@ -505,53 +587,50 @@ fn stage_thread(mut runner: StageRunner, mut io: StageIo, counters: Arc<SharedCo
     }
 }
 
-enum Downstream {
-    Dial { address: SocketAddr, node_id: String },
-    Coordinator(quinn::Connection),
+/// Where a stage sends its output: a data endpoint and the node id it must prove.
+struct Downstream {
+    address: SocketAddr,
+    node_id: String,
 }
 
-/// Accepts connections on our endpoint; keeps those whose TLS-proven identity is allowed.
-fn spawn_acceptor(endpoint: quinn::Endpoint, allowed: Arc<Mutex<HashSet<String>>>, inbox: Arc<Mutex<Option<StageInbox>>>) {
-    tokio::spawn(async move {
-        while let Some(incoming) = endpoint.accept().await {
-            let (allowed, inbox) = (allowed.clone(), inbox.clone());
-            tokio::spawn(async move {
-                let connection = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::info!(error = %e, "an incoming connection failed its handshake");
-                        return;
-                    }
-                };
-                let peer = match tls::peer_node_id(&connection) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        connection.close(2u32.into(), b"no identity");
-                        tracing::warn!(error = %e, "refused a connection without a node identity");
-                        return;
-                    }
-                };
-                if !allowed.lock().expect("allowed lock").contains(&peer) {
-                    tracing::warn!(%peer, remote = %connection.remote_address(), "refused a connection from a node that is not our upstream stage");
-                    connection.close(3u32.into(), b"not a member of this pipeline");
+/// Accepts connections on the data endpoint; keeps those whose TLS-proven identity is
+/// allowed and hands every unidirectional stream they open to the stage.
+async fn accept_data_connections(
+    endpoint: quinn::Endpoint,
+    allowed: Arc<Mutex<HashSet<String>>>,
+    inbox: Arc<Mutex<Option<StageInbox>>>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (allowed, inbox) = (allowed.clone(), inbox.clone());
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(error = %e, "an incoming connection failed its handshake");
                     return;
                 }
-                spawn_data_streams(connection, peer, inbox);
-            });
-        }
-    });
-}
-
-/// Hands every unidirectional stream `connection` opens to the stage thread, which reads it.
-fn spawn_data_streams(connection: quinn::Connection, peer: String, inbox: Arc<Mutex<Option<StageInbox>>>) {
-    tokio::spawn(async move {
-        while let Ok(recv) = connection.accept_uni().await {
-            match inbox.lock().expect("inbox lock").as_ref() {
-                Some(tx) => {
-                    let _ = tx.send((recv, connection.clone(), peer.clone()));
+            };
+            let peer = match tls::peer_node_id(&connection) {
+                Ok(p) => p,
+                Err(e) => {
+                    connection.close(2u32.into(), b"no identity");
+                    tracing::warn!(error = %e, "refused a connection without a node identity");
+                    return;
                 }
-                None => tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored"),
+            };
+            if !allowed.lock().expect("allowed lock").contains(&peer) {
+                tracing::warn!(%peer, remote = %connection.remote_address(), "refused a connection from a node that is not our upstream stage");
+                connection.close(3u32.into(), b"not a member of this pipeline");
+                return;
             }
-        }
-    });
+            while let Ok(recv) = connection.accept_uni().await {
+                match inbox.lock().expect("inbox lock").as_ref() {
+                    Some(tx) => {
+                        let _ = tx.send((recv, connection.clone(), peer.clone()));
+                    }
+                    None => tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored"),
+                }
+            }
+        });
+    }
 }

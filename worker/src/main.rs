@@ -89,7 +89,8 @@ fn join(
     let Some(token) = token else {
         bail!("a join token is required: run `worker join --token TOKEN` with the token `coordinator serve` printed");
     };
-    let token = JoinToken::parse(&token)?;
+    // Pasted tokens often carry a newline or spaces.
+    let token = JoinToken::parse(token.trim())?;
     let coordinator = match coordinator {
         Some(text) => Some(
             text.to_socket_addrs()

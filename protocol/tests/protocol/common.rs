@@ -21,6 +21,7 @@ pub fn hello() -> Hello {
         name: "kitchen-laptop".into(),
         token_proof: [7; 32],
         device: device(),
+        data_port: 7071,
     }
 }
 

@@ -89,8 +89,8 @@ fn version_is_reported_even_with_a_kind_this_version_lacks() {
 
 #[test]
 fn hello_claiming_another_version_is_refused() {
-    let message = Message::Hello(Hello { protocol_version: 2, ..hello() });
-    assert_refused(message, ProtocolError::UnsupportedVersion { got: 2, supported: PROTOCOL_VERSION });
+    let message = Message::Hello(Hello { protocol_version: PROTOCOL_VERSION + 1, ..hello() });
+    assert_refused(message, ProtocolError::UnsupportedVersion { got: PROTOCOL_VERSION + 1, supported: PROTOCOL_VERSION });
 }
 
 #[test]
@@ -534,6 +534,14 @@ fn zero_threads_are_refused() {
     assert_refused(
         Message::Hello(message),
         ProtocolError::InvalidValue { field: "threads", reason: "must be at least 1" },
+    );
+}
+
+#[test]
+fn hello_without_a_data_port_is_refused() {
+    assert_refused(
+        Message::Hello(Hello { data_port: 0, ..hello() }),
+        ProtocolError::InvalidValue { field: "data_port", reason: "must be a port number, not 0" },
     );
 }
 

@@ -36,13 +36,14 @@ fn device_strategy() -> impl Strategy<Value = DeviceSummary> {
 }
 
 fn hello_strategy() -> impl Strategy<Value = Hello> {
-    (name(64), proptest::string::string_regex("[ -~]{0,64}").unwrap(), hash(), device_strategy()).prop_map(
-        |(node_id, name, token_proof, device)| Hello {
+    (name(64), proptest::string::string_regex("[ -~]{0,64}").unwrap(), hash(), device_strategy(), 1u16..).prop_map(
+        |(node_id, name, token_proof, device, data_port)| Hello {
             protocol_version: PROTOCOL_VERSION,
             node_id,
             name,
             token_proof,
             device,
+            data_port,
         },
     )
 }

@@ -23,8 +23,17 @@
 //! - **Memory a peer can make us hold.** Flow-control windows and stream counts are named
 //!   limits below; a peer can never have us buffer more than
 //!   [`CONNECTION_RECEIVE_WINDOW_BYTES`] per connection.
-//! - **Silent peers.** A connection without a packet for [`IDLE_TIMEOUT_MS`] is dead; keep-
-//!   alives every [`KEEP_ALIVE_MS`] keep a healthy idle connection open.
+//! - **Silent peers.** A control connection without a packet for [`IDLE_TIMEOUT_MS`] is dead;
+//!   keep-alives every [`KEEP_ALIVE_MS`] keep a healthy idle connection open.
+//!
+//! Two planes, two kinds of endpoint ([`Plane`]). Control endpoints run on the process's
+//! multi-threaded runtime and carry membership, weights and heartbeats. A **data endpoint**
+//! is driven by the one thread that computes a stage (its own current-thread runtime): that
+//! thread writes its output and reads its next input straight from the UDP socket, with no
+//! hand-off to another thread on the way, which would cost a wake-up per hop per token. While
+//! it computes, nothing drives the endpoint, so data connections have no idle timeout and no
+//! keep-alives: a peer's liveness is the control plane's business (heartbeats and the control
+//! connection's idle timeout), and a pipeline whose stage is gone is replaced as a whole.
 //!
 //! Not defended here: whether a node may join at all. Any node with a key can complete a
 //! handshake; the join token's proofs ([`super::token`]) decide membership.
@@ -131,6 +140,21 @@ pub fn install_crypto_provider() {
 /// queues incoming connections until `accept` takes them (at most
 /// [`PENDING_CONNECTIONS_MAX`]), so a node that listens must keep accepting.
 pub fn endpoint(identity: &NodeIdentity, bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    endpoint_for(Plane::Control, identity, bind)
+}
+
+/// Which connections an endpoint carries (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// Membership, weights, heartbeats: idle timeout and keep-alives.
+    Control,
+    /// Activations and sampled tokens, driven by a stage's own thread: neither.
+    Data,
+}
+
+/// [`endpoint`] for `plane`. A data endpoint must be created in (and only ever driven by)
+/// the runtime of the thread that will read and write its streams.
+pub fn endpoint_for(plane: Plane, identity: &NodeIdentity, bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     install_crypto_provider();
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(anyhow!(
@@ -141,14 +165,14 @@ pub fn endpoint(identity: &NodeIdentity, bind: SocketAddr) -> anyhow::Result<qui
         .with_context(|| format!("cannot bind the QUIC endpoint to UDP {bind}"))?;
     let mut endpoint = quinn::Endpoint::new(
         endpoint_config(identity),
-        Some(server_config(identity)?),
+        Some(server_config(identity, plane)?),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
     .with_context(|| format!("cannot start the QUIC endpoint on UDP {bind}"))?;
     // For callers that use `Endpoint::connect` directly: any potluck node is accepted, and
     // `peer_node_id` says which. `connect` below builds its own config per dial.
-    let (default_client, _) = client_config(identity, None)?;
+    let (default_client, _) = client_config(identity, None, plane)?;
     endpoint.set_default_client_config(default_client);
     Ok(endpoint)
 }
@@ -162,13 +186,24 @@ pub async fn connect(
     addr: SocketAddr,
     expected: Option<&str>,
 ) -> anyhow::Result<quinn::Connection> {
+    connect_on(Plane::Control, endpoint, identity, addr, expected).await
+}
+
+/// [`connect`] from an endpoint of `plane` (the dial's transport settings must match it).
+pub async fn connect_on(
+    plane: Plane,
+    endpoint: &quinn::Endpoint,
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    expected: Option<&str>,
+) -> anyhow::Result<quinn::Connection> {
     let expected_peer = expected
         .map(|id| {
             id.parse::<PeerId>()
                 .map_err(|e| anyhow!("{id:?} is not a node id: {e}"))
         })
         .transpose()?;
-    let (config, verifier) = client_config(identity, expected_peer)?;
+    let (config, verifier) = client_config(identity, expected_peer, plane)?;
     let connecting = endpoint
         .connect_with(config, addr, SERVER_NAME)
         .with_context(|| format!("cannot dial {addr}"))?;
@@ -249,6 +284,7 @@ pub fn peer_node_id(connection: &quinn::Connection) -> anyhow::Result<String> {
 fn client_config(
     identity: &NodeIdentity,
     expected: Option<PeerId>,
+    plane: Plane,
 ) -> anyhow::Result<(quinn::ClientConfig, Arc<NodeCertVerifier>)> {
     // libp2p-tls's verifier is replaced just below, so its own `remote_peer_id` stays unset.
     let mut crypto = libp2p_tls::make_client_config(identity.keypair(), None)
@@ -266,13 +302,13 @@ fn client_config(
     let crypto =
         QuicClientConfig::try_from(crypto).context("the TLS client config cannot carry QUIC")?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(plane));
     Ok((config, verifier))
 }
 
 /// libp2p-tls's server config (TLS 1.3 only, client certificate required and verified as a
 /// libp2p certificate) with our ALPN, and no session tickets or resumption.
-fn server_config(identity: &NodeIdentity) -> anyhow::Result<quinn::ServerConfig> {
+fn server_config(identity: &NodeIdentity, plane: Plane) -> anyhow::Result<quinn::ServerConfig> {
     let mut crypto = libp2p_tls::make_server_config(identity.keypair())
         .context("cannot make this node's TLS certificate")?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
@@ -282,7 +318,7 @@ fn server_config(identity: &NodeIdentity) -> anyhow::Result<quinn::ServerConfig>
     let crypto =
         QuicServerConfig::try_from(crypto).context("the TLS server config cannot carry QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(plane));
     // Nodes on a LAN do not move; without migration a packet with a spoofed source address
     // cannot redirect a connection's traffic.
     config.migration(false);
@@ -290,15 +326,19 @@ fn server_config(identity: &NodeIdentity) -> anyhow::Result<quinn::ServerConfig>
     Ok(config)
 }
 
-fn transport_config() -> Arc<TransportConfig> {
+fn transport_config(plane: Plane) -> Arc<TransportConfig> {
     let mut transport = TransportConfig::default();
+    match plane {
+        Plane::Control => transport
+            .max_idle_timeout(Some(
+                Duration::from_millis(IDLE_TIMEOUT_MS)
+                    .try_into()
+                    .expect("IDLE_TIMEOUT_MS fits QUIC's idle timeout (2^62 ms)"),
+            ))
+            .keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_MS))),
+        Plane::Data => transport.max_idle_timeout(None).keep_alive_interval(None),
+    };
     transport
-        .max_idle_timeout(Some(
-            Duration::from_millis(IDLE_TIMEOUT_MS)
-                .try_into()
-                .expect("IDLE_TIMEOUT_MS fits QUIC's idle timeout (2^62 ms)"),
-        ))
-        .keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_MS)))
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
         .send_window(u64::from(SEND_WINDOW_BYTES))
