@@ -371,6 +371,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
             "join_command": cluster.join_command,
             "predicted_tokens_per_s": cluster.predicted_tokens_per_s,
             "weight_bytes_sent": cluster.weight_bytes_sent,
+            "plan": cluster.plan,
         },
     }))
 }

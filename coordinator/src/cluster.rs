@@ -50,9 +50,13 @@ pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 /// Connections being handshaken at once at most; more are refused until one finishes, so a
 /// flood of half-open connections cannot exhaust the coordinator.
 pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 16;
-/// Link assumed between two nodes until links are measured: the worst of the two nodes' RTT
-/// to the coordinator, and this bandwidth (1 Gbit/s Ethernet).
+/// Links as the planner sees them: the RTT is QUIC's estimate on each worker's control
+/// connection (a link between two workers: the worse of their two); the bandwidth is what
+/// the worker's last slice delivery reached (the slower of the two), or this (1 Gbit/s
+/// Ethernet) until a delivery of at least [`LINK_MEASURE_BYTES_MIN`] has been timed.
 pub const LINK_BANDWIDTH_ASSUMED_BYTES_PER_S: u64 = 125_000_000;
+/// A weight stream shorter than this says little about the link; it is not used.
+pub const LINK_MEASURE_BYTES_MIN: u64 = 4 << 20;
 /// The coordinator's own node id in plans.
 pub const COORDINATOR_NODE: &str = "coordinator";
 
@@ -105,6 +109,10 @@ pub struct NodeView {
     pub address: String,
     pub memory_budget_bytes: u64,
     pub last_seen_age_ms: u64,
+    /// The stage's counters from its latest heartbeat (0 before one arrives): steps run and
+    /// microseconds computing, so Δbusy_us / Δsteps is its measured time per step.
+    pub steps: u64,
+    pub busy_us: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +120,9 @@ pub struct StageView {
     pub node_id: String,
     pub name: String,
     pub layers: [u32; 2],
+    /// The plan's predicted time of this stage per token, and of the hop out of it.
+    pub predicted_ms: Option<f64>,
+    pub predicted_hop_ms: Option<f64>,
 }
 
 /// Shared, cheap to clone.
@@ -124,7 +135,13 @@ impl ClusterStatus {
     pub fn local(n_layers: u32) -> Self {
         let status = Self::default();
         status.update(|v| {
-            v.stages = vec![StageView { node_id: COORDINATOR_NODE.into(), name: COORDINATOR_NODE.into(), layers: [0, n_layers] }]
+            v.stages = vec![StageView {
+                node_id: COORDINATOR_NODE.into(),
+                name: COORDINATOR_NODE.into(),
+                layers: [0, n_layers],
+                predicted_ms: None,
+                predicted_hop_ms: None,
+            }]
         });
         status
     }
@@ -160,6 +177,8 @@ enum Event {
     /// A planned stage's weights are hashed (blocking work done); send its assignment.
     AssignmentReady { generation: u64, node_id: String, assignment: Assignment },
     PlanFailed { generation: u64, reason: String },
+    /// A weight stream to a worker finished: how many bytes in how long (a link measurement).
+    WeightsDelivered { connection_id: ConnectionId, bytes: u64, elapsed: Duration },
     /// Every stage may be ready: check and switch the pipeline.
     Activate,
 }
@@ -339,6 +358,7 @@ pub async fn start(
         whole_model_local: true,
         plan_connections: BTreeMap::new(),
         rollout_connections: BTreeMap::new(),
+        link_bandwidth: BTreeMap::new(),
     };
     tokio::spawn(driver.run(events_rx));
     Ok(Cluster { status, local_address, node_id, _advertiser: advertiser })
@@ -475,15 +495,20 @@ async fn serve_connection(
     // Weight fetches: bidirectional streams after the control stream.
     {
         let (connection, weights) = (connection.clone(), weights.clone());
-        let tensors = tensors.clone();
+        let (tensors, events) = (tensors.clone(), events.clone());
         tokio::spawn(async move {
             while let Ok((send, recv)) = connection.accept_bi().await {
-                let (weights, tensors) = (weights.clone(), tensors.clone());
+                let (weights, tensors, events) = (weights.clone(), tensors.clone(), events.clone());
                 tokio::spawn(async move {
                     let (mut writer, mut reader) = (FrameWriter::new(send), FrameReader::new(recv));
                     let refs = tensors.lock().expect("tensors lock").clone();
+                    let started = Instant::now();
                     match weights.serve_fetch(&refs, &mut reader, &mut writer).await {
-                        Ok(bytes) => tracing::debug!(bytes, "weight stream served"),
+                        Ok(bytes) => {
+                            tracing::debug!(bytes, "weight stream served");
+                            let elapsed = started.elapsed();
+                            let _ = events.send(Event::WeightsDelivered { connection_id, bytes, elapsed });
+                        }
                         Err(e) => tracing::warn!(error = format!("{e:#}"), "weight stream failed"),
                     }
                     let _ = writer.get_mut().finish();
@@ -546,6 +571,8 @@ struct Driver {
     /// rolled out): a stage back on another connection restarted and lost its state.
     plan_connections: BTreeMap<String, ConnectionId>,
     rollout_connections: BTreeMap<String, ConnectionId>,
+    /// Bandwidth to each worker as its last slice delivery measured it (bytes/s).
+    link_bandwidth: BTreeMap<String, u64>,
 }
 
 impl Driver {
@@ -614,6 +641,15 @@ impl Driver {
                 }
             }
             Event::Activate => self.activate_if_ready().await,
+            Event::WeightsDelivered { connection_id, bytes, elapsed } => {
+                if let Some(w) = self.workers.get(&connection_id) {
+                    if bytes >= LINK_MEASURE_BYTES_MIN && !elapsed.is_zero() {
+                        let rate = (bytes as f64 / elapsed.as_secs_f64()) as u64;
+                        tracing::info!(node = %w.node_id, mib_per_s = rate >> 20, "link measured by the slice delivery");
+                        self.link_bandwidth.insert(w.node_id.clone(), rate.max(1));
+                    }
+                }
+            }
             Event::PlanFailed { generation, reason } => {
                 if self.pending_plan.as_ref().is_some_and(|p| p.generation == generation) {
                     tracing::error!(%reason, "cannot roll out the plan");
@@ -740,7 +776,13 @@ impl Driver {
                     } else {
                         rtt_us[a].max(rtt_us[b]).max(1)
                     };
-                    links.set(a, b, LinkProfile { rtt_us: rtt, bandwidth_bytes_per_s: LINK_BANDWIDTH_ASSUMED_BYTES_PER_S });
+                    let measured = |i: usize| self.link_bandwidth.get(&nodes[i].id).copied();
+                    let bandwidth = match (measured(a), measured(b)) {
+                        (Some(x), Some(y)) => x.min(y),
+                        (Some(x), None) | (None, Some(x)) if nodes[a].id == COORDINATOR_NODE || nodes[b].id == COORDINATOR_NODE => x,
+                        _ => LINK_BANDWIDTH_ASSUMED_BYTES_PER_S,
+                    };
+                    links.set(a, b, LinkProfile { rtt_us: rtt, bandwidth_bytes_per_s: bandwidth });
                 }
             }
         }
@@ -902,6 +944,8 @@ impl Driver {
                                 .find(|w| w.node_id == s.node_id)
                                 .map_or_else(|| s.node_id.clone(), |w| w.name.clone()),
                             layers: [s.layers.start, s.layers.end],
+                            predicted_ms: Some(s.stage_time_ms),
+                            predicted_hop_ms: s.hop.as_ref().map(|h| h.time_ms),
                         })
                         .collect();
                     v.plan = Some(plan.to_string());
@@ -994,6 +1038,8 @@ impl Driver {
                             .find(|(id, _)| *id == n.node_id)
                             .map_or(0, |(_, d)| d.memory_budget_bytes),
                         last_seen_age_ms: n.last_seen_age_ms,
+                        steps: n.stats.as_ref().map_or(0, |s| s.steps),
+                        busy_us: n.stats.as_ref().map_or(0, |s| s.busy_us),
                     }
                 })
                 .collect();
