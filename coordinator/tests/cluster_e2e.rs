@@ -98,9 +98,13 @@ struct Coordinator {
 }
 
 fn start_coordinator(dir: &Path, extra: &[&str]) -> Coordinator {
+    start_coordinator_on(dir, "127.0.0.1:0", extra)
+}
+
+fn start_coordinator_on(dir: &Path, cluster_listen: &str, extra: &[&str]) -> Coordinator {
     let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
     command
-        .args(["serve", "--listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--cluster-listen", cluster_listen, "--threads", "1"])
         .args(["--token", TOKEN, "--model"])
         .arg(model_path())
         .args(extra)
@@ -241,14 +245,85 @@ fn a_worker_killed_mid_stream_changes_no_token() {
     wait_for_stages(&coordinator, 3, Duration::from_secs(180));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let status = Command::new("python3")
-        .arg(root.join("tests/e2e/kill_midstream.py"))
+        .arg(root.join("tests/e2e/disturb_midstream.py"))
         .arg(format!("http://{}", coordinator.http))
-        .arg(w2.child.id().to_string())
+        .arg(format!("kill:{}", w2.child.id()))
         .status()
         .expect("running python3");
     assert!(status.success(), "the stream must survive the worker's death unchanged");
     // The cluster re-planned over the two workers left.
     let health = wait_for_stages(&coordinator, 2, Duration::from_secs(60));
     assert!(health["stages"].as_array().unwrap().iter().all(|s| s["name"] != "w2"), "{health}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_worker_joining_mid_stream_changes_no_token_and_the_next_request_uses_it() {
+    let dir = temp_dir("join");
+    let coordinator = start_coordinator(
+        &dir,
+        &["--workers", "2", "--no-local-layers", "--planner", "proportional", "--activation-dtype", "f32"],
+    );
+    let _w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let _w2 = start_worker(&dir, "w2", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    wait_for_stages(&coordinator, 2, Duration::from_secs(180));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut client = Process::spawn(
+        "client",
+        Command::new("python3")
+            .arg(root.join("tests/e2e/disturb_midstream.py"))
+            .arg(format!("http://{}", coordinator.http))
+            .arg("notify")
+            .arg("400"),
+    );
+    client.wait_for_line("disturb now", Duration::from_secs(180));
+    let _w3 = start_worker(&dir, "w3", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    // The new plan must take over while the answer is still streaming.
+    let ready_lines = |c: &Coordinator| c.process.output.lock().unwrap().iter().filter(|l| l.contains("cluster ready")).count();
+    let mut switched_mid_stream = false;
+    let status = loop {
+        if let Some(status) = client.child.try_wait().unwrap() {
+            break status;
+        }
+        switched_mid_stream |= ready_lines(&coordinator) >= 2;
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the stream must be unchanged by the join");
+    assert!(switched_mid_stream, "the three-stage plan did not take over during the stream");
+    let health = wait_for_stages(&coordinator, 3, Duration::from_secs(60));
+    assert!(health["stages"].as_array().unwrap().iter().any(|s| s["name"] == "w3"), "{health}");
+    // The next requests run on the new plan and still answer exactly as one machine.
+    run_python("cluster_client.py", &coordinator.http);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two free UDP ports in a row (the cluster port and the data port above it).
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let first = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two free UDP ports in a row");
+}
+
+#[test]
+fn workers_find_a_restarted_coordinator_on_their_own() {
+    let dir = temp_dir("restart-coordinator");
+    let listen = format!("127.0.0.1:{}", free_port_pair());
+    let args = ["--workers", "1", "--no-local-layers", "--planner", "proportional", "--activation-dtype", "f32"];
+    let coordinator = start_coordinator_on(&dir, &listen, &args);
+    let w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    wait_for_stages(&coordinator, 1, Duration::from_secs(180));
+    drop(coordinator); // SIGKILL: no goodbye to the worker
+    w1.wait_for_line("lost the coordinator", Duration::from_secs(30));
+    // Same config directory (node key, token) and port: the worker finds it again by itself.
+    let coordinator = start_coordinator_on(&dir, &listen, &args);
+    let health = wait_for_stages(&coordinator, 1, Duration::from_secs(120));
+    assert_eq!(health["stages"][0]["name"], "w1", "{health}");
+    assert_eq!(health["cluster"]["weight_bytes_sent"], 0, "the rejoined worker loads from its cache: {health}");
+    run_python("cluster_client.py", &coordinator.http);
     let _ = std::fs::remove_dir_all(&dir);
 }

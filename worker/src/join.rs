@@ -44,6 +44,7 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// LoadProgress messages at most this often while fetching a slice.
 pub const LOAD_PROGRESS_INTERVAL_MS: u64 = 250;
 
+#[derive(Clone)]
 pub struct JoinConfig {
     /// `None`: find the coordinator by mDNS.
     pub coordinator: Option<SocketAddr>,
@@ -66,6 +67,9 @@ pub enum JoinOutcome {
     Disconnected(String),
     /// Ctrl-C (or the caller's shutdown future).
     Interrupted,
+    /// The coordinator refused this worker (a wrong token, a duplicate node id, …): the
+    /// reason it gave. Trying again would be refused again.
+    Refused(String),
 }
 
 /// Data streams handed to the stage thread: each with the connection it arrived on (closed,
@@ -116,7 +120,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
             welcome.heartbeat_interval_ms
         }
         Some(Message::Refused(refused)) => {
-            bail!("the coordinator refused this worker ({:?}): {}", refused.code, refused.reason)
+            return Ok(JoinOutcome::Refused(format!("{:?}: {}", refused.code, refused.reason)));
         }
         Some(other) => bail!("the coordinator answered Hello with {:?}", other.kind()),
         None => bail!("the coordinator closed the connection during the handshake"),

@@ -9,6 +9,11 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use potluck_engine::device::{parse_size, DeviceProfile, MEASURE_TIME_DEFAULT_MS};
+
+/// After a lost coordinator, the first attempt to join again waits this long; each failure
+/// doubles the wait up to [`REJOIN_DELAY_MAX_MS`].
+const REJOIN_DELAY_MIN_MS: u64 = 1_000;
+const REJOIN_DELAY_MAX_MS: u64 = 10_000;
 use potluck_worker::default_threads;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -132,15 +137,53 @@ fn join(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let outcome = runtime.block_on(potluck_worker::join::join(config, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }))?;
-    match outcome {
-        JoinOutcome::Shutdown => println!("worker: the coordinator shut this worker down"),
-        JoinOutcome::Interrupted => println!("worker: interrupted; left the cluster"),
-        JoinOutcome::Disconnected(reason) => bail!("lost the coordinator: {reason}"),
-    }
-    Ok(())
+    runtime.block_on(async move {
+        let (interrupt_tx, interrupt) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = interrupt_tx.send(true);
+        });
+        let interrupted = || {
+            let mut interrupt = interrupt.clone();
+            async move {
+                let _ = interrupt.wait_for(|&stop| stop).await;
+            }
+        };
+        // Once joined, a lost coordinator is waited for: it may be restarting (its node key
+        // and token persist), and the slice cache makes the rejoin quick.
+        let mut joined_before = false;
+        let mut delay = Duration::from_millis(REJOIN_DELAY_MIN_MS);
+        loop {
+            match potluck_worker::join::join(config.clone(), interrupted()).await {
+                Ok(JoinOutcome::Shutdown) => {
+                    println!("worker: the coordinator shut this worker down");
+                    return Ok(());
+                }
+                Ok(JoinOutcome::Interrupted) => {
+                    println!("worker: interrupted; left the cluster");
+                    return Ok(());
+                }
+                Ok(JoinOutcome::Refused(reason)) => bail!("the coordinator refused this worker ({reason})"),
+                Ok(JoinOutcome::Disconnected(reason)) => {
+                    joined_before = true;
+                    delay = Duration::from_millis(REJOIN_DELAY_MIN_MS);
+                    println!("worker: lost the coordinator ({reason}); joining again in {:.0} s", delay.as_secs_f64());
+                }
+                Err(e) if joined_before => {
+                    println!("worker: cannot join yet ({e:#}); trying again in {:.0} s", delay.as_secs_f64());
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = interrupted() => {
+                    println!("worker: interrupted");
+                    return Ok(());
+                }
+            }
+            delay = (delay * 2).min(Duration::from_millis(REJOIN_DELAY_MAX_MS));
+        }
+    })
 }
 
 fn main() -> Result<()> {
