@@ -31,7 +31,13 @@
 #                     --no-local-layers: on one machine the planner would rather keep every
 #                     layer on the coordinator than pay the hops, and the demo is about the
 #                     workers; set it to "" to let the planner choose)
+#   PLK_WORKER_ARGS   extra `worker join` arguments for the demo (default none)
 #   PLK_READY_TIMEOUT_S  how long the demo waits for the cluster to be ready (default 600)
+#   PLK_CUT_LINK      a host (w1 or w2): instead of one chat, the demo streams a long greedy
+#                     completion and pulls that host's cable (its link on the switch goes
+#                     down) after 20 tokens; the stream must still finish with exactly the
+#                     tokens of an undisturbed run (tests/e2e/disturb_midstream.py, which
+#                     needs the `openai` Python package)
 set -euo pipefail
 
 PREFIX="${PLK_PREFIX:-plk}"
@@ -41,6 +47,8 @@ RATE="${PLK_RATE:-1gbit}"
 SHAPING="${PLK_SHAPING:-1}"
 READY_TIMEOUT_S="${PLK_READY_TIMEOUT_S:-600}"
 COORD_ARGS="${PLK_COORD_ARGS---no-local-layers}"
+WORKER_ARGS="${PLK_WORKER_ARGS:-}"
+CUT_LINK="${PLK_CUT_LINK:-}"
 DEMO_WORKERS=(w1 w2)
 HOSTS=(coord w1 w2)
 HUB="$PREFIX-hub"
@@ -267,9 +275,10 @@ demo() {
   for host in "${DEMO_WORKERS[@]}"; do
     mkdir -p "$state/$host"
     # No coordinator address: the worker finds it by mDNS.
+    # shellcheck disable=SC2086 # PLK_WORKER_ARGS is a list of words
     ip netns exec "$(ns_of "$host")" env POTLUCK_CONFIG_DIR="$state/$host" \
       POTLUCK_CACHE_DIR="$state/$host/cache" XDG_CACHE_HOME="$state/$host/cache" \
-      "$bin/worker" join --token "$token" >"$state/$host/log" 2>&1 &
+      "$bin/worker" join --token "$token" $WORKER_ARGS >"$state/$host/log" 2>&1 &
     DEMO_PIDS+=($!)
   done
 
@@ -286,6 +295,25 @@ demo() {
     waited=$((waited + 1))
   done
   echo "health: $health"
+
+  if [ -n "$CUT_LINK" ]; then
+    ip_of "$CUT_LINK" >/dev/null
+    local client="$state/client.log" client_pid
+    ip netns exec "$(ns_of coord)" python3 "$(dirname "$0")/../tests/e2e/disturb_midstream.py" "$url" notify 300 \
+      >"$client" 2>&1 &
+    client_pid=$!
+    until grep -q "disturb now" "$client" 2>/dev/null; do
+      kill -0 "$client_pid" 2>/dev/null || { cat "$client" >&2; die "the streaming client ended before the cut"; }
+      sleep 0.05
+    done
+    ip -n "$HUB" link set "$CUT_LINK" down
+    note "cut the link of $CUT_LINK"
+    local status=0
+    wait "$client_pid" || status=$?
+    sed 's/^/client: /' "$client"
+    echo "health after: $(ip netns exec "$(ns_of coord)" curl -fsS --max-time 2 "$url/health" 2>/dev/null || true)"
+    return "$status"
+  fi
 
   ip netns exec "$(ns_of coord)" curl -fsS --max-time 300 "$url/v1/chat/completions" \
     -H 'Content-Type: application/json' \

@@ -106,7 +106,9 @@ pub struct NodeView {
     pub node_id: String,
     pub name: String,
     pub state: String,
+    /// Its control connection's address, and its data endpoint (where stages send to it).
     pub address: String,
+    pub data_address: String,
     pub memory_budget_bytes: u64,
     pub last_seen_age_ms: u64,
     /// The stage's counters from its latest heartbeat (0 before one arrives): steps run and
@@ -1032,6 +1034,7 @@ impl Driver {
                             NodeState::Gone { reason, .. } => format!("gone ({reason:?})"),
                         },
                         address: worker.map_or_else(String::new, |w| w.connection.remote_address().to_string()),
+                        data_address: worker.map_or_else(String::new, |w| w.data_address.to_string()),
                         memory_budget_bytes: self
                             .membership
                             .members()

@@ -327,3 +327,89 @@ fn workers_find_a_restarted_coordinator_on_their_own() {
     run_python("cluster_client.py", &coordinator.http);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A live worker gets plaintext garbage, a connection from a node that is not its upstream,
+/// and every kind of malformed frame from the one node it does accept data from (the
+/// coordinator; the test reads its key): each bad connection is closed with a reason, and
+/// the worker stays up and keeps answering exactly as before.
+#[test]
+fn hostile_peers_cannot_disturb_a_live_worker() {
+    use potluck_protocol::{encode, encode_unchecked, Activations, Dtype, FrameHeader, Kind, Message, Segment, PROTOCOL_VERSION};
+    use potluck_worker::net::identity::NodeIdentity;
+    use potluck_worker::net::tls::{self, Plane};
+
+    let dir = temp_dir("hostile");
+    let coordinator = start_coordinator(
+        &dir,
+        &["--workers", "1", "--no-local-layers", "--planner", "proportional", "--activation-dtype", "f32"],
+    );
+    let mut w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let health = wait_for_stages(&coordinator, 1, Duration::from_secs(180));
+    let data: std::net::SocketAddr = health["nodes"][0]["data_address"].as_str().unwrap().parse().unwrap();
+    let coordinator_key = NodeIdentity::load_or_create(&dir.join("coordinator-config/coordinator.key")).unwrap();
+    let stranger = NodeIdentity::generate();
+    let activations = |payload: usize| {
+        Message::Activations(Activations {
+            step: 1,
+            segments: vec![Segment { sequence_id: 1, first_position: 0, n_rows: 1, sample: false }],
+            dtype: Dtype::F32,
+            hidden: 576,
+            payload: vec![0; payload],
+        })
+    };
+    let with_byte = |at: usize, value: u8| {
+        let mut frame = encode(&Message::Ready).unwrap();
+        frame[at] = value;
+        frame
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", vec![0x5a; 64]),
+        ("bad magic", with_byte(0, b'H')),
+        ("wrong version", with_byte(4, 99)),
+        ("unknown kind", with_byte(6, 200)),
+        ("unknown flags", with_byte(7, 1)),
+        (
+            "over its limit",
+            FrameHeader { version: PROTOCOL_VERSION, kind: Kind::Activations as u8, flags: 0, body_len: u32::MAX }.to_bytes().to_vec(),
+        ),
+        ("truncated", {
+            let frame = encode(&activations(576 * 4)).unwrap();
+            frame[..frame.len() - 10].to_vec()
+        }),
+        ("shape × dtype ≠ payload", encode_unchecked(&activations(10)).unwrap()),
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let closed_within = |connection: quinn::Connection, what: &'static str| async move {
+            match tokio::time::timeout(Duration::from_secs(10), connection.closed()).await {
+                Ok(reason) => reason.to_string(),
+                Err(_) => panic!("{what}: the worker did not close the connection"),
+            }
+        };
+        // Plaintext datagrams: no state, no answer that matters.
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for len in [1, 100, 1200] {
+            udp.send_to(&vec![0xab; len], data).await.unwrap();
+        }
+        // A node with a key but no place in the pipeline: closed after the handshake.
+        let endpoint = tls::endpoint_for(Plane::Data, &stranger, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let connection = tls::connect_on(Plane::Data, &endpoint, &stranger, data, None).await.unwrap();
+        let reason = closed_within(connection, "a stranger").await;
+        assert!(reason.contains("not a member"), "a stranger: {reason}");
+        // Malformed frames from the accepted identity: each closes its connection.
+        let trusted = tls::endpoint_for(Plane::Data, &coordinator_key, "127.0.0.1:0".parse().unwrap()).unwrap();
+        for (what, bytes) in cases {
+            let connection = tls::connect_on(Plane::Data, &trusted, &coordinator_key, data, None).await.unwrap();
+            let mut send = connection.open_uni().await.unwrap();
+            send.write_all(&bytes).await.unwrap();
+            send.finish().unwrap();
+            let reason = closed_within(connection, what).await;
+            assert!(reason.contains("protocol error"), "{what}: {reason}");
+        }
+    });
+    assert!(w1.child.try_wait().unwrap().is_none(), "the worker died");
+    // Still serving, still exact.
+    run_python("cluster_client.py", &coordinator.http);
+    assert!(w1.output_contains("bad data stream; closing the connection"), "the worker logs why it closed them");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,30 +49,45 @@ fn content(json: &str) -> String {
     v["choices"][0]["message"]["content"].as_str().expect("a chat answer").to_string()
 }
 
-#[test]
-fn three_hosts_find_each_other_by_mdns_and_answer_like_one_machine() {
+/// The two demos share the machine's CPUs; run one at a time (failure detection is timed).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `examples/netns_cluster.sh demo` with its own namespaces and subnet; `None` when
+/// POTLUCK_SKIP_NETNS=1.
+fn run_demo(tag: u32, coord_args: &str, extra_env: &[(&str, &str)]) -> Option<(std::process::Output, PathBuf)> {
     if std::env::var_os("POTLUCK_SKIP_NETNS").is_some_and(|v| v == "1") {
         eprintln!("POTLUCK_SKIP_NETNS=1: skipped");
-        return;
+        return None;
     }
     let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     assert!(is_root, "network namespaces need root (set POTLUCK_SKIP_NETNS=1 to skip this test)");
     let bin = Path::new(env!("CARGO_BIN_EXE_coordinator")).parent().unwrap().to_path_buf();
     assert!(bin.join("worker").exists(), "build the workspace first (cargo build --workspace)");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/netns_cluster.sh");
-    let id = std::process::id();
-    let out = Command::new("bash")
+    let id = std::process::id() % 10_000 * 10 + tag;
+    let mut command = Command::new("bash");
+    command
         .arg(&script)
         .arg("demo")
-        .env("PLK_PREFIX", format!("plke{}", id % 100_000))
+        .env("PLK_PREFIX", format!("plke{id}"))
         .env("PLK_SUBNET", format!("10.{}.{}", 100 + id % 100, (id / 100) % 250))
         .env("POTLUCK_BIN_DIR", &bin)
         .env("POTLUCK_MODEL", model_path())
         .env("PLK_READY_TIMEOUT_S", "240")
-        // Both workers hold layers (split by memory); f32 activations are bit-exact with one machine.
-        .env("PLK_COORD_ARGS", "--no-local-layers --planner proportional --activation-dtype f32 --threads 1")
-        .output()
-        .expect("running examples/netns_cluster.sh");
+        .env("PLK_COORD_ARGS", coord_args);
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    Some((command.output().expect("running examples/netns_cluster.sh"), bin))
+}
+
+#[test]
+fn three_hosts_find_each_other_by_mdns_and_answer_like_one_machine() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Both workers hold layers (split by memory); f32 activations are bit-exact with one machine.
+    let Some((out, bin)) = run_demo(1, "--no-local-layers --planner proportional --activation-dtype f32 --threads 1", &[]) else {
+        return;
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the demo failed:\n{stdout}\n{stderr}");
@@ -88,4 +103,30 @@ fn three_hosts_find_each_other_by_mdns_and_answer_like_one_machine() {
     let cluster_answer = content(answer);
     assert_eq!(cluster_answer, single_machine_answer(&bin), "the cluster answers exactly as one machine");
     eprintln!("cluster answer: {cluster_answer:?}");
+}
+
+/// Three stages (the coordinator and both workers); one worker's cable is pulled 20 tokens
+/// into a streamed greedy completion. The coordinator declares it gone, re-plans over the
+/// two hosts left, and the stream finishes with exactly the undisturbed tokens.
+#[test]
+fn a_link_cut_mid_stream_changes_no_token() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((out, _)) = run_demo(
+        2,
+        "--planner proportional --activation-dtype f32 --threads 1",
+        &[("PLK_CUT_LINK", "w2"), ("PLK_WORKER_ARGS", "--threads 1")],
+    ) else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the link-cut demo failed:\n{stdout}\n{stderr}");
+    let health_line = stdout.lines().find_map(|l| l.strip_prefix("health: ")).expect("the demo prints /health");
+    let health: serde_json::Value = serde_json::from_str(health_line).unwrap();
+    assert_eq!(health["stages"].as_array().unwrap().len(), 3, "three stages before the cut: {health}");
+    let resumed = stdout.lines().find(|l| l.contains("identical to the undisturbed run")).expect("the client's verdict");
+    eprintln!("{resumed}");
+    let after_line = stdout.lines().find_map(|l| l.strip_prefix("health after: ")).expect("the demo prints /health after");
+    let after: serde_json::Value = serde_json::from_str(after_line).unwrap();
+    assert_eq!(after["stages"].as_array().unwrap().len(), 2, "re-planned over the two hosts left: {after}");
 }

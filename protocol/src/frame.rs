@@ -107,6 +107,19 @@ pub fn encode(message: &Message) -> Result<Vec<u8>, ProtocolError> {
 /// step). On error `out` is left as it was.
 pub fn encode_into(message: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
     message.validate()?;
+    write_frame(message, out)
+}
+
+/// The frame of `message` **without** the checks [`encode`] makes, as a broken or hostile
+/// peer would send it: for tests of the receiving side only (feature `unchecked`).
+#[cfg(feature = "unchecked")]
+pub fn encode_unchecked(message: &Message) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = Vec::new();
+    write_frame(message, &mut out)?;
+    Ok(out)
+}
+
+fn write_frame(message: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
     let kind = message.kind();
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_BYTES]);

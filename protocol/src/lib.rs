@@ -34,6 +34,8 @@ pub use data::{
     SequenceStart, StepTokens, TokenLogprob, WeightChunk,
 };
 pub use error::ProtocolError;
+#[cfg(feature = "unchecked")]
+pub use frame::encode_unchecked;
 pub use frame::{decode, decode_body, encode, encode_into, FrameDecoder, FrameHeader, HEADER_BYTES, MAGIC};
 pub use message::{Kind, Message};
 

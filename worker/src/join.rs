@@ -12,7 +12,10 @@
 //!   [`StageRunner::handle`], and writes the output to the next stage's data endpoint (the
 //!   coordinator's, on the last stage) itself: a token crosses no thread inside a worker.
 //!   Its **acceptor** task keeps only connections from the coordinator and the upstream
-//!   stage (identities proven by TLS) and hands their data streams to the stage.
+//!   stage (identities proven by TLS); a **reader** task per data stream decodes its frames
+//!   into the stage's inbox (same thread: no wake-up), and closes the connection, with the
+//!   reason logged, on the first frame that breaks the protocol. Other streams, and the
+//!   stage, go on.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -72,9 +75,12 @@ pub enum JoinOutcome {
     Refused(String),
 }
 
-/// Data streams handed to the stage thread: each with the connection it arrived on (closed,
-/// with the reason logged, if the stream carries a bad frame) and the peer's node id.
-type StageInbox = mpsc::UnboundedSender<(quinn::RecvStream, quinn::Connection, String)>;
+/// Decoded messages for the running stage. Bounded, so a peer that sends faster than the
+/// stage computes is held back by QUIC flow control, not buffered here.
+type StageInbox = mpsc::Sender<Message>;
+
+/// Messages waiting for the stage at most (then the stream's reader waits).
+pub const STAGE_INBOX_MESSAGES_MAX: usize = 64;
 
 /// Joins and serves until the coordinator shuts us down, the connection drops, or
 /// `shutdown` resolves.
@@ -172,6 +178,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         cache,
         threads: config.threads,
         data,
+        stage_stop: None,
         stage_done: None,
     };
     let outcome = tokio::select! {
@@ -261,7 +268,9 @@ struct Session {
     cache: SliceCache,
     threads: usize,
     data: DataPlane,
-    /// Says when the running stage has stopped (after its inbox closed).
+    /// Stops the running stage (after the message it is on)…
+    stage_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// …and says when it has.
     stage_done: Option<std::sync::mpsc::Receiver<()>>,
 }
 
@@ -295,8 +304,10 @@ impl Session {
     }
 
     fn stop_stage(&mut self) {
-        // Closing the inbox ends the stage after the message it is on.
+        // Streams accepted from now on have no stage to feed; the stage ends after the
+        // message it is on.
         self.inbox.lock().expect("inbox lock").take();
+        drop(self.stage_stop.take());
         if let Some(done) = self.stage_done.take() {
             let _ = done.recv();
         }
@@ -399,16 +410,19 @@ impl Session {
         if address.ip().is_unspecified() {
             address.set_ip(self.connection.remote_address().ip());
         }
-        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let (inbox_tx, inbox_rx) = mpsc::channel(STAGE_INBOX_MESSAGES_MAX);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let job = StageJob {
             runner,
             downstream: Downstream { address, node_id: node_id.clone() },
-            streams: inbox_rx,
+            messages: inbox_rx,
+            stop: stop_rx,
             counters: self.counters.clone(),
             done: done_tx,
         };
         self.data.jobs.send(job).map_err(|_| anyhow!("the stage thread has stopped"))?;
+        self.stage_stop = Some(stop_tx);
         self.stage_done = Some(done_rx);
         *self.inbox.lock().expect("inbox lock") = Some(inbox_tx);
         self.control_tx.send(Message::Ready).map_err(|_| anyhow!("the control stream closed"))?;
@@ -425,11 +439,12 @@ struct DataPlane {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A stage for the stage thread to run until its `streams` close.
+/// A stage for the stage thread to run until `stop` fires (or its sender is dropped).
 struct StageJob {
     runner: StageRunner,
     downstream: Downstream,
-    streams: mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection, String)>,
+    messages: mpsc::Receiver<Message>,
+    stop: tokio::sync::oneshot::Receiver<()>,
     counters: Arc<SharedCounters>,
     done: std::sync::mpsc::Sender<()>,
 }
@@ -471,8 +486,8 @@ impl DataPlane {
                         identity: identity.clone(),
                         downstream: job.downstream,
                         writer: None,
-                        streams: job.streams,
-                        reader: None,
+                        messages: job.messages,
+                        stop: job.stop,
                     };
                     run_stage(job.runner, io, &job.counters);
                     let _ = job.done.send(());
@@ -505,41 +520,20 @@ struct StageIo<'a> {
     identity: Arc<NodeIdentity>,
     downstream: Downstream,
     writer: Option<FrameWriter<quinn::SendStream>>,
-    /// New input streams; closed when the session stops this stage.
-    streams: mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection, String)>,
-    reader: Option<(FrameReader<quinn::RecvStream>, quinn::Connection, String)>,
+    /// What the reader tasks decoded from the input streams, in arrival order.
+    messages: mpsc::Receiver<Message>,
+    stop: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl StageIo<'_> {
-    /// The next message from the newest input stream; `None` when the stage is stopped.
+    /// The next message for the stage; `None` when the stage is stopped.
     fn next(&mut self) -> Option<Message> {
-        let (runtime, streams, reader) = (self.runtime, &mut self.streams, &mut self.reader);
+        let (runtime, messages, stop) = (self.runtime, &mut self.messages, &mut self.stop);
         runtime.block_on(async {
-            loop {
-                let current = async {
-                    match reader.as_mut() {
-                        Some((r, _, _)) => r.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    biased;
-                    stream = streams.recv() => match stream {
-                        // A newer stream (a re-planned upstream) replaces the current one.
-                        Some((recv, connection, peer)) => *reader = Some((FrameReader::new(recv), connection, peer)),
-                        None => return None,
-                    },
-                    message = current => match message {
-                        Ok(Some(message)) => return Some(message),
-                        Ok(None) => *reader = None,
-                        Err(e) => {
-                            if let Some((_, connection, peer)) = reader.take() {
-                                tracing::warn!(%peer, error = %e, "bad data stream; closing the connection");
-                                connection.close(4u32.into(), b"protocol error on a data stream");
-                            }
-                        }
-                    },
-                }
+            tokio::select! {
+                biased;
+                _ = stop => None,
+                message = messages.recv() => message,
             }
         })
     }
@@ -628,13 +622,36 @@ async fn accept_data_connections(
                 return;
             }
             while let Ok(recv) = connection.accept_uni().await {
-                match inbox.lock().expect("inbox lock").as_ref() {
-                    Some(tx) => {
-                        let _ = tx.send((recv, connection.clone(), peer.clone()));
-                    }
-                    None => tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored"),
-                }
+                // The stream feeds the stage running now; a stage that replaces it gets the
+                // streams opened after it started.
+                let Some(inbox) = inbox.lock().expect("inbox lock").clone() else {
+                    tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored");
+                    continue;
+                };
+                tokio::spawn(read_data_stream(recv, connection.clone(), peer.clone(), inbox));
             }
         });
+    }
+}
+
+/// Decodes one data stream into the stage's inbox. A frame that breaks the protocol
+/// (garbage, a frame over its limit, a truncated one, a shape that does not match its
+/// payload) closes the peer's connection with the reason logged; nothing else is affected.
+async fn read_data_stream(recv: quinn::RecvStream, connection: quinn::Connection, peer: String, inbox: StageInbox) {
+    let mut reader = FrameReader::new(recv);
+    loop {
+        match reader.recv().await {
+            Ok(Some(message)) => {
+                if inbox.send(message).await.is_err() {
+                    return; // that stage has stopped
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%peer, remote = %connection.remote_address(), error = %e, "bad data stream; closing the connection");
+                connection.close(4u32.into(), b"protocol error on a data stream");
+                return;
+            }
+        }
     }
 }
