@@ -102,6 +102,9 @@ impl ApiError {
     fn internal(message: impl Into<String>) -> Self {
         Self::bad_request(message).status(StatusCode::INTERNAL_SERVER_ERROR, "server_error")
     }
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::bad_request(message).status(StatusCode::SERVICE_UNAVAILABLE, "server_error").code("model_unavailable")
+    }
     fn body(&self) -> Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
@@ -614,6 +617,7 @@ async fn collect(state: &AppState, prepared: &Prepared, mut receiver: mpsc::Unbo
                 return Ok(Outcome { text, finish_reason, prompt_tokens, completion_tokens, logprobs });
             }
             GenerateEvent::Failed(message) => return Err(ApiError::internal(message)),
+            GenerateEvent::Unavailable(message) => return Err(ApiError::unavailable(message)),
         }
     }
     Err(ApiError::internal("the generation service stopped"))
@@ -684,6 +688,11 @@ async fn stream_events(
             }
             GenerateEvent::Failed(message) => {
                 let _ = send(ApiError::internal(message).body()).await;
+                let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+                return;
+            }
+            GenerateEvent::Unavailable(message) => {
+                let _ = send(ApiError::unavailable(message).body()).await;
                 let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
                 return;
             }

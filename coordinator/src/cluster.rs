@@ -808,10 +808,12 @@ impl Driver {
             Ok(p) if p.fits => p,
             Ok(p) => {
                 tracing::error!(%reason, "the model does not fit the cluster:\n{p}");
+                self.unavailable(format!("the model does not fit the cluster's memory any more ({reason}); add a machine"));
                 return;
             }
             Err(e) => {
                 tracing::error!(%reason, error = %e, "cannot plan");
+                self.unavailable(format!("the cluster cannot run the model any more ({reason}): {e}"));
                 return;
             }
         };
@@ -828,6 +830,16 @@ impl Driver {
         }
         println!("potluck: new plan ({reason}):\n{plan}");
         self.roll_out(plan, &members);
+    }
+
+    /// With the pipeline broken and no plan possible, requests in flight and new ones fail
+    /// with `message` (HTTP 503) instead of waiting for a plan that cannot come. A later
+    /// membership change re-plans and replaces it.
+    fn unavailable(&mut self, message: String) {
+        if self.plan.is_none() && !self.whole_model_local {
+            tracing::error!(%message, "the model is unavailable until the cluster changes");
+            let _ = self.service.replace_pipeline(Box::new(crate::pipeline::UnavailablePipeline::new(message)));
+        }
     }
 
     /// Hashes each worker stage's tensors (blocking, off the driver) and then sends the

@@ -67,6 +67,9 @@ pub enum GenerateEvent {
     Token { id: u32, logprob: Option<f32>, top: Vec<(u32, f32)> },
     Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
     Failed(String),
+    /// The model cannot run now (the cluster lost the memory it needs, or has no workers
+    /// yet): the client should retry later (HTTP 503).
+    Unavailable(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,7 +294,7 @@ impl Generator {
         for seq in active.iter_mut() {
             seq.n_cached = 0;
             if let Err(e) = self.pipeline.send(sequence_start(seq)) {
-                let _ = seq.events.send(GenerateEvent::Failed(format!("cannot move the request to the new pipeline: {e}")));
+                let _ = seq.events.send(GenerateEvent::Unavailable(format!("the request cannot go on: {e}")));
                 seq.done = true;
             }
         }
@@ -337,7 +340,7 @@ impl Generator {
             return;
         }
         if let Err(e) = self.pipeline.send(sequence_start(&seq)) {
-            let _ = seq.events.send(GenerateEvent::Failed(format!("the model is not available: {e}")));
+            let _ = seq.events.send(GenerateEvent::Unavailable(format!("the model is not available: {e}")));
             return;
         }
         active.push(seq);

@@ -413,3 +413,59 @@ fn hostile_peers_cannot_disturb_a_live_worker() {
     assert!(w1.output_contains("bad data stream; closing the connection"), "the worker logs why it closed them");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// POST `body` to `path`; the status code and the whole response text.
+fn post(address: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, response)
+}
+
+/// Two workers hold the model between them; one dies mid-answer and the one left cannot
+/// hold it alone: the streamed answer ends with an error that says so, and new requests get
+/// a 503 with the reason, instead of waiting for a plan that cannot come.
+#[test]
+fn when_the_model_no_longer_fits_requests_fail_clearly() {
+    let dir = temp_dir("no-fit");
+    let coordinator = start_coordinator(
+        &dir,
+        &["--workers", "2", "--no-local-layers", "--ctx-size", "256", "--activation-dtype", "f32"],
+    );
+    // 182 MiB with the KV cache of 16 sequences × 256 tokens: neither worker can hold it alone.
+    let _w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "100MiB"]);
+    let mut w2 = start_worker(&dir, "w2", &coordinator, TOKEN, &["--memory-limit", "120MiB"]);
+    wait_for_stages(&coordinator, 2, Duration::from_secs(180));
+    let body = r#"{"model":"x","prompt":"The capital of France is","max_tokens":200,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let mut stream = std::net::TcpStream::connect(&coordinator.http).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < 10 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended early");
+        seen += usize::from(line.starts_with("data: {"));
+    }
+    w2.child.kill().unwrap();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("does not fit"), "the stream must end with the reason: {rest}");
+    let (status, response) = post(&coordinator.http, "/v1/completions", r#"{"model":"x","prompt":"Hi","max_tokens":4}"#);
+    assert_eq!(status, 503, "{response}");
+    assert!(response.contains("does not fit") && response.contains("model_unavailable"), "{response}");
+    assert!(response.to_ascii_lowercase().contains("retry-after"), "{response}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
