@@ -18,6 +18,7 @@ pub mod generation;
 pub mod membership;
 pub mod model_fetch;
 pub mod pipeline;
+pub mod status;
 pub mod text;
 pub mod weights;
 

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
     name = "coordinator",
     version,
     about = "Potluck coordinator: serves one language model over an OpenAI-compatible API, \
-             running it on this machine and (with the cluster feature) on the workers that join.",
+             running it on this machine and on the workers that join (`worker join`).",
     after_help = "Quick start:\n  coordinator serve                       # fetches SmolLM2-135M on first run, serves http://127.0.0.1:8080\n  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{\"model\":\"any\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi!\"}]}'"
 )]
 struct Cli {
@@ -25,6 +25,15 @@ enum Command {
     Serve(ServeArgs),
     /// Download and verify the default model into the cache, then exit.
     FetchModel,
+    /// Print the cluster a running coordinator serves: stages, workers, the plan.
+    Status {
+        /// The coordinator's HTTP API.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Print /health's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -49,8 +58,8 @@ struct ServeArgs {
     /// Do not announce the cluster on the LAN (workers then need --coordinator).
     #[arg(long)]
     no_mdns: bool,
-    /// Wait for this many workers before splitting the model (until then every layer runs
-    /// here). Default: re-plan whenever a worker joins or leaves.
+    /// Keep every layer here until this many workers have joined; after the first split the
+    /// cluster re-plans whenever a worker joins or leaves.
     #[arg(long, value_name = "N", default_value_t = 1)]
     workers: usize,
     /// Keep no layers on this machine once workers have joined (it still tokenizes, schedules
@@ -95,6 +104,15 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(args),
+        Command::Status { url, json } => {
+            let health = potluck_coordinator::status::fetch_health(&url)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&health)?);
+            } else {
+                print!("{}", potluck_coordinator::status::render(&health));
+            }
+            Ok(())
+        }
     }
 }
 

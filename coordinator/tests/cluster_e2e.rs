@@ -189,6 +189,18 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     run_python("cluster_client.py", &coordinator.http);
     // The whole client suite (errors, chat, logprobs, seeds, concurrency) on the cluster too.
     run_python("openai_client_test.py", &coordinator.http);
+    // `coordinator status` draws the same cluster in the terminal.
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["status", "--url", &format!("http://{}", coordinator.http)])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "coordinator status failed: {}", String::from_utf8_lossy(&out.stderr));
+    let layers = |s: &serde_json::Value| format!("{}..{}", s["layers"][0], s["layers"][1]);
+    for needle in ["w1", "w2", "ready", "workers (2)", &layers(&stages[0]), &layers(&stages[1])] {
+        assert!(table.contains(needle), "{needle:?} missing from `coordinator status`:\n{table}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
