@@ -403,7 +403,32 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     metric("potluck_steps_total", "counter", "Forward steps run.", s.steps.load(Relaxed));
     metric("potluck_step_rows_total", "counter", "Token rows computed in forward steps.", s.step_rows.load(Relaxed));
     metric("potluck_step_busy_microseconds_total", "counter", "Time spent computing steps.", s.step_busy_us.load(Relaxed));
-    metric("potluck_nodes", "gauge", "Nodes serving the model (this machine alone until workers join).", 1);
+    let cluster = state.cluster.snapshot();
+    metric("potluck_nodes", "gauge", "Nodes holding layers of the pipeline in force (1: this machine alone).", cluster.stages.len() as u64);
+    // Per worker and per stage, labelled. Label values are escaped as the text format asks.
+    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let _ = writeln!(out, "# HELP potluck_workers Workers known to the coordinator, by state.\n# TYPE potluck_workers gauge");
+    for state_name in ["joining", "loading", "ready", "gone"] {
+        let n = cluster.nodes.iter().filter(|n| n.state.starts_with(state_name)).count();
+        let _ = writeln!(out, "potluck_workers{{state=\"{state_name}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP potluck_worker_steps_total Steps a worker's stage has run (its last heartbeat).\n# TYPE potluck_worker_steps_total counter");
+    for n in &cluster.nodes {
+        let _ = writeln!(out, "potluck_worker_steps_total{{node=\"{}\"}} {}", label(&n.name), n.steps);
+    }
+    let _ = writeln!(out, "# HELP potluck_worker_busy_microseconds_total Time a worker's stage has spent computing.\n# TYPE potluck_worker_busy_microseconds_total counter");
+    for n in &cluster.nodes {
+        let _ = writeln!(out, "potluck_worker_busy_microseconds_total{{node=\"{}\"}} {}", label(&n.name), n.busy_us);
+    }
+    let _ = writeln!(out, "# HELP potluck_stage_predicted_milliseconds The plan's predicted time per token of each stage.\n# TYPE potluck_stage_predicted_milliseconds gauge");
+    for s in &cluster.stages {
+        if let Some(ms) = s.predicted_ms {
+            let _ = writeln!(out, "potluck_stage_predicted_milliseconds{{node=\"{}\",layers=\"{}..{}\"}} {ms}", label(&s.name), s.layers[0], s.layers[1]);
+        }
+    }
+    if let Some(tps) = cluster.predicted_tokens_per_s {
+        let _ = writeln!(out, "# HELP potluck_plan_predicted_tokens_per_second The plan's predicted decode speed.\n# TYPE potluck_plan_predicted_tokens_per_second gauge\npotluck_plan_predicted_tokens_per_second {tps}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

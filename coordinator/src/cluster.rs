@@ -788,7 +788,8 @@ impl Driver {
                 }
             }
         }
-        let model = potluck_worker::planner_model(&self.profile, "model");
+        let name = self.model_path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        let model = potluck_worker::planner_model(&self.profile, &name);
         let workload = Workload {
             context_tokens: self.service.context_length() as u32,
             sequences: ACTIVE_SEQUENCES_MAX as u32,
@@ -807,7 +808,7 @@ impl Driver {
         let plan = match planned {
             Ok(p) if p.fits => p,
             Ok(p) => {
-                tracing::error!(%reason, "the model does not fit the cluster:\n{p}");
+                tracing::error!(%reason, "the model does not fit the cluster:\n{}", self.named(&p));
                 self.unavailable(format!("the model does not fit the cluster's memory any more ({reason}); add a machine"));
                 return;
             }
@@ -828,8 +829,21 @@ impl Driver {
             self.plan = Some(plan);
             return;
         }
-        println!("potluck: new plan ({reason}):\n{plan}");
+        println!("potluck: new plan ({reason}):\n{}", self.named(&plan));
         self.roll_out(plan, &members);
+    }
+
+    /// The plan's table with each worker's name beside its node id (same width, so the
+    /// columns stay aligned): what people read.
+    fn named(&self, plan: &Plan) -> String {
+        let mut text = plan.to_string();
+        for w in self.workers.values() {
+            let width = w.node_id.chars().count();
+            let short: String = w.node_id.chars().take(12).collect();
+            let label: String = format!("{} ({short}…)", w.name).chars().take(width).collect();
+            text = text.replace(&w.node_id, &format!("{label:<width$}"));
+        }
+        text.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
     }
 
     /// With the pipeline broken and no plan possible, requests in flight and new ones fail
@@ -946,6 +960,7 @@ impl Driver {
                 if self.service.replace_pipeline(pipeline).is_err() {
                     tracing::error!("the generation service has stopped");
                 }
+                let named_plan = self.named(&plan);
                 self.status.update(|v| {
                     v.stages = plan
                         .stages
@@ -962,7 +977,7 @@ impl Driver {
                             predicted_hop_ms: s.hop.as_ref().map(|h| h.time_ms),
                         })
                         .collect();
-                    v.plan = Some(plan.to_string());
+                    v.plan = Some(named_plan);
                     v.predicted_tokens_per_s = Some(plan.tokens_per_s);
                 });
                 self.plan = Some(plan);

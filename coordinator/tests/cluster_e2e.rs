@@ -132,14 +132,17 @@ fn start_worker(dir: &Path, name: &str, coordinator: &Coordinator, token: &str, 
     Process::spawn(name, &mut command)
 }
 
-/// GET `path` over plain HTTP/1.1 (no client library needed for a JSON status page).
-fn get_json(address: &str, path: &str) -> serde_json::Value {
+/// GET `path` over plain HTTP/1.1 (no client library needed for a status page): the body.
+fn get_text(address: &str, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+    response.split_once("\r\n\r\n").map_or_else(String::new, |(_, body)| body.to_string())
+}
+
+fn get_json(address: &str, path: &str) -> serde_json::Value {
+    serde_json::from_str(&get_text(address, path)).unwrap_or(serde_json::Value::Null)
 }
 
 /// Waits until `/health` shows `n` stages, all on workers, and every node ready.
@@ -200,6 +203,18 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     for needle in ["w1", "w2", "ready", "workers (2)", &layers(&stages[0]), &layers(&stages[1])] {
         assert!(table.contains(needle), "{needle:?} missing from `coordinator status`:\n{table}");
     }
+    // And /metrics, for Prometheus: two stages, two ready workers, their steps.
+    std::thread::sleep(Duration::from_millis(1500)); // a heartbeat after the requests above
+    let metrics = get_text(&coordinator.http, "/metrics");
+    for needle in ["potluck_nodes 2\n", "potluck_workers{state=\"ready\"} 2\n", "potluck_worker_steps_total{node=\"w1\"} ", "potluck_stage_predicted_milliseconds{node=\"w2\""] {
+        assert!(metrics.contains(needle), "{needle:?} missing from /metrics:\n{metrics}");
+    }
+    let steps: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("potluck_worker_steps_total{node=\"w1\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(steps > 0, "w1 reported its steps: {metrics}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
