@@ -441,8 +441,8 @@ fn hostile_peers_cannot_disturb_a_live_worker() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// POST `body` to `path`; the status code and the whole response text.
-fn post(address: &str, path: &str, body: &str) -> (u16, String) {
+/// Sends a JSON POST of `body` to `path`; the response is for the caller to read.
+fn send_post(address: &str, path: &str, body: &str) -> std::net::TcpStream {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     write!(
         stream,
@@ -450,6 +450,12 @@ fn post(address: &str, path: &str, body: &str) -> (u16, String) {
         body.len()
     )
     .unwrap();
+    stream
+}
+
+/// POST `body` to `path`; the status code and the whole response text.
+fn post(address: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = send_post(address, path, body);
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -471,14 +477,7 @@ fn when_the_model_no_longer_fits_requests_fail_clearly() {
     let mut w2 = start_worker(&dir, "w2", &coordinator, TOKEN, &["--memory-limit", "120MiB"]);
     wait_for_stages(&coordinator, 2, Duration::from_secs(180));
     let body = r#"{"model":"x","prompt":"The capital of France is","max_tokens":200,"temperature":0,"ignore_eos":true,"stream":true}"#;
-    let mut stream = std::net::TcpStream::connect(&coordinator.http).unwrap();
-    write!(
-        stream,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(send_post(&coordinator.http, "/v1/completions", body));
     let mut seen = 0;
     let mut line = String::new();
     while seen < 10 {
