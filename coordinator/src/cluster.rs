@@ -35,6 +35,7 @@ use potluck_shard_planner::{LinkMatrix, LinkProfile, NodeProfile, Plan, PlanRequ
 use potluck_worker::net::framed::{FrameReader, FrameWriter};
 use potluck_worker::net::identity::NodeIdentity;
 use potluck_worker::net::token::{proofs_equal, JoinToken};
+use potluck_worker::net::data::{self, DataLink};
 use potluck_worker::net::{discovery, tls};
 use potluck_worker::stage::StageRunner;
 use serde::Serialize;
@@ -195,8 +196,6 @@ struct Worker {
     tensors: Arc<Mutex<Vec<TensorRef>>>,
 }
 
-/// Where the last stage's data streams (its sampled tokens) go: the pipeline in force, which
-/// reads them on the generation thread itself.
 /// How the driver tells the pipeline in force that it is broken (a stage left).
 type BrokenRoute = Arc<Mutex<Option<mpsc::UnboundedSender<String>>>>;
 
@@ -229,7 +228,14 @@ impl DataPlane {
         let local_addr = endpoint.local_addr()?;
         let allowed: Arc<Mutex<BTreeSet<String>>> = Arc::default();
         let (streams_tx, streams) = mpsc::unbounded_channel();
-        runtime.spawn(accept_data_connections(endpoint.clone(), allowed.clone(), streams_tx));
+        let is_member = {
+            let allowed = allowed.clone();
+            move |peer: &str| allowed.lock().expect("allowed lock").contains(peer)
+        };
+        let on_stream = move |recv, connection, peer| {
+            let _ = streams_tx.send((recv, connection, peer));
+        };
+        runtime.spawn(data::accept_members(endpoint.clone(), is_member, on_stream));
         Ok(Self { runtime: Some(runtime), endpoint, identity, local_addr, allowed, streams: Mutex::new(streams) })
     }
 
@@ -245,41 +251,6 @@ impl Drop for DataPlane {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-    }
-}
-
-/// The data endpoint's acceptor: connections whose TLS-proven node id is a welcomed worker;
-/// their unidirectional streams go to the pipeline in force, which keeps its last stage's.
-async fn accept_data_connections(
-    endpoint: quinn::Endpoint,
-    allowed: Arc<Mutex<BTreeSet<String>>>,
-    streams: mpsc::UnboundedSender<(quinn::RecvStream, quinn::Connection, String)>,
-) {
-    while let Some(incoming) = endpoint.accept().await {
-        let (allowed, streams) = (allowed.clone(), streams.clone());
-        tokio::spawn(async move {
-            let connection = match incoming.await {
-                Ok(c) => c,
-                Err(e) => return tracing::info!(error = %e, "a data connection failed its handshake"),
-            };
-            let peer = match tls::peer_node_id(&connection) {
-                Ok(p) => p,
-                Err(e) => {
-                    connection.close(2u32.into(), b"no identity");
-                    return tracing::warn!(error = %e, "refused a data connection without a node identity");
-                }
-            };
-            if !allowed.lock().expect("allowed lock").contains(&peer) {
-                tracing::warn!(%peer, remote = %connection.remote_address(), "refused a data connection from a node that is not a member");
-                connection.close(3u32.into(), b"not a member of this cluster");
-                return;
-            }
-            while let Ok(recv) = connection.accept_uni().await {
-                if streams.send((recv, connection.clone(), peer.clone())).is_err() {
-                    return;
-                }
-            }
-        });
     }
 }
 
@@ -1011,7 +982,7 @@ impl Driver {
             .values()
             .find(|w| w.node_id == first_remote.node_id)
             .context("the first worker stage is not connected")?;
-        let first = (worker.data_address, worker.node_id.clone());
+        let downstream = Some(DataLink::new(worker.data_address, worker.node_id.clone()));
         let last_stage = stages.last().expect("a plan has stages").node_id.clone();
         let (broken_tx, broken) = mpsc::unbounded_channel();
         if let Some(old) = self.broken_route.lock().expect("route lock").replace(broken_tx) {
@@ -1028,8 +999,7 @@ impl Driver {
         Ok(Box::new(ClusterPipeline {
             head,
             data: self.data.clone(),
-            first,
-            downstream: Downstream::NotYet,
+            downstream,
             last_stage,
             broken,
             tail: None,
@@ -1088,9 +1058,9 @@ fn stages_of(plan: &Plan) -> Vec<(String, u32, u32)> {
 pub struct ClusterPipeline {
     head: Option<StageRunner>,
     data: Arc<DataPlane>,
-    /// The first worker stage's data endpoint and node id, dialled on the first send.
-    first: (SocketAddr, String),
-    downstream: Downstream,
+    /// To the first worker stage, dialled on the first send; `None` once a send failed (the
+    /// pipeline is broken: the next one replaces it).
+    downstream: Option<DataLink>,
     /// The node whose data streams carry this pipeline's sampled tokens.
     last_stage: String,
     /// A reason, when the driver finds the pipeline broken (a stage left).
@@ -1098,12 +1068,6 @@ pub struct ClusterPipeline {
     tail: Option<(FrameReader<quinn::RecvStream>, quinn::Connection)>,
     local_errors: std::collections::VecDeque<PipelineError>,
     description: String,
-}
-
-enum Downstream {
-    NotYet,
-    Open(FrameWriter<quinn::SendStream>),
-    Failed,
 }
 
 impl Pipeline for ClusterPipeline {
@@ -1121,29 +1085,15 @@ impl Pipeline for ClusterPipeline {
             },
             None => message,
         };
-        let (data, (address, node_id), downstream) = (&self.data, &self.first, &mut self.downstream);
-        let result = data.block_on(async {
-            if matches!(downstream, Downstream::NotYet) {
-                let connection = tls::connect_on(tls::Plane::Data, &data.endpoint, &data.identity, *address, Some(node_id))
-                    .await
-                    .map_err(|e| format!("cannot reach the first worker stage at {address}: {e:#}"))?;
-                let send = connection.open_uni().await.map_err(|e| format!("cannot open the data stream to the first worker stage: {e}"))?;
-                *downstream = Downstream::Open(FrameWriter::new(send));
-            }
-            match downstream {
-                Downstream::Open(writer) => {
-                    writer.send(&out).await.map_err(|e| format!("the data stream to the first worker stage failed: {e}"))?;
-                    // Put the frame on the wire now: nothing drives this runtime between
-                    // requests, and a ReleaseSequence is sent with no recv after it.
-                    tokio::task::yield_now().await;
-                    Ok(())
-                }
-                _ => Err("the link to the next stage failed earlier".to_string()),
-            }
-        });
-        result.map_err(|reason| {
-            self.downstream = Downstream::Failed;
-            PipelineError::Broken(reason)
+        let Some(link) = self.downstream.as_mut() else {
+            return Err(PipelineError::Broken("the link to the first worker stage failed earlier".into()));
+        };
+        // (A ReleaseSequence is sent with no recv after it: `DataLink::send` puts the frame
+        // on the wire before it returns, as nothing drives this runtime between requests.)
+        let data = &self.data;
+        data.block_on(link.send(&data.endpoint, &data.identity, &out)).map_err(|e| {
+            self.downstream = None;
+            PipelineError::Broken(format!("{e:#}"))
         })
     }
 

@@ -37,7 +37,8 @@ use crate::net::framed::{FrameReader, FrameWriter};
 use crate::net::identity::NodeIdentity;
 use crate::net::token::{proofs_equal, JoinToken};
 use crate::net::tls::Plane;
-use crate::net::{discovery, tls};
+use crate::net::{data, discovery, tls};
+use crate::net::data::DataLink;
 use crate::slice_cache::{CachedSliceSource, SliceCache};
 use crate::stage::{StageCounters, StageRunner};
 use crate::weights::fetch_slice;
@@ -415,13 +416,14 @@ impl Session {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let job = StageJob {
             runner,
-            downstream: Downstream { address, node_id: node_id.clone() },
+            downstream: DataLink::new(address, node_id.clone()),
             messages: inbox_rx,
             stop: stop_rx,
             counters: self.counters.clone(),
             done: done_tx,
         };
-        self.data.jobs.send(job).map_err(|_| anyhow!("the stage thread has stopped"))?;
+        let jobs = self.data.jobs.as_ref().ok_or_else(|| anyhow!("the stage thread has stopped"))?;
+        jobs.send(job).map_err(|_| anyhow!("the stage thread has stopped"))?;
         self.stage_stop = Some(stop_tx);
         self.stage_done = Some(done_rx);
         *self.inbox.lock().expect("inbox lock") = Some(inbox_tx);
@@ -435,14 +437,15 @@ impl Session {
 /// endpoint it drives.
 struct DataPlane {
     local_addr: SocketAddr,
-    jobs: mpsc::UnboundedSender<StageJob>,
+    /// `None` once stopped.
+    jobs: Option<mpsc::UnboundedSender<StageJob>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A stage for the stage thread to run until `stop` fires (or its sender is dropped).
 struct StageJob {
     runner: StageRunner,
-    downstream: Downstream,
+    downstream: DataLink,
     messages: mpsc::Receiver<Message>,
     stop: tokio::sync::oneshot::Receiver<()>,
     counters: Arc<SharedCounters>,
@@ -478,14 +481,20 @@ impl DataPlane {
                     }
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
-                runtime.spawn(accept_data_connections(endpoint.clone(), allowed, inbox));
+                // Each stream feeds the stage running when it arrived; a stage that replaces
+                // it gets the streams opened after it started.
+                let on_stream = move |recv, connection, peer: String| match inbox.lock().expect("inbox lock").clone() {
+                    Some(inbox) => drop(tokio::spawn(read_data_stream(recv, connection, peer, inbox))),
+                    None => tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored"),
+                };
+                let is_member = move |peer: &str| allowed.lock().expect("allowed lock").contains(peer);
+                runtime.spawn(data::accept_members(endpoint.clone(), is_member, on_stream));
                 while let Some(job) = runtime.block_on(jobs_rx.recv()) {
                     let io = StageIo {
                         runtime: &runtime,
                         endpoint: endpoint.clone(),
                         identity: identity.clone(),
                         downstream: job.downstream,
-                        writer: None,
                         messages: job.messages,
                         stop: job.stop,
                     };
@@ -499,13 +508,12 @@ impl DataPlane {
             })
             .context("cannot start the stage thread")?;
         let local_addr = ready_rx.await.map_err(|_| anyhow!("the stage thread stopped while starting"))??;
-        Ok(Self { local_addr, jobs, thread: Some(thread) })
+        Ok(Self { local_addr, jobs: Some(jobs), thread: Some(thread) })
     }
 
     /// Ends the stage thread (after any stage was stopped) and waits for it.
     async fn stop(&mut self) {
-        let (tx, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.jobs, tx));
+        self.jobs = None; // the stage thread's loop ends
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
@@ -518,8 +526,7 @@ struct StageIo<'a> {
     runtime: &'a tokio::runtime::Runtime,
     endpoint: quinn::Endpoint,
     identity: Arc<NodeIdentity>,
-    downstream: Downstream,
-    writer: Option<FrameWriter<quinn::SendStream>>,
+    downstream: DataLink,
     /// What the reader tasks decoded from the input streams, in arrival order.
     messages: mpsc::Receiver<Message>,
     stop: tokio::sync::oneshot::Receiver<()>,
@@ -538,29 +545,10 @@ impl StageIo<'_> {
         })
     }
 
-    /// Sends `message` downstream, opening the stream (dialling the next stage) the first time.
+    /// Sends `message` downstream, dialling the next stage the first time.
     fn send(&mut self, message: &Message) -> Result<()> {
-        let (runtime, writer) = (self.runtime, &mut self.writer);
-        let (endpoint, identity, downstream) = (&self.endpoint, &self.identity, &self.downstream);
-        runtime.block_on(async {
-            if writer.is_none() {
-                let Downstream { address, node_id } = downstream;
-                let connection = tls::connect_on(Plane::Data, endpoint, identity, *address, Some(node_id))
-                    .await
-                    .with_context(|| format!("cannot reach the next stage at {address}"))?;
-                let send = connection.open_uni().await.context("cannot open the data stream downstream")?;
-                *writer = Some(FrameWriter::new(send));
-            }
-            let w = writer.as_mut().expect("opened above");
-            if let Err(e) = w.send(message).await {
-                *writer = None;
-                return Err(anyhow!("the data stream downstream failed: {e}"));
-            }
-            // Let the connection's driver put the frame on the wire now, not when this
-            // thread next waits for input.
-            tokio::task::yield_now().await;
-            Ok(())
-        })
+        let (endpoint, identity) = (&self.endpoint, &self.identity);
+        self.runtime.block_on(self.downstream.send(endpoint, identity, message))
     }
 }
 
@@ -580,58 +568,7 @@ fn run_stage(mut runner: StageRunner, mut io: StageIo<'_>, counters: &SharedCoun
         }
         counters.store(runner.counters(), runner.kv_bytes());
     }
-    if let Some(mut writer) = io.writer.take() {
-        let _ = writer.get_mut().finish();
-    }
-}
-
-/// Where a stage sends its output: a data endpoint and the node id it must prove.
-struct Downstream {
-    address: SocketAddr,
-    node_id: String,
-}
-
-/// Accepts connections on the data endpoint; keeps those whose TLS-proven identity is
-/// allowed and hands every unidirectional stream they open to the stage.
-async fn accept_data_connections(
-    endpoint: quinn::Endpoint,
-    allowed: Arc<Mutex<HashSet<String>>>,
-    inbox: Arc<Mutex<Option<StageInbox>>>,
-) {
-    while let Some(incoming) = endpoint.accept().await {
-        let (allowed, inbox) = (allowed.clone(), inbox.clone());
-        tokio::spawn(async move {
-            let connection = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::info!(error = %e, "an incoming connection failed its handshake");
-                    return;
-                }
-            };
-            let peer = match tls::peer_node_id(&connection) {
-                Ok(p) => p,
-                Err(e) => {
-                    connection.close(2u32.into(), b"no identity");
-                    tracing::warn!(error = %e, "refused a connection without a node identity");
-                    return;
-                }
-            };
-            if !allowed.lock().expect("allowed lock").contains(&peer) {
-                tracing::warn!(%peer, remote = %connection.remote_address(), "refused a connection from a node that is not our upstream stage");
-                connection.close(3u32.into(), b"not a member of this pipeline");
-                return;
-            }
-            while let Ok(recv) = connection.accept_uni().await {
-                // The stream feeds the stage running now; a stage that replaces it gets the
-                // streams opened after it started.
-                let Some(inbox) = inbox.lock().expect("inbox lock").clone() else {
-                    tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored");
-                    continue;
-                };
-                tokio::spawn(read_data_stream(recv, connection.clone(), peer.clone(), inbox));
-            }
-        });
-    }
+    io.downstream.finish();
 }
 
 /// Decodes one data stream into the stage's inbox. A frame that breaks the protocol
