@@ -116,6 +116,18 @@ pub struct NodeView {
     /// microseconds computing, so Δbusy_us / Δsteps is its measured time per step.
     pub steps: u64,
     pub busy_us: u64,
+    /// Its measured time per step between its last two heartbeats that saw steps run.
+    pub step_ms: Option<f64>,
+    /// Its compute backend and threads, as its Hello said.
+    pub backend: String,
+    pub threads: u32,
+    /// Its KV cache now (from its latest heartbeat), and its weights in the plan.
+    pub kv_bytes: u64,
+    pub weight_bytes: u64,
+    /// The layers the plan in force gives it, if any.
+    pub layers: Option<[u32; 2]>,
+    /// QUIC's round-trip estimate of its link to the next node, once it has sent on it.
+    pub hop_rtt_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +138,10 @@ pub struct StageView {
     /// The plan's predicted time of this stage per token, and of the hop out of it.
     pub predicted_ms: Option<f64>,
     pub predicted_hop_ms: Option<f64>,
+    /// What the plan puts in its memory: weights (and KV cache at full context), and the
+    /// node's budget.
+    pub weight_bytes: Option<u64>,
+    pub memory_budget_bytes: Option<u64>,
 }
 
 /// Shared, cheap to clone.
@@ -144,6 +160,8 @@ impl ClusterStatus {
                 layers: [0, n_layers],
                 predicted_ms: None,
                 predicted_hop_ms: None,
+                weight_bytes: None,
+                memory_budget_bytes: None,
             }]
         });
         status
@@ -946,6 +964,8 @@ impl Driver {
                             layers: [s.layers.start, s.layers.end],
                             predicted_ms: Some(s.stage_time_ms),
                             predicted_hop_ms: s.hop.as_ref().map(|h| h.time_ms),
+                            weight_bytes: Some(s.weight_bytes),
+                            memory_budget_bytes: Some(s.memory_budget_bytes),
                         })
                         .collect();
                     v.plan = Some(named_plan);
@@ -1015,10 +1035,13 @@ impl Driver {
         let sent = self.weights.bytes_sent();
         self.status.update(|v| {
             v.weight_bytes_sent = sent;
+            let stages = std::mem::take(&mut v.stages);
             v.nodes = snapshot
                 .iter()
                 .map(|n| {
                     let worker = self.workers.values().find(|w| w.node_id == n.node_id);
+                    let device = self.membership.members().find(|(id, _)| *id == n.node_id).map(|(_, d)| d);
+                    let stage = stages.iter().find(|s| s.node_id == n.node_id);
                     NodeView {
                         node_id: n.node_id.clone(),
                         name: n.name.clone(),
@@ -1032,17 +1055,21 @@ impl Driver {
                         },
                         address: worker.map_or_else(String::new, |w| w.connection.remote_address().to_string()),
                         data_address: worker.map_or_else(String::new, |w| w.data_address.to_string()),
-                        memory_budget_bytes: self
-                            .membership
-                            .members()
-                            .find(|(id, _)| *id == n.node_id)
-                            .map_or(0, |(_, d)| d.memory_budget_bytes),
+                        memory_budget_bytes: device.map_or(0, |d| d.memory_budget_bytes),
                         last_seen_age_ms: n.last_seen_age_ms,
                         steps: n.stats.as_ref().map_or(0, |s| s.steps),
                         busy_us: n.stats.as_ref().map_or(0, |s| s.busy_us),
+                        step_ms: n.step_ms,
+                        backend: device.map_or_else(String::new, |d| d.backend.clone()),
+                        threads: device.map_or(0, |d| d.threads),
+                        kv_bytes: n.stats.as_ref().map_or(0, |s| s.kv_bytes),
+                        weight_bytes: stage.and_then(|s| s.weight_bytes).unwrap_or(0),
+                        layers: stage.map(|s| s.layers),
+                        hop_rtt_us: n.stats.as_ref().map(|s| s.next_hop_rtt_us).filter(|&us| us > 0),
                     }
                 })
                 .collect();
+            v.stages = stages;
         });
     }
 }
@@ -1144,5 +1171,13 @@ impl Pipeline for ClusterPipeline {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn local_stage(&self) -> Option<crate::pipeline::LocalStage> {
+        let head = self.head.as_ref()?;
+        Some(crate::pipeline::LocalStage {
+            counters: head.counters(),
+            next_hop_rtt: self.downstream.as_ref().and_then(DataLink::rtt),
+        })
     }
 }

@@ -51,6 +51,19 @@ pub struct GenerateRequest {
     pub logprobs: bool,
     /// With `logprobs`, also report this many most likely alternatives.
     pub top_logprobs: usize,
+    /// Report the log-probability of every prompt token after the first (with
+    /// `top_logprobs` alternatives), before any generated token: completions' `echo`.
+    /// With `max_tokens` 0 the prompt is evaluated and nothing is generated.
+    pub prompt_logprobs: bool,
+}
+
+/// The log-probability of the prompt token at `position` (≥ 1) given those before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTokenLogprob {
+    pub position: usize,
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +78,9 @@ pub enum FinishReason {
 pub enum GenerateEvent {
     /// A generated token; `logprob` and `top` only when the request asked for log-probabilities.
     Token { id: u32, logprob: Option<f32>, top: Vec<(u32, f32)> },
+    /// Prompt log-probabilities, in position order, each position once (only when the
+    /// request asked for them; all of them arrive before the first `Token`).
+    PromptLogprobs(Vec<PromptTokenLogprob>),
     Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
     Failed(String),
     /// The model cannot run now (the cluster lost the memory it needs, or has no workers
@@ -110,6 +126,14 @@ pub struct ServiceStats {
     pub step_rows: AtomicU64,
     /// Time spent computing steps, in microseconds.
     pub step_busy_us: AtomicU64,
+    /// Tokens handed to requests as they are generated (`completion_tokens` counts them
+    /// when a request finishes): the dashboard's live rate.
+    pub tokens_generated: AtomicU64,
+    /// The coordinator's own stage, when it holds layers: steps, time computing, and the
+    /// round trip of its link to the next stage (0 when it has none).
+    pub local_stage_steps: AtomicU64,
+    pub local_stage_busy_us: AtomicU64,
+    pub local_hop_rtt_us: AtomicU64,
 }
 
 impl GenerationService {
@@ -186,6 +210,9 @@ struct Sequence {
     /// Tokens of `tokens` already in the cache.
     n_cached: usize,
     n_generated: usize,
+    /// The next prompt position whose log-probability the client is owed (a replay on a
+    /// new pipeline computes them again; each is passed on once).
+    prompt_logprobs_next: usize,
     done: bool,
     /// When the sequence was admitted and when its first token was sampled (for the log).
     admitted_at: std::time::Instant,
@@ -246,6 +273,7 @@ impl Generator {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(&mut active)));
             self.stats.step_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.stats.steps.fetch_add(1, Ordering::Relaxed);
+            self.publish_local_stage();
             if let Err(panic) = outcome {
                 // A bug, not a user error: fail the requests of this step and keep serving.
                 let message = panic_message(&panic);
@@ -310,7 +338,7 @@ impl Generator {
             )));
             return;
         }
-        if request.max_tokens == 0 {
+        if request.max_tokens == 0 && !(request.prompt_logprobs && request.prompt.len() > 1) {
             let _ = events.send(GenerateEvent::Finished {
                 reason: FinishReason::Length,
                 prompt_tokens: request.prompt.len(),
@@ -328,6 +356,7 @@ impl Generator {
             tokens: request.prompt.clone(),
             n_cached: 0,
             n_generated: 0,
+            prompt_logprobs_next: 1,
             done: false,
             admitted_at: std::time::Instant::now(),
             first_token_at: None,
@@ -398,10 +427,16 @@ impl Generator {
         for (&i, segment) in members.iter().zip(&segments) {
             active[i].n_cached += segment.n_rows as usize;
         }
+        self.pass_on_prompt_logprobs(active, sampled.prompt);
         let context_length = self.context_length;
         for token in sampled.tokens {
             let Some(seq) = active.iter_mut().find(|s| s.id == token.sequence_id) else { continue };
             if seq.done || seq.n_cached != seq.tokens.len() {
+                continue;
+            }
+            if seq.request.max_tokens == 0 {
+                // Only the prompt was to be evaluated (echo with max_tokens 0).
+                finish(seq, FinishReason::Length, &self.stats);
                 continue;
             }
             let id = token.token;
@@ -414,6 +449,7 @@ impl Generator {
             }
             seq.tokens.push(id);
             seq.n_generated += 1;
+            self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
             if seq.events.send(GenerateEvent::Token { id, logprob, top }).is_err() {
                 seq.done = true; // client gone
                 continue;
@@ -421,6 +457,40 @@ impl Generator {
             if seq.n_generated >= seq.request.max_tokens || seq.tokens.len() >= context_length {
                 finish(seq, FinishReason::Length, &self.stats);
             }
+        }
+    }
+
+    /// Hands each sequence the prompt log-probabilities it is owed, in position order.
+    fn pass_on_prompt_logprobs(&self, active: &mut [Sequence], entries: Vec<potluck_protocol::PromptLogprob>) {
+        if entries.is_empty() {
+            return;
+        }
+        for seq in active.iter_mut().filter(|s| s.request.prompt_logprobs && !s.done) {
+            let mut owed = Vec::new();
+            for e in entries.iter().filter(|e| e.sequence_id == seq.id) {
+                if e.position as usize == seq.prompt_logprobs_next {
+                    seq.prompt_logprobs_next += 1;
+                    owed.push(PromptTokenLogprob {
+                        position: e.position as usize,
+                        token: e.token,
+                        logprob: e.logprob,
+                        top: e.top.iter().map(|t| (t.token, t.logprob)).collect(),
+                    });
+                }
+            }
+            if !owed.is_empty() && seq.events.send(GenerateEvent::PromptLogprobs(owed)).is_err() {
+                seq.done = true; // client gone
+            }
+        }
+    }
+
+    /// Copies the coordinator's own stage's counters into the stats.
+    fn publish_local_stage(&self) {
+        if let Some(local) = self.pipeline.local_stage() {
+            self.stats.local_stage_steps.store(local.counters.steps, Ordering::Relaxed);
+            self.stats.local_stage_busy_us.store(local.counters.busy_us, Ordering::Relaxed);
+            let rtt = local.next_hop_rtt.map_or(0, |d| d.as_micros() as u64);
+            self.stats.local_hop_rtt_us.store(rtt, Ordering::Relaxed);
         }
     }
 }
@@ -440,6 +510,7 @@ fn sequence_start(seq: &Sequence) -> Message {
         logprobs: seq.request.logprobs,
         top_logprobs: seq.request.top_logprobs.min(TOP_LOGPROBS_MAX) as u32,
         history: seq.tokens[seq.tokens.len() - window..].to_vec(),
+        prompt: if seq.request.prompt_logprobs { seq.request.prompt.clone() } else { Vec::new() },
     })
 }
 

@@ -7,6 +7,7 @@
 //! * [`generation`] — the generation thread: admits requests, batches their rows into shared
 //!   forward steps, samples, and streams token events back.
 //! * [`text`] — detokenization and stop strings for what the client sees.
+//! * [`dashboard`] — the page at `/`, its live snapshot (`/events`, `/health`).
 //! * [`model_fetch`] — fetching and verifying the default model into the user's cache.
 //!
 //! **Invariant:** this crate and `worker` are the only ones with sockets; the engine never
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod dashboard;
 pub mod generation;
 pub mod membership;
 pub mod model_fetch;
@@ -91,6 +93,8 @@ pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        dashboard: Default::default(),
+        events_closing: tokio::sync::watch::Sender::new(false),
     }))
 }
 
@@ -101,6 +105,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let closing = state.events_closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Open dashboards end their event streams, or the graceful shutdown would wait on them.
+        closing.send_replace(true);
+    };
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -107,6 +107,9 @@ pub struct NodeSnapshot {
     pub last_seen_age_ms: u64,
     /// The latest heartbeat's counters, if any heartbeat has arrived in this session.
     pub stats: Option<StageStats>,
+    /// Measured milliseconds per step between the last two heartbeats that saw steps run
+    /// (kept while the stage idles; `None` before a stage has run steps).
+    pub step_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +121,7 @@ struct Node {
     connection: Option<ConnectionId>,
     last_heard_ms: u64,
     stats: Option<StageStats>,
+    step_ms: Option<f64>,
 }
 
 impl Node {
@@ -181,6 +185,7 @@ impl Membership {
             connection: Some(connection),
             last_heard_ms: now_ms,
             stats: None,
+            step_ms: None,
         };
         self.nodes.insert(node_id.to_owned(), node);
         self.connections.insert(connection, node_id.to_owned());
@@ -218,6 +223,14 @@ impl Membership {
 
     pub fn handle_heartbeat(&mut self, now_ms: u64, connection: ConnectionId, stats: StageStats) {
         if let Some(node) = self.heard(now_ms, connection) {
+            node.step_ms = match &node.stats {
+                Some(previous) if stats.steps > previous.steps && stats.busy_us >= previous.busy_us => {
+                    Some((stats.busy_us - previous.busy_us) as f64 / (stats.steps - previous.steps) as f64 / 1000.0)
+                }
+                // Counters went backwards: the stage restarted, its old figure is stale.
+                Some(previous) if stats.steps < previous.steps => None,
+                _ => node.step_ms,
+            };
             node.stats = Some(stats);
         }
     }
@@ -274,6 +287,7 @@ impl Membership {
                 state: n.state.clone(),
                 last_seen_age_ms: now_ms.saturating_sub(n.last_heard_ms),
                 stats: n.stats.clone(),
+                step_ms: n.step_ms,
             })
             .collect()
     }
@@ -336,7 +350,7 @@ mod tests {
     }
 
     fn stats(steps: u64) -> StageStats {
-        StageStats { steps, rows: steps, busy_us: 10 * steps, kv_bytes: 0 }
+        StageStats { steps, rows: steps, busy_us: 10 * steps, kv_bytes: 0, next_hop_rtt_us: 0 }
     }
 
     fn drain(m: &mut Membership) -> Vec<Action> {
@@ -429,6 +443,23 @@ mod tests {
         assert_eq!(m.state("a"), Some(&NodeState::Joining));
         assert_eq!(m.poll_timeout(), Some(now_ms + PEER_SILENCE_TIMEOUT_MS));
         assert_eq!(m.snapshot(now_ms)[0].stats, Some(stats(100)));
+    }
+
+    #[test]
+    fn step_time_is_measured_between_heartbeats_and_survives_idling() {
+        let mut m = Membership::new();
+        join(&mut m, 0, 1, "a");
+        let beat = |steps, busy_us| StageStats { steps, rows: steps, busy_us, kv_bytes: 0, next_hop_rtt_us: 0 };
+        m.handle_heartbeat(100, 1, beat(0, 0));
+        assert_eq!(m.snapshot(100)[0].step_ms, None, "no steps yet");
+        m.handle_heartbeat(200, 1, beat(10, 30_000));
+        assert_eq!(m.snapshot(200)[0].step_ms, Some(3.0));
+        m.handle_heartbeat(300, 1, beat(30, 130_000));
+        assert_eq!(m.snapshot(300)[0].step_ms, Some(5.0), "the latest interval, not the average");
+        m.handle_heartbeat(400, 1, beat(30, 130_000));
+        assert_eq!(m.snapshot(400)[0].step_ms, Some(5.0), "idle: the last figure stays");
+        m.handle_heartbeat(500, 1, beat(2, 1_000));
+        assert_eq!(m.snapshot(500)[0].step_ms, None, "counters went back: a restarted stage");
     }
 
     #[test]

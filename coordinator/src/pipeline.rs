@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use potluck_protocol::{Message, SampledTokens};
-use potluck_worker::stage::StageRunner;
+use potluck_worker::stage::{StageCounters, StageRunner};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PipelineError {
@@ -37,6 +37,18 @@ pub trait Pipeline: Send {
     fn recv(&mut self, timeout: Duration) -> Result<SampledTokens, PipelineError>;
     /// One line for logs: the stages and their layers.
     fn describe(&self) -> String;
+    /// The stage this process runs, if any: its counters, and the round trip of its link
+    /// to the next stage (for `/metrics` and the dashboard).
+    fn local_stage(&self) -> Option<LocalStage> {
+        None
+    }
+}
+
+/// What the coordinator's own stage has done.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalStage {
+    pub counters: StageCounters,
+    pub next_hop_rtt: Option<Duration>,
 }
 
 /// Every layer on this machine.
@@ -77,6 +89,10 @@ impl Pipeline for LocalPipeline {
     fn describe(&self) -> String {
         let layers = self.runner.model().layers();
         format!("this machine: layers {}..{}", layers.start, layers.end)
+    }
+
+    fn local_stage(&self) -> Option<LocalStage> {
+        Some(LocalStage { counters: self.runner.counters(), next_hop_rtt: None })
     }
 }
 

@@ -191,6 +191,9 @@ pub struct StageStats {
     pub busy_us: u64,
     /// Bytes of KV cache held now (a gauge, not a counter).
     pub kv_bytes: u64,
+    /// QUIC's smoothed round-trip estimate of the stage's link to the next node (the next
+    /// stage, or the coordinator after the last), in microseconds; 0 before one exists.
+    pub next_hop_rtt_us: u64,
 }
 
 /// The sequence is finished or cancelled: every stage drops its KV cache.

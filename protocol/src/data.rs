@@ -11,7 +11,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::check::check_len;
 use crate::limits::{
-    ACTIVATION_ROWS_MAX, HIDDEN_DIM_MAX, PENALTY_WINDOW_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
+    ACTIVATION_ROWS_MAX, HIDDEN_DIM_MAX, PENALTY_WINDOW_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
     SEQUENCE_POSITIONS_MAX, TENSORS_PER_ASSIGNMENT_MAX, TENSOR_BYTES_MAX, TOP_LOGPROBS_MAX, WEIGHT_CHUNK_BYTES_MAX,
 };
 use crate::ProtocolError;
@@ -67,6 +67,11 @@ pub struct SequenceStart {
     /// penalties look at; the last stage appends each token it samples. At most
     /// [`PENALTY_WINDOW_TOKENS_MAX`].
     pub history: Vec<u32>,
+    /// The prompt, when the sequence asks for the log-probability of each prompt token
+    /// (completions with `echo`): the last stage then reports, for every prompt row it
+    /// computes, the log-probability of the prompt's next token ([`PromptLogprob`]), with
+    /// `top_logprobs` alternatives. Empty otherwise; at most [`PROMPT_LOGPROBS_TOKENS_MAX`].
+    pub prompt: Vec<u32>,
 }
 
 /// One sequence's rows within a step: rows `first_position .. first_position + n_rows` of
@@ -147,6 +152,19 @@ pub struct SampledToken {
     pub top: Vec<TokenLogprob>,
 }
 
+/// The log-probability of one prompt token given the tokens before it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub sequence_id: u64,
+    /// Position of `token` in its sequence: at least 1 (the first token has no context)
+    /// and below [`SEQUENCE_POSITIONS_MAX`].
+    pub position: u32,
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely tokens at that position; at most [`TOP_LOGPROBS_MAX`].
+    pub top: Vec<TokenLogprob>,
+}
+
 /// What the last stage sends back to the coordinator after a step.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SampledTokens {
@@ -154,6 +172,9 @@ pub struct SampledTokens {
     /// One per sampling segment of the step, distinct sequences; at most
     /// [`SAMPLED_TOKENS_MAX`].
     pub tokens: Vec<SampledToken>,
+    /// Prompt log-probabilities for the step's rows of sequences that asked for them (one
+    /// per row whose next token is a prompt token); at most [`ACTIVATION_ROWS_MAX`].
+    pub prompt: Vec<PromptLogprob>,
 }
 
 impl WeightChunk {
@@ -209,7 +230,8 @@ impl SequenceStart {
     pub(crate) fn validate(&self) -> Result<(), ProtocolError> {
         self.sampling.validate()?;
         check_len("top_logprobs", self.top_logprobs as usize, TOP_LOGPROBS_MAX)?;
-        check_len("history", self.history.len(), PENALTY_WINDOW_TOKENS_MAX)
+        check_len("history", self.history.len(), PENALTY_WINDOW_TOKENS_MAX)?;
+        check_len("prompt", self.prompt.len(), PROMPT_LOGPROBS_TOKENS_MAX)
     }
 }
 
@@ -316,6 +338,16 @@ impl SampledTokens {
         check_len("tokens", self.tokens.len(), SAMPLED_TOKENS_MAX)?;
         for token in &self.tokens {
             check_len("top", token.top.len(), TOP_LOGPROBS_MAX)?;
+        }
+        check_len("prompt", self.prompt.len(), ACTIVATION_ROWS_MAX)?;
+        for entry in &self.prompt {
+            check_len("top", entry.top.len(), TOP_LOGPROBS_MAX)?;
+            if entry.position == 0 || entry.position >= SEQUENCE_POSITIONS_MAX {
+                return Err(ProtocolError::InvalidValue {
+                    field: "position",
+                    reason: "a prompt log-probability is for a position in 1..SEQUENCE_POSITIONS_MAX",
+                });
+            }
         }
         check_distinct(self.tokens.iter().map(|t| t.sequence_id))
     }

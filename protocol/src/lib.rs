@@ -30,7 +30,7 @@ pub use control::{
     TensorRef, Welcome, JOIN_CHALLENGE_LABEL,
 };
 pub use data::{
-    payload_to_rows, rows_to_payload, Activations, Dtype, SampledToken, SampledTokens, SamplingWire, Segment,
+    payload_to_rows, rows_to_payload, Activations, Dtype, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment,
     SequenceStart, StepTokens, TokenLogprob, WeightChunk,
 };
 pub use error::ProtocolError;
@@ -42,4 +42,4 @@ pub use message::{Kind, Message};
 /// Version of the node-to-node protocol, carried in every frame header and in [`Hello`].
 /// Bumped on any incompatible change to the wire format (a field, a kind, a limit); peers
 /// with a different version are refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -14,7 +14,7 @@ use core::mem::size_of;
 
 use crate::control::{ArchivedAssignment, ArchivedHello, ArchivedRefused, ArchivedTensorRef};
 use crate::data::{
-    ArchivedActivations, ArchivedSampledToken, ArchivedSampledTokens, ArchivedSegment, ArchivedSequenceStart,
+    ArchivedActivations, ArchivedPromptLogprob, ArchivedSampledToken, ArchivedSampledTokens, ArchivedSegment, ArchivedSequenceStart,
     ArchivedStepTokens, ArchivedTokenLogprob, ArchivedWeightChunk,
 };
 use crate::frame::HEADER_BYTES;
@@ -63,6 +63,10 @@ pub const SEQUENCE_POSITIONS_MAX: u32 = 1 << 24;
 
 /// Most alternatives reported with a sampled token (OpenAI's `top_logprobs` maximum).
 pub const TOP_LOGPROBS_MAX: u32 = 20;
+
+/// Longest prompt whose every token's log-probability a sequence may ask for (the prompt
+/// travels in its [`crate::SequenceStart`]).
+pub const PROMPT_LOGPROBS_TOKENS_MAX: u32 = 64 * 1024;
 
 /// Largest penalty window, and so the most history tokens a [`crate::SequenceStart`] carries.
 pub const PENALTY_WINDOW_TOKENS_MAX: u32 = 64 * 1024;
@@ -146,6 +150,7 @@ const _: () = assert!(
 );
 const _: () = assert!(
     HEADER + archived::<ArchivedSequenceStart>() + widen(PENALTY_WINDOW_TOKENS_MAX) * 4
+        + widen(PROMPT_LOGPROBS_TOKENS_MAX) * 4
         <= widen(CONTROL_FRAME_BYTES_MAX),
     "the largest sequence start must fit a control frame"
 );
@@ -162,6 +167,8 @@ const _: () = assert!(
         + archived::<ArchivedSampledTokens>()
         + widen(SAMPLED_TOKENS_MAX)
             * (archived::<ArchivedSampledToken>() + widen(TOP_LOGPROBS_MAX) * archived::<ArchivedTokenLogprob>())
+        + widen(ACTIVATION_ROWS_MAX)
+            * (archived::<ArchivedPromptLogprob>() + widen(TOP_LOGPROBS_MAX) * archived::<ArchivedTokenLogprob>())
         <= widen(CONTROL_FRAME_BYTES_MAX),
     "the largest sampled-tokens frame must fit a control frame"
 );

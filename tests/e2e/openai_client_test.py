@@ -117,6 +117,45 @@ lp = r.choices[0].logprobs.content
 check(len(lp) == r.usage.completion_tokens and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lp),
       "chat logprobs with top_logprobs")
 
+# Completions with echo + logprobs and max_tokens 0 (how evaluation harnesses score text):
+# the prompt's own log-probabilities, given as token ids (llama.cpp's prompt followed by its
+# greedy continuation), must equal llama.cpp's log-probabilities of those continuation tokens.
+K = 12
+ids = raw["prompt_ids"] + raw["generated_ids"][:K]
+c = client.completions.create(model="x", prompt=ids, max_tokens=0, echo=True, logprobs=5, temperature=0)
+lp = c.choices[0].logprobs
+n_prompt = len(raw["prompt_ids"])
+check(c.usage.completion_tokens == 0 and c.usage.prompt_tokens == len(ids) and c.choices[0].finish_reason == "length",
+      "echo with max_tokens 0 generates nothing")
+check(c.choices[0].text == raw["prompt"] + "".join(t["token"] for t in raw["all_positions_top5"][:K]),
+      f"echo returns the prompt's text: {c.choices[0].text!r}")
+check(len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None,
+      "one entry per prompt token; the first has no log-probability")
+check(all(b > a for a, b in zip(lp.text_offset, lp.text_offset[1:])) and lp.text_offset[0] == 0,
+      "text offsets increase from 0")
+worst = max(abs(lp.token_logprobs[n_prompt + i] - raw["all_positions_top5"][i]["logprob"]) for i in range(K))
+check(worst < 2e-3, f"prompt log-probabilities equal llama.cpp's at the continuation (worst difference {worst:.2e})")
+check(all(len(t) == 5 and max(t.values()) >= lp.token_logprobs[i + 1] - 1e-6 for i, t in enumerate(lp.top_logprobs[1:])),
+      "five alternatives per prompt position, the best at least as likely as the token")
+# The same through the stream: one echo chunk, then nothing generated.
+chunks = [ch.choices[0] for ch in client.completions.create(
+    model="x", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0, stream=True) if ch.choices]
+streamed = [t for ch in chunks if ch.logprobs for t in ch.logprobs.token_logprobs]
+check("".join(ch.text for ch in chunks) == c.choices[0].text and len(streamed) == len(ids)
+      and all(a == b or abs(a - b) < 1e-6 for a, b in zip(streamed[1:], lp.token_logprobs[1:])),
+      "echo + logprobs streamed")
+# Generated tokens' log-probabilities (no echo), and echo with generation after the prompt.
+c = client.completions.create(model="x", prompt=raw["prompt"], max_tokens=3, logprobs=2, temperature=0)
+lp = c.choices[0].logprobs
+check(len(lp.tokens) == 3 and abs(lp.token_logprobs[0] - raw["all_positions_top5"][0]["logprob"]) < 2e-3
+      and lp.text_offset[0] == len(raw["prompt"]) and all(len(t) == 2 for t in lp.top_logprobs),
+      "completion logprobs of generated tokens")
+c = client.completions.create(model="x", prompt=raw["prompt"], max_tokens=3, echo=True, temperature=0)
+check(c.choices[0].text == raw["prompt"] + expected[:len(c.choices[0].text) - len(raw["prompt"])]
+      and c.usage.completion_tokens == 3 and c.choices[0].logprobs is None, "echo without logprobs")
+status, body = http("POST", "/v1/completions", json.dumps({"prompt": "hi", "logprobs": 21, "max_tokens": 1}))
+check(status == 400 and body["error"]["param"] == "logprobs", "logprobs above 20 is a 400")
+
 # Batching does not change results: concurrent greedy requests (decoded together in shared
 # steps) give exactly the text each gives alone.
 import concurrent.futures

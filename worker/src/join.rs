@@ -238,6 +238,7 @@ struct SharedCounters {
     rows: AtomicU64,
     busy_us: AtomicU64,
     kv_bytes: AtomicU64,
+    next_hop_rtt_us: AtomicU64,
 }
 
 impl SharedCounters {
@@ -247,6 +248,7 @@ impl SharedCounters {
             rows: self.rows.load(Ordering::Relaxed),
             busy_us: self.busy_us.load(Ordering::Relaxed),
             kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
+            next_hop_rtt_us: self.next_hop_rtt_us.load(Ordering::Relaxed),
         }
     }
 
@@ -567,6 +569,9 @@ fn run_stage(mut runner: StageRunner, mut io: StageIo<'_>, counters: &SharedCoun
             Err(_) => tracing::error!(?kind, "the stage panicked on a message; it goes on with the next"),
         }
         counters.store(runner.counters(), runner.kv_bytes());
+        if let Some(rtt) = io.downstream.rtt() {
+            counters.next_hop_rtt_us.store(rtt.as_micros() as u64, Ordering::Relaxed);
+        }
     }
     io.downstream.finish();
 }

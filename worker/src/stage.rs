@@ -27,7 +27,7 @@ use potluck_engine::sampler::{log_softmax_at, top_logprobs, Sampler, SamplingPar
 use potluck_engine::threads::ComputePool;
 use potluck_protocol::limits::TOP_LOGPROBS_MAX;
 use potluck_protocol::{
-    Activations, Dtype, Message, ReleaseSequence, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
+    Activations, Dtype, Message, PromptLogprob, ReleaseSequence, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
     StepTokens, TokenLogprob,
 };
 
@@ -47,6 +47,8 @@ pub enum StageError {
     UnexpectedMessage(&'static str),
     #[error("stage {stage} expects {expected}, got {got}")]
     WrongInput { stage: &'static str, expected: &'static str, got: &'static str },
+    #[error("prompt token {token} is outside the model's vocabulary of {vocab}")]
+    TokenOutOfVocabulary { token: u32, vocab: usize },
     #[error("the engine failed: {0}")]
     Engine(#[from] potluck_engine::error::EngineError),
 }
@@ -72,7 +74,13 @@ struct SamplingState {
     history: Vec<u32>,
     logprobs: bool,
     top_logprobs: usize,
+    /// The prompt, when the sequence asked for its tokens' log-probabilities (else empty).
+    prompt: Vec<u32>,
 }
+
+/// Rows the head runs over at once for prompt log-probabilities (each row's logits are a
+/// vocabulary of f32s: 64 rows of a 128k vocabulary are 32 MiB).
+const PROMPT_HEAD_ROWS: usize = 64;
 
 /// One stage of the pipeline.
 pub struct StageRunner {
@@ -172,6 +180,7 @@ impl StageRunner {
             history: start.history.clone(),
             logprobs: start.logprobs,
             top_logprobs: (start.top_logprobs.min(TOP_LOGPROBS_MAX)) as usize,
+            prompt: start.prompt.clone(),
         });
         let cache = self.model.new_cache(self.context_length);
         self.sequences.insert(start.sequence_id, StageSequence { cache, sampling });
@@ -229,7 +238,9 @@ impl StageRunner {
         Ok(out)
     }
 
-    /// The head over each sampling segment's last row, then each sequence's sampler.
+    /// The head over each sampling segment's last row, then each sequence's sampler; and,
+    /// for sequences that asked for them, the log-probability of every prompt token that
+    /// follows one of the step's rows.
     fn sample(&mut self, step: u64, segments: &[Segment], hidden: &[f32]) -> Result<SampledTokens, StageError> {
         let n_embd = self.model.profile().n_embd;
         let mut head_rows = Vec::new();
@@ -242,9 +253,10 @@ impl StageRunner {
                 samplers.push(s.sequence_id);
             }
         }
+        let prompt = self.prompt_logprobs(segments, hidden)?;
         let mut tokens = Vec::with_capacity(samplers.len());
         if samplers.is_empty() {
-            return Ok(SampledTokens { step, tokens });
+            return Ok(SampledTokens { step, tokens, prompt });
         }
         let logits = self.model.head(&head_rows, &self.pool)?;
         let vocab = self.model.profile().vocab_size;
@@ -258,19 +270,60 @@ impl StageRunner {
             let token = state.sampler.sample(&mut row_logits, &state.history);
             state.history.push(token);
             let (logprob, top) = match &raw {
-                Some(raw) => (
-                    Some(log_softmax_at(raw, &[token])[0]),
-                    top_logprobs(raw, state.top_logprobs)
-                        .into_iter()
-                        .map(|(token, logprob)| TokenLogprob { token, logprob })
-                        .collect(),
-                ),
+                Some(raw) => (Some(log_softmax_at(raw, &[token])[0]), top_wire(raw, state.top_logprobs)),
                 None => (None, Vec::new()),
             };
             tokens.push(SampledToken { sequence_id: id, token, logprob, top });
         }
-        Ok(SampledTokens { step, tokens })
+        Ok(SampledTokens { step, tokens, prompt })
     }
+
+    /// Row at position `p` of a sequence with a prompt predicts position `p + 1`: for each
+    /// such row whose next token is still the prompt's, that token's log-probability.
+    fn prompt_logprobs(&self, segments: &[Segment], hidden: &[f32]) -> Result<Vec<PromptLogprob>, StageError> {
+        let n_embd = self.model.profile().n_embd;
+        // (sequence, position of the predicted token, its id, top count, row in `hidden`)
+        let mut wanted = Vec::new();
+        let mut row_start = 0;
+        for s in segments {
+            if let Some(state) = self.sequences.get(&s.sequence_id).and_then(|q| q.sampling.as_ref()) {
+                for r in 0..s.n_rows as usize {
+                    let next = s.first_position as usize + r + 1;
+                    if let Some(&token) = state.prompt.get(next) {
+                        wanted.push((s.sequence_id, next as u32, token, state.top_logprobs, row_start + r));
+                    }
+                }
+            }
+            row_start += s.n_rows as usize;
+        }
+        let vocab = self.model.profile().vocab_size;
+        let mut out = Vec::with_capacity(wanted.len());
+        for chunk in wanted.chunks(PROMPT_HEAD_ROWS) {
+            let mut rows = Vec::with_capacity(chunk.len() * n_embd);
+            for &(.., row) in chunk {
+                rows.extend_from_slice(&hidden[row * n_embd..(row + 1) * n_embd]);
+            }
+            let logits = self.model.head(&rows, &self.pool)?;
+            for (i, &(sequence_id, position, token, top_n, _)) in chunk.iter().enumerate() {
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                if token as usize >= vocab {
+                    return Err(StageError::TokenOutOfVocabulary { token, vocab });
+                }
+                out.push(PromptLogprob {
+                    sequence_id,
+                    position,
+                    token,
+                    logprob: log_softmax_at(row, &[token])[0],
+                    top: top_wire(row, top_n),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn top_wire(logits: &[f32], n: usize) -> Vec<TokenLogprob> {
+    top_logprobs(logits, n).into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect()
 }
 
 fn check_rows(segments: &[Segment], len: usize, what: &'static str) -> Result<(), StageError> {

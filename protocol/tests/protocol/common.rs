@@ -67,7 +67,14 @@ pub fn sampling() -> SamplingWire {
 }
 
 pub fn sequence_start() -> SequenceStart {
-    SequenceStart { sequence_id: 5, sampling: sampling(), logprobs: true, top_logprobs: 3, history: vec![1, 2, 3] }
+    SequenceStart {
+        sequence_id: 5,
+        sampling: sampling(),
+        logprobs: true,
+        top_logprobs: 3,
+        history: vec![1, 2, 3],
+        prompt: vec![9, 1, 2, 3],
+    }
 }
 
 pub fn segment(sequence_id: u64, first_position: u32, n_rows: u32) -> Segment {
@@ -96,6 +103,13 @@ pub fn sampled_tokens() -> SampledTokens {
             },
             SampledToken { sequence_id: 2, token: 7, logprob: None, top: vec![] },
         ],
+        prompt: vec![PromptLogprob {
+            sequence_id: 1,
+            position: 1,
+            token: 11,
+            logprob: -2.5,
+            top: vec![TokenLogprob { token: 12, logprob: -0.25 }],
+        }],
     }
 }
 
@@ -110,7 +124,7 @@ pub fn one_of_each() -> Vec<Message> {
         Message::Ready,
         Message::Heartbeat(Heartbeat {
             now_ms: 123_456,
-            stats: StageStats { steps: 10, rows: 300, busy_us: 5_000_000, kv_bytes: 1 << 20 },
+            stats: StageStats { steps: 10, rows: 300, busy_us: 5_000_000, kv_bytes: 1 << 20, next_hop_rtt_us: 180 },
         }),
         Message::ReleaseSequence(ReleaseSequence { sequence_id: 5 }),
         Message::Shutdown,

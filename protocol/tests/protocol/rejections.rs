@@ -307,7 +307,7 @@ fn too_many_sampled_tokens_are_refused() {
     let tokens =
         (0..n).map(|i| SampledToken { sequence_id: u64::from(i), token: 1, logprob: None, top: vec![] }).collect();
     assert_refused(
-        Message::SampledTokens(SampledTokens { step: 1, tokens }),
+        Message::SampledTokens(SampledTokens { step: 1, tokens, prompt: vec![] }),
         ProtocolError::TooLong { field: "tokens", len: u64::from(n), max: u64::from(SAMPLED_TOKENS_MAX) },
     );
 }
@@ -318,8 +318,53 @@ fn too_many_top_logprobs_are_refused() {
     let top = (0..n).map(|token| TokenLogprob { token, logprob: -1.0 }).collect();
     let tokens = vec![SampledToken { sequence_id: 1, token: 0, logprob: Some(-1.0), top }];
     assert_refused(
-        Message::SampledTokens(SampledTokens { step: 1, tokens }),
+        Message::SampledTokens(SampledTokens { step: 1, tokens, prompt: vec![] }),
         ProtocolError::TooLong { field: "top", len: u64::from(n), max: u64::from(TOP_LOGPROBS_MAX) },
+    );
+}
+
+#[test]
+fn too_many_prompt_logprobs_are_refused() {
+    let n = ACTIVATION_ROWS_MAX + 1;
+    let prompt = (0..n)
+        .map(|i| PromptLogprob { sequence_id: 1, position: i + 1, token: 0, logprob: -1.0, top: vec![] })
+        .collect();
+    assert_refused(
+        Message::SampledTokens(SampledTokens { step: 1, tokens: vec![], prompt }),
+        ProtocolError::TooLong { field: "prompt", len: u64::from(n), max: u64::from(ACTIVATION_ROWS_MAX) },
+    );
+}
+
+#[test]
+fn a_prompt_logprob_for_position_zero_is_refused() {
+    let mut message = sampled_tokens();
+    message.prompt[0].position = 0;
+    assert_refused(
+        Message::SampledTokens(message),
+        ProtocolError::InvalidValue {
+            field: "position",
+            reason: "a prompt log-probability is for a position in 1..SEQUENCE_POSITIONS_MAX",
+        },
+    );
+}
+
+#[test]
+fn too_many_top_logprobs_for_a_prompt_token_are_refused() {
+    let mut message = sampled_tokens();
+    message.prompt[0].top = (0..=TOP_LOGPROBS_MAX).map(|token| TokenLogprob { token, logprob: -1.0 }).collect();
+    assert_refused(
+        Message::SampledTokens(message),
+        ProtocolError::TooLong { field: "top", len: u64::from(TOP_LOGPROBS_MAX) + 1, max: u64::from(TOP_LOGPROBS_MAX) },
+    );
+}
+
+#[test]
+fn too_long_prompt_in_a_sequence_start_is_refused() {
+    let n = PROMPT_LOGPROBS_TOKENS_MAX + 1;
+    let message = SequenceStart { prompt: vec![0; n as usize], ..sequence_start() };
+    assert_refused(
+        Message::SequenceStart(message),
+        ProtocolError::TooLong { field: "prompt", len: u64::from(n), max: u64::from(PROMPT_LOGPROBS_TOKENS_MAX) },
     );
 }
 

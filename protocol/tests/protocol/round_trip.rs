@@ -113,15 +113,22 @@ fn sampling_strategy() -> impl Strategy<Value = SamplingWire> {
 }
 
 fn sequence_start_strategy() -> impl Strategy<Value = SequenceStart> {
-    (any::<u64>(), sampling_strategy(), any::<bool>(), 0..=TOP_LOGPROBS_MAX, vec(any::<u32>(), 0..200)).prop_map(
-        |(sequence_id, sampling, logprobs, top_logprobs, history)| SequenceStart {
+    (
+        any::<u64>(),
+        sampling_strategy(),
+        any::<bool>(),
+        0..=TOP_LOGPROBS_MAX,
+        vec(any::<u32>(), 0..200),
+        vec(any::<u32>(), 0..200),
+    )
+        .prop_map(|(sequence_id, sampling, logprobs, top_logprobs, history, prompt)| SequenceStart {
             sequence_id,
             sampling,
             logprobs,
             top_logprobs,
             history,
-        },
-    )
+            prompt,
+        })
 }
 
 /// 1..8 segments of distinct sequences, 1..=8 rows each.
@@ -176,8 +183,27 @@ fn sampled_tokens_strategy() -> impl Strategy<Value = SampledTokens> {
         proptest::option::of(-30.0..=0.0f32),
         vec((any::<u32>(), -30.0..=0.0f32), 0..=TOP_LOGPROBS_MAX as usize),
     );
-    (any::<u64>(), proptest::sample::subsequence((0..64u64).collect::<Vec<_>>(), 0..16), vec(token, 16)).prop_map(
-        |(step, ids, shapes)| SampledTokens {
+    let prompt = (
+        any::<u64>(),
+        1..SEQUENCE_POSITIONS_MAX,
+        any::<u32>(),
+        -30.0..=0.0f32,
+        vec((any::<u32>(), -30.0..=0.0f32), 0..=TOP_LOGPROBS_MAX as usize),
+    )
+        .prop_map(|(sequence_id, position, token, logprob, top)| PromptLogprob {
+            sequence_id,
+            position,
+            token,
+            logprob,
+            top: top.into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect(),
+        });
+    (
+        any::<u64>(),
+        proptest::sample::subsequence((0..64u64).collect::<Vec<_>>(), 0..16),
+        vec(token, 16),
+        vec(prompt, 0..8),
+    )
+        .prop_map(|(step, ids, shapes, prompt)| SampledTokens {
             step,
             tokens: ids
                 .into_iter()
@@ -189,8 +215,8 @@ fn sampled_tokens_strategy() -> impl Strategy<Value = SampledTokens> {
                     top: top.into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect(),
                 })
                 .collect(),
-        },
-    )
+            prompt,
+        })
 }
 
 fn weight_chunk_strategy() -> impl Strategy<Value = WeightChunk> {
@@ -210,8 +236,11 @@ pub fn message_strategy() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(a, b)| Message::LoadProgress(LoadProgress { bytes_done: a.min(b), bytes_total: a.max(b) })),
         Just(Message::Ready),
-        (any::<u64>(), any::<[u64; 4]>()).prop_map(|(now_ms, [steps, rows, busy_us, kv_bytes])| {
-            Message::Heartbeat(Heartbeat { now_ms, stats: StageStats { steps, rows, busy_us, kv_bytes } })
+        (any::<u64>(), any::<[u64; 5]>()).prop_map(|(now_ms, [steps, rows, busy_us, kv_bytes, next_hop_rtt_us])| {
+            Message::Heartbeat(Heartbeat {
+                now_ms,
+                stats: StageStats { steps, rows, busy_us, kv_bytes, next_hop_rtt_us },
+            })
         }),
         any::<u64>().prop_map(|sequence_id| Message::ReleaseSequence(ReleaseSequence { sequence_id })),
         Just(Message::Shutdown),
@@ -385,6 +414,7 @@ fn largest_control_messages_fit() {
     assert_fits(Message::Refused(Refused { code: RefusalCode::Other, reason: longest(REASON_BYTES_MAX) }));
     assert_fits(Message::SequenceStart(SequenceStart {
         history: vec![u32::MAX; PENALTY_WINDOW_TOKENS_MAX as usize],
+        prompt: vec![u32::MAX; PROMPT_LOGPROBS_TOKENS_MAX as usize],
         ..sequence_start()
     }));
     let rows_per_segment = ACTIVATION_ROWS_MAX / SEGMENTS_MAX;
@@ -398,6 +428,9 @@ fn largest_control_messages_fit() {
         step: 1,
         tokens: (0..SAMPLED_TOKENS_MAX)
             .map(|i| SampledToken { sequence_id: u64::from(i), token: 1, logprob: Some(-1.0), top: top.clone() })
+            .collect(),
+        prompt: (0..ACTIVATION_ROWS_MAX)
+            .map(|i| PromptLogprob { sequence_id: 1, position: i + 1, token: 1, logprob: -1.0, top: top.clone() })
             .collect(),
     }));
 }

@@ -18,11 +18,17 @@ pub struct DataLink {
     address: SocketAddr,
     node_id: String,
     writer: Option<FrameWriter<quinn::SendStream>>,
+    connection: Option<quinn::Connection>,
 }
 
 impl DataLink {
     pub fn new(address: SocketAddr, node_id: String) -> Self {
-        Self { address, node_id, writer: None }
+        Self { address, node_id, writer: None, connection: None }
+    }
+
+    /// QUIC's smoothed round-trip estimate of the link, once it has been dialled.
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        self.connection.as_ref().map(quinn::Connection::rtt)
     }
 
     /// Sends `message`, dialling from `endpoint` (a data endpoint) first if needed.
@@ -33,6 +39,7 @@ impl DataLink {
                 .with_context(|| format!("cannot reach the next stage at {}", self.address))?;
             let send = connection.open_uni().await.context("cannot open the data stream downstream")?;
             self.writer = Some(FrameWriter::new(send));
+            self.connection = Some(connection);
         }
         let writer = self.writer.as_mut().expect("opened above");
         if let Err(e) = writer.send(message).await {
