@@ -1018,6 +1018,7 @@ impl Driver {
             .join(" → ");
         Ok(Box::new(ClusterPipeline {
             head,
+            depth: stages.len(),
             data: self.data.clone(),
             downstream,
             last_stage,
@@ -1084,6 +1085,8 @@ fn stages_of(plan: &Plan) -> Vec<(String, u32, u32)> {
 /// pay at every step.
 pub struct ClusterPipeline {
     head: Option<StageRunner>,
+    /// Its stages: steps kept in flight at once.
+    depth: usize,
     data: Arc<DataPlane>,
     /// To the first worker stage, dialled on the first send; `None` once a send failed (the
     /// pipeline is broken: the next one replaces it).
@@ -1171,6 +1174,10 @@ impl Pipeline for ClusterPipeline {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn depth(&self) -> usize {
+        self.depth
     }
 
     fn local_stage(&self) -> Option<crate::pipeline::LocalStage> {

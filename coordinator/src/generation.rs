@@ -157,6 +157,7 @@ impl GenerationService {
                     next_sequence_id: 1,
                     next_step: 1,
                     broken: false,
+                    in_flight: Default::default(),
                 }
                 .run(receiver)
             })
@@ -210,6 +211,8 @@ struct Sequence {
     /// Tokens of `tokens` already in the cache.
     n_cached: usize,
     n_generated: usize,
+    /// In a step that has not come back yet.
+    in_flight: bool,
     /// The next prompt position whose log-probability the client is owed (a replay on a
     /// new pipeline computes them again; each is passed on once).
     prompt_logprobs_next: usize,
@@ -229,6 +232,14 @@ struct Generator {
     next_step: u64,
     /// The pipeline lost a stage: nothing is stepped until a new one arrives.
     broken: bool,
+    /// Steps sent and not yet answered, oldest first (answers come back in send order).
+    in_flight: std::collections::VecDeque<InFlight>,
+}
+
+/// A step in the pipeline: its number and, per sequence, the rows it carries.
+struct InFlight {
+    step: u64,
+    members: Vec<(u64, usize)>,
 }
 
 impl Generator {
@@ -238,7 +249,7 @@ impl Generator {
             self.stats.active.store(active.len() as u64, Ordering::Relaxed);
             self.take_new_pipeline(&mut active);
             // Admit: wait when idle, otherwise take whatever is waiting, up to the cap.
-            if active.is_empty() {
+            if active.is_empty() && self.in_flight.is_empty() {
                 match jobs.recv_timeout(Duration::from_millis(IDLE_POLL_MS)) {
                     Ok(job) => {
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
@@ -258,7 +269,7 @@ impl Generator {
                 }
             }
             self.retire(&mut active);
-            if active.is_empty() {
+            if active.is_empty() && self.in_flight.is_empty() {
                 continue;
             }
             if self.broken {
@@ -270,24 +281,32 @@ impl Generator {
             }
             self.stats.active.store(active.len() as u64, Ordering::Relaxed);
             let started = std::time::Instant::now();
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(&mut active)));
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.fill(&mut active);
+                self.collect(&mut active);
+            }));
             self.stats.step_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            self.stats.steps.fetch_add(1, Ordering::Relaxed);
             self.publish_local_stage();
             if let Err(panic) = outcome {
-                // A bug, not a user error: fail the requests of this step and keep serving.
+                // A bug, not a user error: fail the requests in flight and keep serving.
                 let message = panic_message(&panic);
                 tracing::error!(%message, "generation step panicked; failing its requests");
                 for seq in active.iter_mut() {
                     let _ = seq.events.send(GenerateEvent::Failed(format!("internal error: {message}")));
                     seq.done = true;
                 }
+                self.in_flight.clear();
+                for seq in active.iter_mut() {
+                    seq.in_flight = false;
+                }
                 self.retire(&mut active);
             }
         }
     }
 
-    /// Drops finished and abandoned sequences, freeing their caches on every stage.
+    /// Drops finished and abandoned sequences, freeing their caches on every stage. (A
+    /// sequence still in a step in flight is released behind that step: every stage sees
+    /// the step first, and its sampled token is then ignored.)
     fn retire(&mut self, active: &mut Vec<Sequence>) {
         let mut released = Vec::new();
         active.retain(|s| {
@@ -319,8 +338,11 @@ impl Generator {
         self.broken = false;
         tracing::info!(pipeline = %pipeline.describe(), replayed_sequences = active.len(), "generation moves to a new pipeline");
         self.pipeline = pipeline;
+        // Steps in flight on the old pipeline are lost; their sequences replay from scratch.
+        self.in_flight.clear();
         for seq in active.iter_mut() {
             seq.n_cached = 0;
+            seq.in_flight = false;
             if let Err(e) = self.pipeline.send(sequence_start(seq)) {
                 let _ = seq.events.send(GenerateEvent::Unavailable(format!("the request cannot go on: {e}")));
                 seq.done = true;
@@ -357,6 +379,7 @@ impl Generator {
             n_cached: 0,
             n_generated: 0,
             prompt_logprobs_next: 1,
+            in_flight: false,
             done: false,
             admitted_at: std::time::Instant::now(),
             first_token_at: None,
@@ -375,63 +398,85 @@ impl Generator {
         active.push(seq);
     }
 
-    fn step(&mut self, active: &mut [Sequence]) {
-        // Gather each sequence's rows for this step, within the step's row budget.
-        let mut tokens = Vec::new();
-        let mut segments = Vec::new();
-        let mut members = Vec::new();
-        for (i, seq) in active.iter().enumerate() {
-            let pending = seq.tokens.len() - seq.n_cached;
-            let budget = STEP_ROWS_MAX - tokens.len();
-            let n = pending.min(PREFILL_CHUNK_ROWS).min(budget);
-            if n == 0 {
-                continue;
+    /// Sends steps until the pipeline holds as many as it has stages (so that each stage
+    /// has a step to work on while the others work on theirs), each over a share of the
+    /// sequences that are not in a step already.
+    fn fill(&mut self, active: &mut [Sequence]) {
+        let depth = self.pipeline.depth().max(1);
+        // Sequences per step: an even share, so the steps in flight are alike in size.
+        let share = active.len().div_ceil(depth).max(1);
+        while self.in_flight.len() < depth && !self.broken {
+            let mut tokens = Vec::new();
+            let mut segments = Vec::new();
+            let mut members = Vec::new();
+            for seq in active.iter_mut().filter(|s| !s.in_flight && !s.done) {
+                if members.len() == share {
+                    break;
+                }
+                let pending = seq.tokens.len() - seq.n_cached;
+                let budget = STEP_ROWS_MAX - tokens.len();
+                let n = pending.min(PREFILL_CHUNK_ROWS).min(budget);
+                if n == 0 {
+                    continue;
+                }
+                tokens.extend_from_slice(&seq.tokens[seq.n_cached..seq.n_cached + n]);
+                segments.push(Segment {
+                    sequence_id: seq.id,
+                    first_position: seq.n_cached as u32,
+                    n_rows: n as u32,
+                    sample: seq.n_cached + n == seq.tokens.len(),
+                });
+                members.push((seq.id, n));
+                seq.in_flight = true;
             }
-            tokens.extend_from_slice(&seq.tokens[seq.n_cached..seq.n_cached + n]);
-            segments.push(Segment {
-                sequence_id: seq.id,
-                first_position: seq.n_cached as u32,
-                n_rows: n as u32,
-                sample: seq.n_cached + n == seq.tokens.len(),
-            });
-            members.push(i);
-        }
-        if members.is_empty() {
-            return;
-        }
-        self.stats.step_rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
-        let stats = self.stats.clone();
-        let failed = |active: &mut [Sequence], message: String| {
-            stats.requests_failed.fetch_add(members.len() as u64, Ordering::Relaxed);
-            for &i in &members {
-                let _ = active[i].events.send(GenerateEvent::Failed(message.clone()));
-                active[i].done = true;
-            }
-        };
-        let step = self.next_step;
-        self.next_step += 1;
-        let sent = self.pipeline.send(step_tokens(step, segments.clone(), tokens));
-        let sampled = sent.and_then(|()| self.pipeline.recv(Duration::from_millis(STEP_TIMEOUT_MS)));
-        let sampled = match sampled {
-            Ok(s) if s.step == step => s,
-            Ok(s) => return failed(active, format!("internal error: step {step} answered as step {}", s.step)),
-            Err(e @ PipelineError::Broken(_)) => {
-                // The sequences stay: the next pipeline replays them (the cluster re-plans,
-                // or says it cannot, with a pipeline that fails them).
-                tracing::warn!(error = %e, "step lost; waiting for a new pipeline");
-                self.broken = true;
+            if members.is_empty() {
                 return;
             }
-            Err(e) => return failed(active, e.to_string()),
+            self.stats.steps.fetch_add(1, Ordering::Relaxed);
+            self.stats.step_rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+            let step = self.next_step;
+            self.next_step += 1;
+            match self.pipeline.send(step_tokens(step, segments, tokens)) {
+                Ok(()) => self.in_flight.push_back(InFlight { step, members }),
+                Err(e) => self.step_failed(active, &members, e),
+            }
+        }
+    }
+
+    /// Waits for the oldest step in flight and hands its sequences their tokens.
+    fn collect(&mut self, active: &mut [Sequence]) {
+        let Some(oldest) = self.in_flight.front() else { return };
+        let expected = oldest.step;
+        let sampled = match self.pipeline.recv(Duration::from_millis(STEP_TIMEOUT_MS)) {
+            // An answer to a step given up on earlier (it timed out): not ours.
+            Ok(s) if s.step < expected => return,
+            Ok(s) => s,
+            Err(e) => {
+                let lost = self.in_flight.pop_front().expect("looked at above");
+                return self.step_failed(active, &lost.members, e);
+            }
         };
-        for (&i, segment) in members.iter().zip(&segments) {
-            active[i].n_cached += segment.n_rows as usize;
+        // Answers come in send order: one for a later step means the ones before it are lost.
+        while self.in_flight.front().is_some_and(|f| f.step < sampled.step) {
+            let lost = self.in_flight.pop_front().expect("checked");
+            let message = format!("internal error: step {} lost in the pipeline", lost.step);
+            self.step_failed(active, &lost.members, PipelineError::Step(message));
+        }
+        let Some(done) = self.in_flight.pop_front().filter(|f| f.step == sampled.step) else {
+            tracing::warn!(step = sampled.step, "an answer to a step that was never sent; ignored");
+            return;
+        };
+        for &(id, rows) in &done.members {
+            if let Some(seq) = active.iter_mut().find(|s| s.id == id) {
+                seq.n_cached += rows;
+                seq.in_flight = false;
+            }
         }
         self.pass_on_prompt_logprobs(active, sampled.prompt);
         let context_length = self.context_length;
         for token in sampled.tokens {
             let Some(seq) = active.iter_mut().find(|s| s.id == token.sequence_id) else { continue };
-            if seq.done || seq.n_cached != seq.tokens.len() {
+            if seq.done || seq.in_flight || seq.n_cached != seq.tokens.len() {
                 continue;
             }
             if seq.request.max_tokens == 0 {
@@ -456,6 +501,27 @@ impl Generator {
             }
             if seq.n_generated >= seq.request.max_tokens || seq.tokens.len() >= context_length {
                 finish(seq, FinishReason::Length, &self.stats);
+            }
+        }
+    }
+
+    /// A step failed: a broken pipeline keeps its sequences (the next pipeline replays
+    /// them); any other failure fails the step's sequences, and only them.
+    fn step_failed(&mut self, active: &mut [Sequence], members: &[(u64, usize)], error: PipelineError) {
+        if let PipelineError::Broken(_) = error {
+            // The sequences stay: the next pipeline replays them (the cluster re-plans, or
+            // says it cannot, with a pipeline that fails them).
+            tracing::warn!(error = %error, "step lost; waiting for a new pipeline");
+            self.broken = true;
+            return;
+        }
+        let message = error.to_string();
+        self.stats.requests_failed.fetch_add(members.len() as u64, Ordering::Relaxed);
+        for &(id, _) in members {
+            if let Some(seq) = active.iter_mut().find(|s| s.id == id) {
+                let _ = seq.events.send(GenerateEvent::Failed(message.clone()));
+                seq.done = true;
+                seq.in_flight = false;
             }
         }
     }

@@ -37,6 +37,11 @@ pub trait Pipeline: Send {
     fn recv(&mut self, timeout: Duration) -> Result<SampledTokens, PipelineError>;
     /// One line for logs: the stages and their layers.
     fn describe(&self) -> String;
+    /// Steps worth keeping in flight at once: one per stage, so every stage has work while
+    /// the others work on theirs (1 where `send` computes the whole step itself).
+    fn depth(&self) -> usize {
+        1
+    }
     /// The stage this process runs, if any: its counters, and the round trip of its link
     /// to the next stage (for `/metrics` and the dashboard).
     fn local_stage(&self) -> Option<LocalStage> {

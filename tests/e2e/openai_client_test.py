@@ -159,8 +159,12 @@ check(status == 400 and body["error"]["param"] == "logprobs", "logprobs above 20
 # Batching does not change results: concurrent greedy requests (decoded together in shared
 # steps) give exactly the text each gives alone.
 import concurrent.futures
+# Sixteen (the most decoded together): on a cluster they are split into one group per
+# stage, the groups' steps in flight on different stages at once.
 prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn",
-           "In 1969, the first", "Water boils at", "My favourite colour is", "The quick brown fox"]
+           "In 1969, the first", "Water boils at", "My favourite colour is", "The quick brown fox",
+           "The largest planet is", "To make bread you need", "Python is a", "The ocean is",
+           "Mount Everest is", "A good friend", "The speed of light", "import numpy as np\n"]
 def greedy(p):
     return client.completions.create(model="x", prompt=p, max_tokens=16, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
