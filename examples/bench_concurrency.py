@@ -5,6 +5,7 @@ total threads, measured in the same run.
 
   cargo build --release -p potluck-coordinator -p potluck-worker
   python3 examples/bench_concurrency.py [--rounds 2] [--tokens 64] [--threads 2] [--plot docs/concurrency.png]
+                                        [--llamacpp]
 
 1 stage: `coordinator serve --no-cluster --threads T`. 2 stages: the coordinator (stage 0,
 T/2 threads) and one worker (T/2 threads), layers split evenly. Both run side by side (an
@@ -13,7 +14,9 @@ round by round, so a noisy machine hurts both alike. At concurrency c, c clients
 --requests-per-client streaming completions (--tokens tokens each, ignore_eos, distinct
 prompts) back to back; aggregate tokens/s = all tokens / wall time of the level; TTFT is
 each request's time from sending to its first token. The table gives medians over rounds;
---plot writes tokens/s against concurrency as a PNG (needs matplotlib).
+--plot writes tokens/s against concurrency as a PNG (needs matplotlib). --llamacpp then runs
+examples/bench_vs_llamacpp.sh at the same threads: the single-machine engine's prefill and
+decode against llama.cpp's, in the same run.
 """
 import argparse
 import concurrent.futures
@@ -112,6 +115,7 @@ def main():
     ap.add_argument("--plot")
     ap.add_argument("--json")
     ap.add_argument("--model")
+    ap.add_argument("--llamacpp", action="store_true", help="also compare the engine with llama.cpp")
     args = ap.parse_args()
     levels = [int(c) for c in args.levels.split(",")]
     if not args.model:
@@ -169,6 +173,10 @@ def main():
         fig.tight_layout()
         fig.savefig(args.plot)
         print(f"plot: {args.plot}")
+    if args.llamacpp:
+        sys.stdout.flush()
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_vs_llamacpp.sh")
+        subprocess.run(["bash", script, "--threads", str(args.threads), "--rounds", "3", "--model", args.model], check=True)
 
 
 if __name__ == "__main__":
