@@ -743,7 +743,7 @@ async fn run_generation(state: Arc<AppState>, prepared: Prepared, endpoint: Endp
     };
     if prepared.stream {
         let (tx, rx) = mpsc::channel::<Result<Event, std::convert::Infallible>>(SSE_EVENTS_BUFFERED);
-        tokio::spawn(stream_events(state, prepared, endpoint, receiver, tx, id, created, recorder));
+        tokio::spawn(stream_events(prepared, receiver, tx, created, recorder));
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
     }
@@ -831,16 +831,16 @@ async fn collect(
     Err(ApiError::internal("the generation service stopped"))
 }
 
+/// Streams one request's events as SSE chunks; `recorder` (which knows the request's id and
+/// endpoint) lists it on the dashboard when it ends.
 async fn stream_events(
-    state: Arc<AppState>,
     prepared: Prepared,
-    endpoint: Endpoint,
     mut receiver: mpsc::UnboundedReceiver<GenerateEvent>,
     tx: mpsc::Sender<Result<Event, std::convert::Infallible>>,
-    id: String,
     created: u64,
     mut recorder: Recorder,
 ) {
+    let (state, id, endpoint) = (recorder.state.clone(), recorder.id.clone(), recorder.endpoint);
     let model = state.model_id.clone();
     let chunk = |text: Option<&str>, finish: Option<&str>, logprobs: Option<Value>, first: bool| -> Value {
         match endpoint {

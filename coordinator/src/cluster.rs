@@ -92,6 +92,7 @@ pub struct ClusterConfig {
 pub struct ClusterView {
     pub node_id: String,
     pub listen: String,
+    /// The `worker join` line with the token left out (see where it is set).
     pub join_command: String,
     pub nodes: Vec<NodeView>,
     pub stages: Vec<StageView>,
@@ -311,7 +312,10 @@ pub async fn start(
     status.update(|v| {
         v.node_id = node_id.clone();
         v.listen = local_address.to_string();
-        v.join_command = join_command.clone();
+        // `/health`, `/events` and the dashboard are open to anyone who reaches the HTTP
+        // port (the API key guards /v1 only): they never carry the join token itself,
+        // which would let any such reader join as a worker and see weights and prompts.
+        v.join_command = format!("worker join --token <join token> --coordinator {}", advertised_address(local_address));
     });
     println!("potluck: cluster endpoint on {local_address} (QUIC), node id {node_id}");
     println!("  join from other machines with:\n    {join_command}");

@@ -211,8 +211,10 @@ struct Sequence {
     /// Tokens of `tokens` already in the cache.
     n_cached: usize,
     n_generated: usize,
-    /// In a step that has not come back yet.
-    in_flight: bool,
+    /// Tokens of `tokens` sent in steps (`n_cached` plus those in steps not back yet). A
+    /// prompt's chunks go out one behind the other without waiting (every stage runs them
+    /// in order); a decode step needs the token the last one sampled.
+    n_sent: usize,
     /// The next prompt position whose log-probability the client is owed (a replay on a
     /// new pipeline computes them again; each is passed on once).
     prompt_logprobs_next: usize,
@@ -296,9 +298,6 @@ impl Generator {
                     seq.done = true;
                 }
                 self.in_flight.clear();
-                for seq in active.iter_mut() {
-                    seq.in_flight = false;
-                }
                 self.retire(&mut active);
             }
         }
@@ -342,7 +341,7 @@ impl Generator {
         self.in_flight.clear();
         for seq in active.iter_mut() {
             seq.n_cached = 0;
-            seq.in_flight = false;
+            seq.n_sent = 0;
             if let Err(e) = self.pipeline.send(sequence_start(seq)) {
                 let _ = seq.events.send(GenerateEvent::Unavailable(format!("the request cannot go on: {e}")));
                 seq.done = true;
@@ -379,7 +378,7 @@ impl Generator {
             n_cached: 0,
             n_generated: 0,
             prompt_logprobs_next: 1,
-            in_flight: false,
+            n_sent: 0,
             done: false,
             admitted_at: std::time::Instant::now(),
             first_token_at: None,
@@ -400,7 +399,8 @@ impl Generator {
 
     /// Sends steps until the pipeline holds as many as it has stages (so that each stage
     /// has a step to work on while the others work on theirs), each over a share of the
-    /// sequences that are not in a step already.
+    /// sequences with rows to send: decoding ones not in a step already, and the next chunk
+    /// of each prompt (a prompt's chunks need not wait for each other).
     fn fill(&mut self, active: &mut [Sequence]) {
         let depth = self.pipeline.depth().max(1);
         // Sequences per step: an even share, so the steps in flight are alike in size.
@@ -409,25 +409,25 @@ impl Generator {
             let mut tokens = Vec::new();
             let mut segments = Vec::new();
             let mut members = Vec::new();
-            for seq in active.iter_mut().filter(|s| !s.in_flight && !s.done) {
+            for seq in active.iter_mut().filter(|s| s.n_sent < s.tokens.len() && !s.done) {
                 if members.len() == share {
                     break;
                 }
-                let pending = seq.tokens.len() - seq.n_cached;
+                let pending = seq.tokens.len() - seq.n_sent;
                 let budget = STEP_ROWS_MAX - tokens.len();
                 let n = pending.min(PREFILL_CHUNK_ROWS).min(budget);
                 if n == 0 {
                     continue;
                 }
-                tokens.extend_from_slice(&seq.tokens[seq.n_cached..seq.n_cached + n]);
+                tokens.extend_from_slice(&seq.tokens[seq.n_sent..seq.n_sent + n]);
                 segments.push(Segment {
                     sequence_id: seq.id,
-                    first_position: seq.n_cached as u32,
+                    first_position: seq.n_sent as u32,
                     n_rows: n as u32,
-                    sample: seq.n_cached + n == seq.tokens.len(),
+                    sample: seq.n_sent + n == seq.tokens.len(),
                 });
                 members.push((seq.id, n));
-                seq.in_flight = true;
+                seq.n_sent += n;
             }
             if members.is_empty() {
                 return;
@@ -469,14 +469,13 @@ impl Generator {
         for &(id, rows) in &done.members {
             if let Some(seq) = active.iter_mut().find(|s| s.id == id) {
                 seq.n_cached += rows;
-                seq.in_flight = false;
             }
         }
         self.pass_on_prompt_logprobs(active, sampled.prompt);
         let context_length = self.context_length;
         for token in sampled.tokens {
             let Some(seq) = active.iter_mut().find(|s| s.id == token.sequence_id) else { continue };
-            if seq.done || seq.in_flight || seq.n_cached != seq.tokens.len() {
+            if seq.done || seq.n_sent != seq.n_cached || seq.n_cached != seq.tokens.len() {
                 continue;
             }
             if seq.request.max_tokens == 0 {
@@ -521,7 +520,6 @@ impl Generator {
             if let Some(seq) = active.iter_mut().find(|s| s.id == id) {
                 let _ = seq.events.send(GenerateEvent::Failed(message.clone()));
                 seq.done = true;
-                seq.in_flight = false;
             }
         }
     }

@@ -132,6 +132,20 @@ fn start_worker(dir: &Path, name: &str, coordinator: &Coordinator, token: &str, 
     Process::spawn(name, &mut command)
 }
 
+/// A coordinator alone (`--no-cluster`): the single-machine answer to compare with.
+fn start_single(dir: &Path) -> (Process, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-cluster", "--threads", "1", "--model"])
+        .arg(model_path())
+        .env("POTLUCK_CONFIG_DIR", dir.join("single-config"))
+        .env_remove("POTLUCK_API_KEY");
+    let process = Process::spawn("single", &mut command);
+    let line = process.wait_for_line(" on http://", Duration::from_secs(120));
+    let http = line.split(" on http://").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    (process, http)
+}
+
 /// GET `path` over plain HTTP/1.1 (no client library needed for a status page): the body.
 fn get_text(address: &str, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
@@ -189,7 +203,24 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     assert_eq!(a[1], b[0], "contiguous: {health}");
     assert_eq!(b[1], 30, "{health}");
     assert!(health["cluster"]["weight_bytes_sent"].as_u64().unwrap() > 50 << 20, "the slices were streamed: {health}");
+    // The join command is shown without the token: the status pages need no key to read.
+    assert!(health["cluster"]["join_command"].as_str().unwrap().contains("--token <join token>"), "{health}");
+    assert!(!health.to_string().contains(TOKEN), "the join token leaks through /health: {health}");
     run_python("cluster_client.py", &coordinator.http);
+    // A long prompt (several prefill chunks, sent one behind the other through the stages)
+    // answers exactly as one machine does.
+    let single = start_single(&dir);
+    let story = (0..60).map(|i| format!("On day {i} the travellers walked further along the river.")).collect::<String>();
+    let body = serde_json::json!({"prompt": story, "max_tokens": 24, "temperature": 0, "logprobs": 1, "ignore_eos": true}).to_string();
+    let (status, on_cluster) = post(&coordinator.http, "/v1/completions", &body);
+    assert_eq!(status, 200, "{on_cluster}");
+    let (_, alone) = post(&single.1, "/v1/completions", &body);
+    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let (on_cluster, alone) = (parse(&on_cluster), parse(&alone));
+    assert!(on_cluster["usage"]["prompt_tokens"].as_u64().unwrap() > 600, "{on_cluster}");
+    assert_eq!(on_cluster["choices"][0]["text"], alone["choices"][0]["text"], "a long prompt on 2 stages vs one machine");
+    assert_eq!(on_cluster["choices"][0]["logprobs"], alone["choices"][0]["logprobs"]);
+    drop(single);
     // The whole client suite (errors, chat, logprobs, seeds, concurrency) on the cluster too.
     run_python("openai_client_test.py", &coordinator.http);
     // `coordinator status` draws the same cluster in the terminal.
