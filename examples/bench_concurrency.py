@@ -48,7 +48,7 @@ def start(stages, threads, model, work):
         return "http://" + procs[0].wait_line(r" on http://(\S+)").group(1), procs
     per = str(max(1, threads // 2))
     cmd += ["--threads", per, "--cluster-listen", "127.0.0.1:0", "--token", TOKEN, "--workers", "1",
-            "--planner", "proportional", "--memory-limit", "4GiB"]
+            "--planner", "throughput", "--memory-limit", "4GiB"]
     procs = [Proc("coordinator (2 stages)", cmd, env)]
     base = "http://" + procs[0].wait_line(r" on http://(\S+)").group(1)
     cluster = procs[0].wait_line(r"cluster endpoint on (\S+)").group(1)
@@ -63,6 +63,8 @@ def start(stages, threads, model, work):
         if time.time() > deadline:
             sys.exit(f"2 stages never became active: {get(base + '/health')}")
         time.sleep(0.1)
+    print("2 stages: " + ", ".join(f"{s['name']} layers {s['layers'][0]}-{s['layers'][1]}" for s in stages_now),
+          file=sys.stderr)
     return base, procs
 
 

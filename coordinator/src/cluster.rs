@@ -31,7 +31,7 @@ use potluck_engine::threads::ComputePool;
 use potluck_protocol::{
     Assignment, Dtype, Hello, Message, RefusalCode, Refused, SampledTokens, TensorRef, Welcome,
 };
-use potluck_shard_planner::{LinkMatrix, LinkProfile, NodeProfile, Plan, PlanRequest, Workload};
+use potluck_shard_planner::{LinkMatrix, LinkProfile, NodeProfile, Objective, Plan, PlanRequest, Workload};
 use potluck_worker::net::framed::{FrameReader, FrameWriter};
 use potluck_worker::net::identity::NodeIdentity;
 use potluck_worker::net::token::{proofs_equal, JoinToken};
@@ -64,8 +64,12 @@ pub const COORDINATOR_NODE: &str = "coordinator";
 /// Which split the coordinator computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PlannerKind {
-    /// The fastest feasible split under the planner's cost model (docs/planner.md).
+    /// The fastest feasible split under the planner's cost model (docs/planner.md): the
+    /// least time per token for one request (a model that fits one fast machine stays there).
     Optimal,
+    /// The planner's split for many requests at once: the least time of the slowest stage
+    /// or hop, which uses every machine that lowers it and balances the stages' times.
+    Throughput,
     /// Layers in proportion to each node's memory, as exo and llama.cpp's RPC split them.
     Proportional,
 }
@@ -796,6 +800,7 @@ impl Driver {
         }
         let planned = match self.config.planner {
             PlannerKind::Optimal => potluck_shard_planner::plan(&request),
+            PlannerKind::Throughput => potluck_shard_planner::plan(&request.with_objective(Objective::Throughput)),
             PlannerKind::Proportional => potluck_shard_planner::proportional_plan(&request),
         };
         let plan = match planned {

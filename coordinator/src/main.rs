@@ -66,8 +66,10 @@ struct ServeArgs {
     /// and serves the API).
     #[arg(long)]
     no_local_layers: bool,
-    /// How to split the layers: the planner's fastest feasible split, or in proportion to
-    /// memory (as exo and llama.cpp's RPC do; for comparison).
+    /// How to split the layers: `optimal`, the least time per token for one request (a
+    /// model that fits one fast machine stays there); `throughput`, the most tokens/s with
+    /// many requests at once (every machine that helps, stage times balanced); or
+    /// `proportional` to memory (as exo and llama.cpp's RPC do; for comparison).
     #[arg(long, value_enum, default_value = "optimal")]
     planner: potluck_coordinator::cluster::PlannerKind,
     /// Element type of activations between stages (f16 halves the bytes; f32 is bit-exact

@@ -565,12 +565,13 @@ fn when_the_model_no_longer_fits_requests_fail_clearly() {
 /// Issue 6's load test: 64 streaming clients (chat and completions) for two minutes against
 /// two stages (the coordinator holds stage 0, one worker the rest). Every request succeeds,
 /// every stream ends with `[DONE]`, and neither process's memory grows after the warm-up.
+/// The split is `--planner throughput`'s (what a cluster serving many would use).
 /// `POTLUCK_LOAD_SECONDS` shortens it for a quick local run.
 #[test]
 fn sixty_four_streaming_clients_for_two_minutes() {
     let dir = temp_dir("load");
     let coordinator =
-        start_coordinator(&dir, &["--workers", "1", "--planner", "proportional", "--memory-limit", "4GiB", "--activation-dtype", "f32"]);
+        start_coordinator(&dir, &["--workers", "1", "--planner", "throughput", "--memory-limit", "4GiB", "--activation-dtype", "f32"]);
     let worker = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
     wait_for_stages_with_coordinator(&coordinator, 2, Duration::from_secs(180));
     let seconds = std::env::var("POTLUCK_LOAD_SECONDS").unwrap_or_else(|_| "120".into());

@@ -91,6 +91,19 @@ impl LinkMatrix {
     }
 }
 
+/// What the planner minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Objective {
+    /// One sequence's token time: every stage plus every hop (the default; a model that
+    /// fits one fast node stays there).
+    #[default]
+    Latency,
+    /// The pipeline's throughput with many sequences in flight: the slowest stage or hop
+    /// (every stage works on its own group of sequences at once, so the bottleneck sets the
+    /// pace). Uses every node that lowers the bottleneck, and balances the stages' times.
+    Throughput,
+}
+
 /// What the cluster must serve: the KV cache is sized for `sequences` of `context_tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {

@@ -16,7 +16,7 @@
 //! a hop of one activation row between consecutive stages, plus the hop that returns the
 //! sampled token id from the last stage to stage 0. docs/planner.md derives it.
 
-use crate::cluster::{LinkMatrix, NodeProfile, Workload};
+use crate::cluster::{LinkMatrix, NodeProfile, Objective, Workload};
 use crate::model::ModelProfile;
 
 /// Precomputed prefix sums so that any stage's cost is O(1).
@@ -25,6 +25,8 @@ pub(crate) struct CostModel<'a> {
     pub nodes: &'a [NodeProfile],
     pub links: &'a LinkMatrix,
     pub workload: Workload,
+    /// How stage and hop times combine into a layout's cost (see [`CostModel::chain_s`]).
+    pub objective: Objective,
     prefix_weight_bytes: Vec<u64>,
     prefix_read_bytes: Vec<u64>,
     prefix_flops: Vec<u64>,
@@ -74,6 +76,7 @@ impl<'a> CostModel<'a> {
             nodes,
             links,
             workload,
+            objective: Objective::Latency,
             prefix_weight_bytes: prefix_sums(&model.layer_weight_bytes),
             prefix_read_bytes: prefix_sums(&model.layer_read_bytes_per_token),
             prefix_flops: prefix_sums(&model.layer_flops_per_token),
@@ -84,6 +87,16 @@ impl<'a> CostModel<'a> {
 
     pub fn n_layers(&self) -> u32 {
         self.model.n_layers
+    }
+
+    /// A layout's cost so far followed by one more stage or hop: their sum for latency
+    /// (one token passes through all of them), the larger for throughput (each works on its
+    /// own group of sequences at once, so the slowest sets the pace).
+    pub fn chain_s(&self, so_far_s: f64, next_s: f64) -> f64 {
+        match self.objective {
+            Objective::Latency => so_far_s + next_s,
+            Objective::Throughput => so_far_s.max(next_s),
+        }
     }
 
     pub fn kv_cache_bytes(&self, start: u32, end: u32) -> u64 {

@@ -33,6 +33,13 @@ impl fmt::Display for Plan {
             PlanMethod::MemoryProportional => "layers ∝ memory, in the given node order".into(),
             PlanMethod::Given => "given layout".into(),
         };
+        let method = match self.objective {
+            crate::cluster::Objective::Latency => method,
+            crate::cluster::Objective::Throughput => format!(
+                "{method}, for throughput (bottleneck {:.1} ms: the slowest stage or hop)",
+                self.bottleneck_ms()
+            ),
+        };
         writeln!(
             f,
             "{} · {} layers · context {} × {} sequence{} · {} stage{} · {}",
@@ -135,11 +142,19 @@ impl fmt::Display for Plan {
                     format_bytes(*needed_bytes),
                     format_bytes(*budget_bytes)
                 ),
-                ExclusionReason::SlowsPipeline { best_token_time_ms_with_node } => format!(
-                    "would slow the pipeline: the best plan using it predicts {:.1} ms/token (+{:.1} ms)",
-                    best_token_time_ms_with_node,
-                    best_token_time_ms_with_node - self.token_time_ms
-                ),
+                ExclusionReason::SlowsPipeline { best_token_time_ms_with_node } => match self.objective {
+                    crate::cluster::Objective::Latency => format!(
+                        "would slow the pipeline: the best plan using it predicts {:.1} ms/token (+{:.1} ms)",
+                        best_token_time_ms_with_node,
+                        best_token_time_ms_with_node - self.token_time_ms
+                    ),
+                    // Under the throughput objective the search's costs are bottlenecks.
+                    crate::cluster::Objective::Throughput => format!(
+                        "would not lower the bottleneck: the best plan using it has {:.1} ms (+{:.1} ms)",
+                        best_token_time_ms_with_node,
+                        best_token_time_ms_with_node - self.bottleneck_ms()
+                    ),
+                },
                 ExclusionReason::NoFeasiblePlanWithNode => {
                     "no plan that uses it fits in the cluster's memory".into()
                 }

@@ -42,7 +42,7 @@ pub mod specs;
 use std::collections::BTreeSet;
 use std::ops::Range;
 
-pub use cluster::{Backend, LinkMatrix, LinkProfile, NodeProfile, Workload};
+pub use cluster::{Backend, LinkMatrix, LinkProfile, NodeProfile, Objective, Workload};
 pub use display::format_bytes;
 pub use error::PlanError;
 pub use model::{dense_layer_flops_per_token, head_flops_per_token, ModelProfile};
@@ -73,6 +73,8 @@ pub struct PlanRequest<'a> {
     pub first_node_id: Option<&'a str>,
     /// The plan in force, if any: a re-plan then prefers moving few weights.
     pub previous: Option<&'a Plan>,
+    /// What [`plan`] minimises (latency unless set).
+    pub objective: Objective,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -89,7 +91,13 @@ impl<'a> PlanRequest<'a> {
             workload,
             first_node_id: None,
             previous: None,
+            objective: Objective::Latency,
         }
+    }
+
+    pub fn with_objective(mut self, objective: Objective) -> Self {
+        self.objective = objective;
+        self
     }
 
     pub fn with_first_node(mut self, node_id: &'a str) -> Self {
@@ -232,12 +240,13 @@ fn no_feasible_split(cm: &CostModel) -> PlanError {
 /// The fastest plan under the cost model that fits every node's memory (see the crate docs).
 pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
     let first = validate(request)?;
-    let cm = CostModel::new(
+    let mut cm = CostModel::new(
         request.model,
         request.nodes,
         request.links,
         request.workload,
     );
+    cm.objective = request.objective;
     check_total_memory(&cm)?;
     if let Some(node) = first {
         let needed_bytes = cm.stage_memory_bytes(0, 1);

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Backend;
+use crate::cluster::{Backend, Objective};
 use crate::cost::CostModel;
 use crate::search::Layout;
 
@@ -33,6 +33,10 @@ pub struct Plan {
     pub method: PlanMethod,
     /// Present when a previous plan was given: what the re-plan chose and what it moves.
     pub replan: Option<Replan>,
+    /// What the layout was chosen to minimise (`token_time_ms` is one sequence's token
+    /// time either way).
+    #[serde(default)]
+    pub objective: Objective,
 }
 
 /// One node's part of the pipeline.
@@ -87,7 +91,8 @@ pub enum ExclusionReason {
         needed_bytes: u64,
         budget_bytes: u64,
     },
-    /// Including it would make tokens slower: the best plan found that uses it predicts this.
+    /// Including it would make tokens slower: the best plan that uses the node costs this much: one sequence's token time, or under
+    /// [`Objective::Throughput`] the bottleneck (the plan's `objective` says which).
     SlowsPipeline { best_token_time_ms_with_node: f64 },
     /// It could hold a layer, but no feasible plan that uses it was found.
     NoFeasiblePlanWithNode,
@@ -137,6 +142,15 @@ pub enum ReplanDecision {
 }
 
 impl Plan {
+    /// The slowest stage or hop: what paces the pipeline when every stage works on its own
+    /// group of sequences at once.
+    pub fn bottleneck_ms(&self) -> f64 {
+        self.stages
+            .iter()
+            .flat_map(|s| std::iter::once(s.stage_time_ms).chain(s.hop.as_ref().map(|h| h.time_ms)))
+            .fold(0.0, f64::max)
+    }
+
     /// The stages' layer ranges in pipeline order (what [`crate::single_node_plan`] returns
     /// for one node).
     pub fn layer_ranges(&self) -> Vec<Range<u32>> {
@@ -234,5 +248,6 @@ pub(crate) fn build_plan(
         },
         method,
         replan,
+        objective: cm.objective,
     }
 }

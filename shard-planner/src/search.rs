@@ -84,7 +84,7 @@ fn extend_row(cm: &CostModel, row: &Row, prev: usize, node: usize) -> Row {
             if !before_s.is_finite() {
                 continue;
             }
-            let cost_s = before_s + hop_s + cm.stage_time_s(node, start, end);
+            let cost_s = cm.chain_s(cm.chain_s(before_s, hop_s), cm.stage_time_s(node, start, end));
             if cost_s < best_s {
                 best_s = cost_s;
                 best_start = start;
@@ -100,7 +100,7 @@ fn extend_row(cm: &CostModel, row: &Row, prev: usize, node: usize) -> Row {
 /// returns the token to `first`. Returns the total and where the last stage starts.
 fn finish(cm: &CostModel, row: &Row, prev: usize, node: usize, first: usize) -> Option<(f64, u32)> {
     let n = cm.n_layers();
-    let hops_s = cm.activation_hop_s(prev, node) + cm.token_hop_s(node, first);
+    let hops_s = cm.chain_s(cm.activation_hop_s(prev, node), cm.token_hop_s(node, first));
     let mut best: Option<(f64, u32)> = None;
     for start in (1..n).rev() {
         if !cm.stage_fits(node, start, n) {
@@ -110,7 +110,7 @@ fn finish(cm: &CostModel, row: &Row, prev: usize, node: usize, first: usize) -> 
         if !before_s.is_finite() {
             continue;
         }
-        let cost_s = before_s + hops_s + cm.stage_time_s(node, start, n);
+        let cost_s = cm.chain_s(cm.chain_s(before_s, hops_s), cm.stage_time_s(node, start, n));
         if best.is_none_or(|(b, _)| cost_s < b) {
             best = Some((cost_s, start));
         }
@@ -176,15 +176,15 @@ pub(crate) fn solve_order(cm: &CostModel, order: &[usize]) -> Option<(f64, Layou
     }
 }
 
-/// Predicted token time of any layout (the sum the DP minimises, in stage order).
+/// The cost the DP minimises of any layout, in stage order (the token time for latency).
 pub(crate) fn layout_cost_s(cm: &CostModel, layout: &Layout) -> f64 {
     let mut total_s = 0.0;
     for (i, &(node, start, end)) in layout.iter().enumerate() {
-        total_s += cm.stage_time_s(node, start, end);
+        total_s = cm.chain_s(total_s, cm.stage_time_s(node, start, end));
         if let Some(&(next, _, _)) = layout.get(i + 1) {
-            total_s += cm.activation_hop_s(node, next);
+            total_s = cm.chain_s(total_s, cm.activation_hop_s(node, next));
         } else if layout.len() > 1 {
-            total_s += cm.token_hop_s(node, layout[0].0);
+            total_s = cm.chain_s(total_s, cm.token_hop_s(node, layout[0].0));
         }
     }
     total_s

@@ -7,7 +7,7 @@ use potluck_shard_planner::limits::{
 use potluck_shard_planner::specs::{builtin_model, KV_ELEMENT_BYTES_DEFAULT};
 use potluck_shard_planner::{
     evaluate, plan, proportional_plan, Backend, ExclusionReason, LinkMatrix, LinkProfile,
-    ModelProfile, NodeProfile, PlanError, PlanMethod, PlanRequest, ReplanDecision, Workload,
+    ModelProfile, NodeProfile, Objective, PlanError, PlanMethod, PlanRequest, ReplanDecision, Workload,
 };
 
 const GIB: u64 = 1 << 30;
@@ -450,4 +450,39 @@ fn the_search_is_fast_at_its_limits() {
             assert!(ours.token_time_ms <= baseline.token_time_ms);
         }
     }
+}
+
+/// Two equal CPU machines and a model either holds alone: for one sequence the fastest is
+/// one machine (a hop only adds time); for many sequences in flight the bottleneck halves
+/// with both, and the split is balanced by time, not by layers — the last stage, which also
+/// runs the head, gets fewer layers than the first.
+#[test]
+fn the_throughput_objective_uses_both_machines_and_balances_their_time() {
+    let model = builtin_model("llama-3.1-8b-q4_k_m").unwrap().profile(KV_ELEMENT_BYTES_DEFAULT);
+    let nodes = vec![node("a", Backend::Cpu, 16, 20, 100), node("b", Backend::Cpu, 16, 20, 100)];
+    let links = LinkMatrix::uniform(
+        2,
+        LinkProfile {
+            rtt_us: 300,
+            bandwidth_bytes_per_s: 125_000_000,
+        },
+    );
+    let workload = Workload {
+        context_tokens: 2048,
+        sequences: 2,
+    };
+    let request = PlanRequest::new(&model, &nodes, &links, workload).with_first_node("a");
+    let latency = plan(&request).unwrap();
+    assert_eq!(latency.stages.len(), 1, "{latency}");
+    let throughput = plan(&request.with_objective(Objective::Throughput)).unwrap();
+    println!("{latency}\n{throughput}");
+    assert_eq!(throughput.stages.len(), 2, "{throughput}");
+    assert_eq!(throughput.objective, Objective::Throughput);
+    let (first, last) = (&throughput.stages[0], &throughput.stages[1]);
+    assert!(last.layers.len() < first.layers.len(), "the head's stage gets fewer layers: {throughput}");
+    // Balanced: the two stages' times differ by less than one layer's.
+    let one_layer_ms = first.stage_time_ms / first.layers.len() as f64;
+    assert!((first.stage_time_ms - last.stage_time_ms).abs() < one_layer_ms, "{throughput}");
+    assert!(throughput.bottleneck_ms() < 0.6 * latency.bottleneck_ms(), "{throughput}");
+    assert!(throughput.to_string().contains("for throughput (bottleneck"), "{throughput}");
 }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use potluck_shard_planner::specs::{builtin_model, BUILTIN_MODELS, KV_ELEMENT_BYTES_DEFAULT};
 use potluck_shard_planner::{
-    dense_layer_flops_per_token, format_bytes, head_flops_per_token, plan, proportional_plan,
+    dense_layer_flops_per_token, format_bytes, head_flops_per_token, plan, proportional_plan, Objective,
     ModelProfile, Plan, PlanRequest, Workload,
 };
 
@@ -81,6 +81,10 @@ struct ScenarioArgs {
     /// KV-cache bytes per element for a built-in spec (the engine's cache is f32: 4).
     #[arg(long, default_value_t = KV_ELEMENT_BYTES_DEFAULT)]
     kv_element_bytes: u64,
+    /// Plan for many sequences at once: minimise the slowest stage or hop rather than one
+    /// sequence's token time.
+    #[arg(long)]
+    throughput: bool,
 }
 
 /// The planner's view of a GGUF, from the engine's header reader.
@@ -118,6 +122,7 @@ struct Scenario {
     cluster: cluster_file::Cluster,
     workload: Workload,
     first: Option<String>,
+    objective: Objective,
 }
 
 impl ScenarioArgs {
@@ -144,6 +149,7 @@ impl ScenarioArgs {
             cluster,
             workload,
             first,
+            objective: if self.throughput { Objective::Throughput } else { Objective::Latency },
         })
     }
 }
@@ -155,7 +161,8 @@ impl Scenario {
             &self.cluster.nodes,
             &self.cluster.links,
             self.workload,
-        );
+        )
+        .with_objective(self.objective);
         match &self.first {
             Some(first) => request.with_first_node(first),
             None => request,
