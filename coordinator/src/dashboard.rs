@@ -27,6 +27,9 @@ use crate::cluster::COORDINATOR_NODE;
 
 /// How often `/events` sends a snapshot.
 pub const EVENTS_INTERVAL: Duration = Duration::from_secs(1);
+/// `/events` streams open at once at most (each costs a task and a snapshot a second);
+/// past it a viewer gets 503 and its browser retries.
+pub const EVENT_STREAMS_MAX: usize = 32;
 /// Requests the dashboard lists (newest first).
 pub const RECENT_REQUESTS_MAX: usize = 20;
 /// The live rates are taken over about this long.
@@ -83,6 +86,17 @@ impl RequestRecord {
 pub struct Dashboard {
     recent: Mutex<VecDeque<RequestRecord>>,
     samples: Mutex<Samples>,
+    /// `/events` streams open now.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One open `/events` stream; counted while it lives.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +159,13 @@ impl Dashboard {
         let mut recent = self.recent.lock().expect("recent requests lock");
         recent.push_front(record);
         recent.truncate(RECENT_REQUESTS_MAX);
+    }
+
+    /// A slot for one more `/events` stream, unless [`EVENT_STREAMS_MAX`] are open.
+    fn open_stream(&self) -> Option<StreamSlot> {
+        let previous = self.streams.fetch_add(1, Relaxed);
+        let slot = StreamSlot(self.streams.clone());
+        (previous < EVENT_STREAMS_MAX).then_some(slot)
     }
 
     fn recent(&self) -> Vec<RequestRecord> {
@@ -236,8 +257,17 @@ pub async fn page() -> Response {
 /// `GET /events`: a snapshot now and every [`EVENTS_INTERVAL`], until the client leaves or
 /// the server shuts down (an open dashboard must not hold up a graceful shutdown).
 pub async fn events(State(state): State<Arc<AppState>>) -> Response {
+    let Some(slot) = state.dashboard.open_stream() else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            format!("at most {EVENT_STREAMS_MAX} dashboards may follow /events at once"),
+        )
+            .into_response();
+    };
     let mut closing = state.events_closing.subscribe();
     let stream = async_stream(move |tx| async move {
+        let _slot = slot;
         let mut tick = tokio::time::interval(EVENTS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -306,6 +336,15 @@ mod tests {
         assert!(s.ring.len() <= SAMPLES_MAX);
         let spacing = s.ring.iter().zip(s.ring.iter().skip(1)).map(|(a, b)| b.at - a.at).min().unwrap();
         assert!(spacing >= SAMPLE_SPACING, "{spacing:?}");
+    }
+
+    #[test]
+    fn event_streams_are_bounded_and_freed() {
+        let d = Dashboard::default();
+        let slots: Vec<_> = (0..EVENT_STREAMS_MAX).map(|_| d.open_stream().expect("within the limit")).collect();
+        assert!(d.open_stream().is_none(), "one past the limit");
+        drop(slots);
+        assert!(d.open_stream().is_some(), "closed streams free their slots");
     }
 
     #[test]
