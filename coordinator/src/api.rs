@@ -432,25 +432,25 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         }
     }
     // Measured, per stage: time per step and the round trip of the hop out of it.
-    let picture = crate::dashboard::snapshot(&state);
-    let stages = picture["stages"].as_array().cloned().unwrap_or_default();
+    let rates = state.dashboard.rates(&state);
+    let stages = crate::dashboard::measured_stages(&cluster, s, rates);
     let _ = writeln!(out, "# HELP potluck_stage_measured_milliseconds Measured time per step of each stage (latest heartbeat interval that ran steps).\n# TYPE potluck_stage_measured_milliseconds gauge");
-    for s in &stages {
-        if let Some(ms) = s["measured_ms"].as_f64() {
-            let _ = writeln!(out, "potluck_stage_measured_milliseconds{{node=\"{}\"}} {ms}", label(s["name"].as_str().unwrap_or("")));
+    for stage in stages.iter() {
+        if let Some(ms) = stage.measured_ms {
+            let _ = writeln!(out, "potluck_stage_measured_milliseconds{{node=\"{}\"}} {ms}", label(&stage.view.name));
         }
     }
     let _ = writeln!(out, "# HELP potluck_hop_rtt_milliseconds QUIC's smoothed round-trip time of each hop (stage to the next stage; the last stage to the coordinator).\n# TYPE potluck_hop_rtt_milliseconds gauge");
-    for (i, s) in stages.iter().enumerate() {
-        if let Some(ms) = s["hop_rtt_ms"].as_f64() {
-            let to = stages.get(i + 1).and_then(|n| n["name"].as_str()).unwrap_or(crate::cluster::COORDINATOR_NODE);
-            let _ = writeln!(out, "potluck_hop_rtt_milliseconds{{from=\"{}\",to=\"{}\"}} {ms}", label(s["name"].as_str().unwrap_or("")), label(to));
+    for (i, stage) in stages.iter().enumerate() {
+        if let Some(ms) = stage.hop_rtt_ms {
+            let to = stages.get(i + 1).map_or(crate::cluster::COORDINATOR_NODE, |next| next.view.name.as_str());
+            let _ = writeln!(out, "potluck_hop_rtt_milliseconds{{from=\"{}\",to=\"{}\"}} {ms}", label(&stage.view.name), label(to));
         }
     }
     let _ = writeln!(
         out,
         "# HELP potluck_tokens_per_second Generated tokens per second over the last few seconds.\n# TYPE potluck_tokens_per_second gauge\npotluck_tokens_per_second {}",
-        picture["live"]["tokens_per_s"].as_f64().unwrap_or(0.0)
+        rates.tokens_per_s_rounded()
     );
     if let Some(tps) = cluster.predicted_tokens_per_s {
         let _ = writeln!(out, "# HELP potluck_plan_predicted_tokens_per_second The plan's predicted decode speed.\n# TYPE potluck_plan_predicted_tokens_per_second gauge\npotluck_plan_predicted_tokens_per_second {tps}");
@@ -613,8 +613,7 @@ fn finish_reason_str(reason: FinishReason) -> &'static str {
 /// One OpenAI `logprobs.content` entry.
 fn logprob_entry(tokenizer: &Tokenizer, id: u32, logprob: Option<f32>, top: &[(u32, f32)]) -> Value {
     let token_json = |id: u32, lp: f32| {
-        let bytes = tokenizer.token_bytes(id, false);
-        json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
+        json!({"token": token_string(tokenizer, id), "logprob": lp, "bytes": tokenizer.token_bytes(id, false)})
     };
     let mut entry = token_json(id, logprob.unwrap_or(f32::NAN));
     entry["top_logprobs"] = Value::Array(top.iter().map(|&(t, lp)| token_json(t, lp)).collect());
@@ -671,9 +670,12 @@ fn token_string(tokenizer: &Tokenizer, id: u32) -> String {
 /// when asked, its first token, which has no log-probability), and where the completion's
 /// character offsets start.
 fn completion_preamble(tokenizer: &Tokenizer, prepared: &Prepared) -> (String, Option<CompletionLogprobs>, usize) {
+    let mut logprobs = prepared.want_logprobs.then(CompletionLogprobs::default);
+    if !prepared.echo && logprobs.is_none() {
+        return (String::new(), None, 0); // nothing shows the prompt: no need to decode it
+    }
     let prompt_text = tokenizer.decode(&prepared.prompt, false);
     let mut offset = 0;
-    let mut logprobs = prepared.want_logprobs.then(CompletionLogprobs::default);
     if let (true, Some(lp)) = (prepared.echo, logprobs.as_mut()) {
         lp.push(tokenizer, &mut offset, prepared.prompt[0], None, None);
     } else {
@@ -788,14 +790,6 @@ async fn collect(
     };
     let mut logprobs = Vec::new();
     let mut completion_tokens = 0;
-    let outcome = |text, finish_reason, prompt_tokens, completion_tokens, logprobs, completion_logprobs| Outcome {
-        text,
-        finish_reason,
-        prompt_tokens,
-        completion_tokens,
-        logprobs,
-        completion_logprobs,
-    };
     while let Some(event) = receiver.recv().await {
         match event {
             GenerateEvent::PromptLogprobs(entries) => {
@@ -816,13 +810,14 @@ async fn collect(
                 if assembler.stopped() {
                     // Dropping the receiver cancels the rest of the generation.
                     let prompt_tokens = prepared.prompt.len();
-                    return Ok(outcome(text, "stop", prompt_tokens, completion_tokens, logprobs, completion_logprobs));
+                    let finish_reason = "stop";
+                    return Ok(Outcome { text, finish_reason, prompt_tokens, completion_tokens, logprobs, completion_logprobs });
                 }
             }
             GenerateEvent::Finished { reason, prompt_tokens, completion_tokens } => {
                 text.push_str(&assembler.finish());
                 let finish_reason = if assembler.stopped() { "stop" } else { finish_reason_str(reason) };
-                return Ok(outcome(text, finish_reason, prompt_tokens, completion_tokens, logprobs, completion_logprobs));
+                return Ok(Outcome { text, finish_reason, prompt_tokens, completion_tokens, logprobs, completion_logprobs });
             }
             GenerateEvent::Failed(message) => return Err(ApiError::internal(message)),
             GenerateEvent::Unavailable(message) => return Err(ApiError::unavailable(message)),

@@ -23,7 +23,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::api::AppState;
-use crate::cluster::COORDINATOR_NODE;
+use crate::cluster::{ClusterView, StageView, COORDINATOR_NODE};
+use crate::generation::ServiceStats;
 
 /// How often `/events` sends a snapshot.
 pub const EVENTS_INTERVAL: Duration = Duration::from_secs(1);
@@ -121,6 +122,13 @@ pub struct LiveRates {
     pub local_step_ms: Option<f64>,
 }
 
+impl LiveRates {
+    /// Tokens/s to one decimal, as the dashboard and `/metrics` show it.
+    pub fn tokens_per_s_rounded(&self) -> f64 {
+        (self.tokens_per_s * 10.0).round() / 10.0
+    }
+}
+
 impl Samples {
     /// Adds a sample taken at `at` (unless the last one is too recent) and returns the rates
     /// over the newest sample and the oldest one within [`RATE_WINDOW`] of it.
@@ -172,7 +180,8 @@ impl Dashboard {
         self.recent.lock().expect("recent requests lock").iter().cloned().collect()
     }
 
-    fn rates(&self, state: &AppState) -> LiveRates {
+    /// The live rates now (takes a sample; see [`Samples::observe`]).
+    pub fn rates(&self, state: &AppState) -> LiveRates {
         let stats = state.service.stats();
         let sample = Sample {
             at: Instant::now(),
@@ -184,25 +193,45 @@ impl Dashboard {
     }
 }
 
+/// One stage of the pipeline in force with what was measured of it.
+pub struct MeasuredStage<'a> {
+    pub view: &'a StageView,
+    /// Time per step: the worker's between its last heartbeats that ran steps, or the
+    /// coordinator's own over the live window.
+    pub measured_ms: Option<f64>,
+    /// QUIC's round trip of the hop out of the stage (to the next one, or back here).
+    pub hop_rtt_ms: Option<f64>,
+}
+
+/// The stages of `cluster` with their measurements (`/health`, `/events` and `/metrics`).
+pub fn measured_stages<'a>(cluster: &'a ClusterView, stats: &ServiceStats, rates: LiveRates) -> Vec<MeasuredStage<'a>> {
+    let local_rtt_us = stats.local_hop_rtt_us.load(Relaxed);
+    cluster
+        .stages
+        .iter()
+        .map(|view| {
+            let node = cluster.nodes.iter().find(|n| n.node_id == view.node_id);
+            let (measured_ms, hop_rtt_us) = if view.node_id == COORDINATOR_NODE {
+                (rates.local_step_ms, (local_rtt_us > 0).then_some(local_rtt_us))
+            } else {
+                (node.and_then(|n| n.step_ms), node.and_then(|n| n.hop_rtt_us))
+            };
+            MeasuredStage { view, measured_ms, hop_rtt_ms: hop_rtt_us.map(|us| us as f64 / 1000.0) }
+        })
+        .collect()
+}
+
 /// The whole picture: `/health`'s body and every `/events` message.
 pub fn snapshot(state: &AppState) -> Value {
     let cluster = state.cluster.snapshot();
     let stats = state.service.stats();
     let rates = state.dashboard.rates(state);
-    let local_rtt_us = stats.local_hop_rtt_us.load(Relaxed);
-    let stages: Vec<Value> = cluster
-        .stages
-        .iter()
+    let stages: Vec<Value> = measured_stages(&cluster, stats, rates)
+        .into_iter()
         .map(|s| {
-            let node = cluster.nodes.iter().find(|n| n.node_id == s.node_id);
-            let (measured_ms, hop_rtt_us) = if s.node_id == COORDINATOR_NODE || s.node_id == cluster.node_id {
-                (rates.local_step_ms, (local_rtt_us > 0).then_some(local_rtt_us))
-            } else {
-                (node.and_then(|n| n.step_ms), node.and_then(|n| n.hop_rtt_us))
-            };
-            let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
-            v["measured_ms"] = json!(measured_ms);
-            v["hop_rtt_ms"] = json!(hop_rtt_us.map(|us| us as f64 / 1000.0));
+            let mut v = serde_json::to_value(s.view).unwrap_or(Value::Null);
+            v["measured_ms"] = json!(s.measured_ms);
+            v["hop_rtt_ms"] = json!(s.hop_rtt_ms);
             v
         })
         .collect();
@@ -233,7 +262,7 @@ pub fn snapshot(state: &AppState) -> Value {
             "plan": cluster.plan,
         },
         "live": {
-            "tokens_per_s": (rates.tokens_per_s * 10.0).round() / 10.0,
+            "tokens_per_s": rates.tokens_per_s_rounded(),
             "generated_tokens_total": stats.tokens_generated.load(Relaxed),
             "requests_in_flight": queued + active,
             "queued": queued,
