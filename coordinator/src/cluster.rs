@@ -1045,13 +1045,12 @@ impl Driver {
         let sent = self.weights.bytes_sent();
         self.status.update(|v| {
             v.weight_bytes_sent = sent;
-            let stages = std::mem::take(&mut v.stages);
-            v.nodes = snapshot
+            let nodes = snapshot
                 .iter()
                 .map(|n| {
                     let worker = self.workers.values().find(|w| w.node_id == n.node_id);
                     let device = self.membership.members().find(|(id, _)| *id == n.node_id).map(|(_, d)| d);
-                    let stage = stages.iter().find(|s| s.node_id == n.node_id);
+                    let stage = v.stages.iter().find(|s| s.node_id == n.node_id);
                     NodeView {
                         node_id: n.node_id.clone(),
                         name: n.name.clone(),
@@ -1079,7 +1078,7 @@ impl Driver {
                     }
                 })
                 .collect();
-            v.stages = stages;
+            v.nodes = nodes;
         });
     }
 }
