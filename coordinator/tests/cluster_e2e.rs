@@ -112,8 +112,7 @@ fn start_coordinator_on(dir: &Path, cluster_listen: &str, extra: &[&str]) -> Coo
         .env_remove("POTLUCK_API_KEY")
         .env_remove("POTLUCK_TOKEN");
     let process = Process::spawn("coordinator", &mut command);
-    let line = process.wait_for_line(" on http://", Duration::from_secs(120));
-    let http = line.split(" on http://").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let http = http_address(&process);
     let line = process.wait_for_line("cluster endpoint on ", Duration::from_secs(60));
     let cluster = line.split("cluster endpoint on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
     Coordinator { process, http, cluster }
@@ -141,9 +140,14 @@ fn start_single(dir: &Path) -> (Process, String) {
         .env("POTLUCK_CONFIG_DIR", dir.join("single-config"))
         .env_remove("POTLUCK_API_KEY");
     let process = Process::spawn("single", &mut command);
-    let line = process.wait_for_line(" on http://", Duration::from_secs(120));
-    let http = line.split(" on http://").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let http = http_address(&process);
     (process, http)
+}
+
+/// The HTTP address a starting coordinator prints.
+fn http_address(process: &Process) -> String {
+    let line = process.wait_for_line(" on http://", Duration::from_secs(120));
+    line.split(" on http://").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
 /// GET `path` over plain HTTP/1.1 (no client library needed for a status page): the body.
@@ -161,6 +165,12 @@ fn get_json(address: &str, path: &str) -> serde_json::Value {
 
 /// Waits until `/health` shows `n` stages, all on workers, and every node ready.
 fn wait_for_stages(coordinator: &Coordinator, n: usize, timeout: Duration) -> serde_json::Value {
+    wait_for_plan(coordinator, n, false, timeout)
+}
+
+/// Waits until `/health` shows `n` stages with every live worker ready; the first stage on
+/// the coordinator when `coordinator_first`, else every stage on a worker.
+fn wait_for_plan(coordinator: &Coordinator, n: usize, coordinator_first: bool, timeout: Duration) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
         let health = get_json(&coordinator.http, "/health");
@@ -169,8 +179,10 @@ fn wait_for_stages(coordinator: &Coordinator, n: usize, timeout: Duration) -> se
             let live: Vec<_> = nodes.iter().filter(|n| !n["state"].as_str().unwrap_or("").starts_with("gone")).collect();
             !live.is_empty() && live.iter().all(|n| n["state"] == "ready")
         });
-        let on_workers = health["stages"].as_array().is_some_and(|s| s.iter().all(|s| s["node_id"] != "coordinator"));
-        if stages == n && ready && on_workers {
+        let placed = health["stages"].as_array().is_some_and(|s| {
+            s.iter().enumerate().all(|(i, s)| (s["node_id"] == "coordinator") == (coordinator_first && i == 0))
+        });
+        if stages == n && ready && placed {
             return health;
         }
         assert!(Instant::now() < deadline, "the cluster did not reach {n} ready stages within {timeout:?}: {health}");
@@ -573,7 +585,7 @@ fn sixty_four_streaming_clients_for_two_minutes() {
     let coordinator =
         start_coordinator(&dir, &["--workers", "1", "--planner", "throughput", "--memory-limit", "4GiB", "--activation-dtype", "f32"]);
     let worker = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
-    wait_for_stages_with_coordinator(&coordinator, 2, Duration::from_secs(180));
+    wait_for_plan(&coordinator, 2, true, Duration::from_secs(180));
     let seconds = std::env::var("POTLUCK_LOAD_SECONDS").unwrap_or_else(|_| "120".into());
     // Allocator arenas and caches reach their high-water mark within about a minute of this
     // load (repeated runs stay flat after it): the second half must not grow.
@@ -592,19 +604,3 @@ fn sixty_four_streaming_clients_for_two_minutes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Waits until `/health` shows `n` stages, the first on the coordinator, every worker ready.
-fn wait_for_stages_with_coordinator(coordinator: &Coordinator, n: usize, timeout: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let health = get_json(&coordinator.http, "/health");
-        let stages = health["stages"].as_array().map_or(0, Vec::len);
-        let rest_on_workers =
-            health["stages"].as_array().is_some_and(|s| s.iter().skip(1).all(|s| s["node_id"] != "coordinator"));
-        let ready = health["nodes"].as_array().is_some_and(|nodes| !nodes.is_empty() && nodes.iter().all(|n| n["state"] == "ready"));
-        if stages == n && rest_on_workers && ready {
-            return health;
-        }
-        assert!(Instant::now() < deadline, "the cluster did not reach {n} stages within {timeout:?}: {health}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
