@@ -134,7 +134,7 @@ fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinato
     let identity = NodeIdentity::load_or_create(&identity_path)?;
     let token = match &args.token {
         Some(t) => JoinToken::parse(t)?,
-        None => load_or_create_token(&identity_path.with_file_name("join-token"))?,
+        None => JoinToken::load_or_create(&identity_path.with_file_name("join-token"))?,
     };
     let local_layers = !args.no_local_layers;
     let device = potluck_engine::device::DeviceProfile::measure(
@@ -155,33 +155,6 @@ fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinato
         mdns: !args.no_mdns && !args.cluster_listen.ip().is_loopback(),
         threads,
     })
-}
-
-/// The join token kept beside the identity: created once (random), then reused, so workers
-/// keep their token across coordinator restarts.
-fn load_or_create_token(path: &std::path::Path) -> Result<potluck_worker::net::token::JoinToken> {
-    use potluck_worker::net::token::JoinToken;
-    match std::fs::read_to_string(path) {
-        Ok(text) => JoinToken::parse(text.trim()).with_context(|| format!("the join token in {} is not valid", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = JoinToken::generate();
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            }
-            write_private(path, token.as_str()).with_context(|| format!("cannot save the join token to {}", path.display()))?;
-            Ok(token)
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(text.as_bytes())
 }
 
 fn serve(args: ServeArgs) -> Result<()> {

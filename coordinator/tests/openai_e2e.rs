@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A coordinator process that is killed when the test ends, pass or fail.
 struct Server {
@@ -26,12 +27,16 @@ fn model_path() -> PathBuf {
     path
 }
 
+static NEXT_SERVER: AtomicUsize = AtomicUsize::new(0);
+
 fn start(extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(["serve", "--listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0", "--threads", "1", "--model"])
         .arg(model_path())
         .args(extra)
-        .env("POTLUCK_CONFIG_DIR", std::env::temp_dir().join(format!("potluck-openai-e2e-{}", std::process::id())))
+        // One config directory per server: the tests run at once, and each node's key and
+        // token are its own.
+        .env("POTLUCK_CONFIG_DIR", std::env::temp_dir().join(format!("potluck-openai-e2e-{}-{}", std::process::id(), NEXT_SERVER.fetch_add(1, Ordering::Relaxed))))
         .env_remove("POTLUCK_API_KEY")
         .env_remove("POTLUCK_TOKEN")
         .stdout(Stdio::piped())

@@ -123,52 +123,60 @@ impl NodeIdentity {
         })
     }
 
-    /// Writes a new key to a private temporary file beside `path`, then links it into place
-    /// without replacing anything: if another process created `path` meanwhile, its key wins
-    /// and we load that one, so two processes never run with different ids for one file.
+    /// Writes a new key with [`create_private_file`]: if another process created `path`
+    /// meanwhile, its key wins and we load that one, so two processes never run with
+    /// different ids for one file.
     fn create(path: &Path) -> anyhow::Result<Self> {
         let identity = Self::generate();
         let bytes = identity
             .keypair
             .to_protobuf_encoding()
             .context("encoding the new node key")?;
-        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            create_private_dirs(dir)
-                .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+        let created = create_private_file(path, &bytes)
+            .with_context(|| format!("cannot create the node key file {}", path.display()))?;
+        if !created {
+            return Self::load(path).map_err(|e| match e {
+                LoadError::Absent => {
+                    anyhow::anyhow!("the node key file {} vanished while loading", path.display())
+                }
+                LoadError::Other(e) => e,
+            });
         }
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(format!(".tmp-{}", std::process::id()));
-        let temporary = PathBuf::from(temporary);
-        // A leftover of a process that crashed here with our pid (pid 1 in every container
-        // start) would otherwise block creation forever.
-        let _ = fs::remove_file(&temporary);
-        write_private(&temporary, &bytes)
-            .with_context(|| format!("cannot write the node key file {}", temporary.display()))?;
-        let linked = fs::hard_link(&temporary, path);
-        let outcome = match linked {
-            Ok(()) => Ok(identity),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                let _ = fs::remove_file(&temporary);
-                return Self::load(path).map_err(|e| match e {
-                    LoadError::Absent => anyhow::anyhow!(
-                        "the node key file {} vanished while loading",
-                        path.display()
-                    ),
-                    LoadError::Other(e) => e,
-                });
-            }
-            // A file system without hard links: an atomic rename still never leaves a
-            // half-written key behind (it could replace a key created in the same instant).
-            Err(_) => fs::rename(&temporary, path)
-                .map(|()| identity)
-                .with_context(|| format!("cannot create the node key file {}", path.display())),
-        };
-        let _ = fs::remove_file(&temporary);
-        if outcome.is_ok() {
-            tracing::info!(path = %path.display(), "created a new node identity");
-        }
-        outcome
+        tracing::info!(path = %path.display(), "created a new node identity");
+        Ok(identity)
     }
+}
+
+/// Creates the secret file `path` holding `bytes`, readable by its owner only (parent
+/// directories created, 0700 on unix), so that every other process sees either no file or
+/// the whole one, never a half-written secret. Returns `Ok(false)`, writing nothing, when
+/// `path` already exists, including when another process created it in the same instant
+/// (two nodes started together with one config directory): the caller then reads that one.
+///
+/// The bytes go to a private temporary file beside `path` first, which is then hard-linked
+/// into place (a link never replaces an existing file).
+pub fn create_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        create_private_dirs(dir)?;
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".tmp-{}-{n}", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    // A leftover of a process that crashed here with our pid (pid 1 in every container
+    // start) would otherwise block creation forever.
+    let _ = fs::remove_file(&temporary);
+    write_private(&temporary, bytes)?;
+    let outcome = match fs::hard_link(&temporary, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        // A file system without hard links: an atomic rename still never leaves a
+        // half-written file behind (it could replace one created in the same instant).
+        Err(_) => fs::rename(&temporary, path).map(|()| true),
+    };
+    let _ = fs::remove_file(&temporary);
+    outcome
 }
 
 enum LoadError {
@@ -257,6 +265,46 @@ mod tests {
         // No temporary file is left beside the key.
         let entries: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(entries.len(), 1);
+    }
+
+    /// Nodes started together with one config directory (a test harness, a service manager
+    /// starting two roles) race to create the same files: every one of them must end up with
+    /// the same key and the same join token, and none may read a half-written file.
+    #[test]
+    fn nodes_started_together_share_one_key_and_one_token() {
+        use crate::net::token::JoinToken;
+        for round in 0..20 {
+            let dir = TempDir::new(&format!("race-{round}"));
+            let key = dir.0.join("coordinator.key");
+            let token = dir.0.join("join-token");
+            // Each thread waits for all the others before it starts, then races to create
+            // the file; a thread that fails panics, and its join fails the test.
+            fn race<T: Send>(create: impl Fn() -> T + Sync) -> Vec<T> {
+                let start = std::sync::Barrier::new(6);
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = (0..6)
+                        .map(|_| {
+                            scope.spawn(|| {
+                                start.wait();
+                                create()
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).collect()
+                })
+            }
+            let tokens = race(|| JoinToken::load_or_create(&token).unwrap().as_str().to_owned());
+            let ids = race(|| NodeIdentity::load_or_create(&key).unwrap().node_id());
+            let results: Vec<(String, String)> = ids.into_iter().zip(tokens).collect();
+            assert!(results.windows(2).all(|w| w[0] == w[1]), "round {round}: {results:?}");
+            let entries: Vec<_> = fs::read_dir(&dir.0).unwrap().collect();
+            assert_eq!(entries.len(), 2, "only the key and the token remain");
+            assert_eq!(
+                JoinToken::load_or_create(&token).unwrap().as_str(),
+                results[0].1,
+                "a restart keeps the token"
+            );
+        }
     }
 
     #[test]

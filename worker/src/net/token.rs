@@ -116,6 +116,36 @@ impl JoinToken {
         &self.token
     }
 
+    /// The token kept in `path` (the coordinator keeps one beside its identity, so workers
+    /// keep their token across coordinator restarts), or a new random one saved there,
+    /// readable by its owner only. Safe when several processes start at once with one
+    /// config directory: all of them end up with the token of whichever created the file.
+    pub fn load_or_create(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        if let Some(token) = Self::load(path)? {
+            return Ok(token);
+        }
+        let token = Self::generate();
+        let created = super::identity::create_private_file(path, token.as_str().as_bytes())
+            .with_context(|| format!("cannot save the join token to {}", path.display()))?;
+        if created {
+            return Ok(token);
+        }
+        Self::load(path)?.with_context(|| format!("the join token file {} vanished while loading", path.display()))
+    }
+
+    /// The token in `path`, `None` when there is no such file.
+    fn load(path: &std::path::Path) -> anyhow::Result<Option<Self>> {
+        use anyhow::Context;
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(text.trim())
+                .with_context(|| format!("the join token in {} is not valid", path.display()))
+                .map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
     /// The worker's proof: HMAC-SHA256 keyed by the token over
     /// [`JOIN_CHALLENGE_LABEL`], `"worker"`, `coordinator_id` and `worker_id`, each preceded
     /// by its length as a u32 little-endian. The ids are the TLS-verified node ids of the
