@@ -17,13 +17,17 @@
 # snooping is off, so the bridge floods multicast (mDNS) to every host like a home switch.
 # Each host's eth0 gets `tc netem delay $PLK_DELAY rate $PLK_RATE`, so every packet
 # crosses a link with a LAN's latency (2 ms each way by default) and bandwidth. A kernel
-# without sch_netem gets the rate alone (tbf) and a note saying the delay is missing.
+# without sch_netem (minimal VM kernels) gets the same delay from examples/delay_link.py,
+# a userspace cable between two TAP devices (needs python3 and /dev/net/tun), and the rate
+# from tbf. `check` measures the round trip between every two hosts.
 #
 # Environment (all optional):
 #   PLK_PREFIX        namespace prefix (default plk); give each concurrent copy its own
 #   PLK_SUBNET        first three octets of the hosts' /24 (default 10.77.0)
 #   PLK_DELAY         netem delay per direction (default 2ms); PLK_RATE (default 1gbit)
-#   PLK_SHAPING=0     no tc qdisc at all
+#   PLK_SHAPING=0     no tc qdisc and no delay at all (plain veth pairs)
+#   PLK_DELAY_LINK    netem (default: netem where the kernel has it, else the userspace
+#                     delay link) or userspace (always examples/delay_link.py)
 #   POTLUCK_BIN_DIR   where `coordinator` and `worker` are (default target/debug)
 #   POTLUCK_MODEL     GGUF file for the demo (default: `coordinator fetch-model`)
 #   PLK_TOKEN         join token for the demo (default: a random one)
@@ -45,6 +49,8 @@ SUBNET="${PLK_SUBNET:-10.77.0}"
 DELAY="${PLK_DELAY:-2ms}"
 RATE="${PLK_RATE:-1gbit}"
 SHAPING="${PLK_SHAPING:-1}"
+DELAY_LINK="${PLK_DELAY_LINK:-netem}"
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 READY_TIMEOUT_S="${PLK_READY_TIMEOUT_S:-600}"
 COORD_ARGS="${PLK_COORD_ARGS---no-local-layers}"
 WORKER_ARGS="${PLK_WORKER_ARGS:-}"
@@ -61,6 +67,7 @@ note() { echo "netns_cluster: $*" >&2; }
 
 # Namespace names become file names under /run/netns; keep them to a safe alphabet.
 [[ "$PREFIX" =~ ^[A-Za-z0-9_-]{1,40}$ ]] || die "PLK_PREFIX must be 1-40 of A-Z a-z 0-9 _ - (got '$PREFIX')"
+[[ "$DELAY_LINK" =~ ^(netem|userspace)$ ]] || die "PLK_DELAY_LINK must be netem or userspace (got '$DELAY_LINK')"
 [[ "$SUBNET" =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "PLK_SUBNET must be three octets like 10.77.0 (got '$SUBNET')"
 
 ns_of() { echo "$PREFIX-$1"; }
@@ -96,22 +103,53 @@ down() {
     fi
     # Deleting a namespace destroys its interfaces, and with them the veth peers.
     ip netns del "$ns"
+    rm -f "${TMPDIR:-/tmp}/potluck-netns-$ns-link.log"
   done
 }
 
-# Delay and rate on one host's link. netem needs the sch_netem kernel module; without it
-# the link keeps its rate limit (tbf) where possible and the delay is skipped, with a note.
-shape() {
-  local ns="$1"
+# Wires one host to the switch: a veth pair, its host end (eth0) delaying what leaves the
+# host by $DELAY and limiting it to $RATE with netem. netem needs the sch_netem kernel
+# module; without it (or with PLK_DELAY_LINK=userspace) the veth pair is replaced by
+# examples/delay_link.py's two TAP devices, which add the same delay in userspace, and tbf
+# limits the rate.
+wire() {
+  local host="$1" ns="$2"
+  # Created directly inside the namespaces, so neither name ever exists on the machine.
+  ip link add eth0 netns "$ns" type veth peer name "$host" netns "$HUB"
   [ "$SHAPING" = 0 ] && return
-  if ip netns exec "$ns" tc qdisc replace dev eth0 root netem delay "$DELAY" rate "$RATE" 2>/dev/null; then
+  if [ "$DELAY_LINK" = netem ] &&
+    ip netns exec "$ns" tc qdisc replace dev eth0 root netem delay "$DELAY" rate "$RATE" 2>/dev/null; then
     return
   fi
-  if ip netns exec "$ns" tc qdisc replace dev eth0 root tbf rate "$RATE" burst 256kb latency 50ms 2>/dev/null; then
-    note "$ns: no netem in this kernel (modprobe sch_netem): rate limited to $RATE, no added delay"
+  if [ -c /dev/net/tun ] && command -v python3 >/dev/null; then
+    ip -n "$ns" link del eth0 # and with it its peer on the switch
+    delay_link "$host" "$ns"
+    [ "$DELAY_LINK" = netem ] && note "$ns: no netem in this kernel (modprobe sch_netem): $DELAY from examples/delay_link.py instead"
   else
-    note "$ns: neither netem nor tbf available: the link is not shaped"
+    note "$ns: no netem in this kernel (modprobe sch_netem) and no python3 or /dev/net/tun for examples/delay_link.py: no added delay"
   fi
+  if ! ip netns exec "$ns" tc qdisc replace dev eth0 root tbf rate "$RATE" burst 256kb latency 50ms 2>/dev/null; then
+    note "$ns: no tbf in this kernel: the link's rate is not limited"
+  fi
+}
+
+# Starts examples/delay_link.py inside host namespace $2: it creates the host's eth0 and an
+# uplink device there, which then moves to the switch's namespace under the host's name. The
+# program lives as long as the namespace's processes (`down` ends it, which pulls the cable).
+delay_link() {
+  local host="$1" ns="$2" waited=0 pid
+  local log="${TMPDIR:-/tmp}/potluck-netns-$ns-link.log"
+  ip netns exec "$ns" python3 "$SCRIPT_DIR/delay_link.py" --inside eth0 --outside uplink --delay "$DELAY" \
+    </dev/null >"$log" 2>&1 &
+  pid=$!
+  until ip -n "$ns" link show uplink >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || die "$ns: examples/delay_link.py failed: $(cat "$log")"
+    [ "$waited" -lt 200 ] || die "$ns: examples/delay_link.py made no uplink in 10 s: $(cat "$log")"
+    sleep 0.05
+    waited=$((waited + 1))
+  done
+  ip -n "$ns" link set uplink netns "$HUB"
+  ip -n "$HUB" link set uplink name "$host"
 }
 
 undo_failed_up() {
@@ -139,18 +177,36 @@ up() {
     ns="$(ns_of "$host")"
     ip netns add "$ns"
     ip -n "$ns" link set lo up
-    # Created directly inside the namespaces, so neither name ever exists on the machine.
-    ip link add eth0 netns "$ns" type veth peer name "$host" netns "$HUB"
+    wire "$host" "$ns"
     ip -n "$HUB" link set "$host" master br0
     ip -n "$HUB" link set "$host" up
     ip -n "$ns" addr add "$(ip_of "$host")/24" dev eth0
     ip -n "$ns" link set eth0 up
     # Multicast (mDNS is 224.0.0.251) leaves through eth0, whatever other routes appear.
     ip -n "$ns" route add 224.0.0.0/4 dev eth0
-    shape "$ns"
   done
   trap - EXIT
   note "up: $(for h in "${HOSTS[@]}"; do printf '%s=%s ' "$(ns_of "$h")" "$(ip_of "$h")"; done)(bridge br0 in $HUB)"
+}
+
+# The round trip from host $1 to host $2 in ms (the median of 7 TCP connections to a closed
+# port: the SYN out, the far kernel's RST back), as the hosts' programs see it.
+rtt_ms() {
+  ip netns exec "$(ns_of "$1")" python3 - "$(ip_of "$2")" <<'PY'
+import socket, statistics, sys, time
+samples = []
+for _ in range(7):
+    s = socket.socket()
+    s.settimeout(3)
+    start = time.perf_counter()
+    try:
+        s.connect((sys.argv[1], 9))
+    except ConnectionRefusedError:
+        samples.append((time.perf_counter() - start) * 1e3)
+    finally:
+        s.close()
+print(f"{statistics.median(samples):.2f}" if samples else "unreachable")
+PY
 }
 
 # Unicast: a TCP connection to a closed port is refused by the far kernel, which proves the
@@ -165,7 +221,11 @@ check() {
       [ "$from" = "$to" ] && continue
       answer="$(ip netns exec "$(ns_of "$from")" timeout 3 bash -c "exec 3<>/dev/tcp/$(ip_of "$to")/9" 2>&1 || true)"
       [[ "$answer" == *refused* ]] || die "unicast $from -> $to failed: ${answer:-no answer in 3 s}"
-      echo "unicast $from -> $to ok"
+      if command -v python3 >/dev/null; then
+        echo "unicast $from -> $to ok, round trip $(rtt_ms "$from" "$to") ms"
+      else
+        echo "unicast $from -> $to ok"
+      fi
     done
   done
   if ! command -v python3 >/dev/null; then
@@ -262,6 +322,7 @@ demo() {
   DEMO_PIDS=()
   DEMO_STATE="$state"
   trap end_demo EXIT
+  echo "link round trip coord -> w1: $(rtt_ms coord w1) ms"
 
   # Each host gets its own config dir (so its own node key) and cache, like a real machine.
   mkdir -p "$state/coord"

@@ -1,7 +1,8 @@
 //! End-to-end across three test hosts in network namespaces (examples/netns_cluster.sh: a
-//! bridge, veth pairs, a shaped 1 Gbit/s link with netem delay where the kernel has it):
-//! the workers find the coordinator by mDNS with no address given, their slices cross the
-//! network, and a chat completion equals the single-machine answer.
+//! bridge, one link per host with 2 ms of delay on what leaves it and a 1 Gbit/s rate —
+//! `tc netem`, or on kernels without sch_netem examples/delay_link.py and tbf): the workers
+//! find the coordinator by mDNS with no address given, their slices cross the network, and
+//! a chat completion equals the single-machine answer.
 //!
 //! Needs root and iproute2 (CI runs as root); set POTLUCK_SKIP_NETNS=1 to skip elsewhere.
 
@@ -81,6 +82,15 @@ fn run_demo(tag: u32, coord_args: &str, extra_env: &[(&str, &str)]) -> Option<(s
     Some((command.output().expect("running examples/netns_cluster.sh"), bin))
 }
 
+/// The hosts' links carry a home LAN's latency: 2 ms on what leaves each host, so at least
+/// 4 ms from one host to another and back (the demo measures it before the cluster starts).
+fn assert_link_is_delayed(stdout: &str) {
+    let line = stdout.lines().find_map(|l| l.strip_prefix("link round trip coord -> w1: ")).expect("the demo prints the link's round trip");
+    let ms: f64 = line.trim_end_matches(" ms").parse().unwrap_or_else(|_| panic!("not a round trip: {line}"));
+    assert!(ms >= 4.0, "the links add 2 ms each way, but the round trip is {ms} ms");
+    eprintln!("link round trip coord -> w1: {ms} ms");
+}
+
 #[test]
 fn three_hosts_find_each_other_by_mdns_and_answer_like_one_machine() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -91,6 +101,7 @@ fn three_hosts_find_each_other_by_mdns_and_answer_like_one_machine() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the demo failed:\n{stdout}\n{stderr}");
+    assert_link_is_delayed(&stdout);
     let health_line = stdout.lines().find_map(|l| l.strip_prefix("health: ")).expect("the demo prints /health");
     let health: serde_json::Value = serde_json::from_str(health_line).unwrap();
     let stages = health["stages"].as_array().unwrap();
