@@ -300,50 +300,62 @@ impl LlamaSlice {
             return Ok(());
         }
 
-        let rope = self.rope_table(&row_pos);
-        let q_width = p.n_head * p.head_dim;
-        let kv_width = p.n_head_kv * p.head_dim;
-        let mut normed = vec![0f32; n_rows * p.n_embd];
-        let mut q = vec![0f32; n_rows * q_width];
-        let mut k = vec![0f32; n_rows * kv_width];
-        let mut v = vec![0f32; n_rows * kv_width];
-        let mut attn = vec![0f32; n_rows * q_width];
-        let mut proj = vec![0f32; n_rows * p.n_embd];
-        let mut gate = vec![0f32; n_rows * p.n_ff];
-        let mut up = vec![0f32; n_rows * p.n_ff];
+        // The whole step runs on a pool thread (see `ComputePool::run`).
+        pool.run(|| {
+            let rope = self.rope_table(&row_pos);
+            let q_width = p.n_head * p.head_dim;
+            let kv_width = p.n_head_kv * p.head_dim;
+            let mut normed = vec![0f32; n_rows * p.n_embd];
+            let mut q = vec![0f32; n_rows * q_width];
+            let mut k = vec![0f32; n_rows * kv_width];
+            let mut v = vec![0f32; n_rows * kv_width];
+            let mut attn = vec![0f32; n_rows * q_width];
+            let mut proj = vec![0f32; n_rows * p.n_embd];
+            let mut gate = vec![0f32; n_rows * p.n_ff];
+            let mut up = vec![0f32; n_rows * p.n_ff];
 
-        for (local_layer, block) in self.blocks.iter().enumerate() {
-            // Attention.
-            rms_norm(hidden, &block.attn_norm, p.rms_norm_eps, &mut normed);
-            block.attn_q.matmul(&normed, n_rows, &mut q, pool);
-            block.attn_k.matmul(&normed, n_rows, &mut k, pool);
-            block.attn_v.matmul(&normed, n_rows, &mut v, pool);
-            for row in 0..n_rows {
-                let cos_sin = &rope[row * p.n_rot..(row + 1) * p.n_rot];
-                for head in q[row * q_width..(row + 1) * q_width].chunks_exact_mut(p.head_dim) {
-                    apply_rope(head, cos_sin);
-                }
-                for head in k[row * kv_width..(row + 1) * kv_width].chunks_exact_mut(p.head_dim) {
-                    apply_rope(head, cos_sin);
-                }
-                caches[row_seq[row]].push(
-                    local_layer,
-                    &k[row * kv_width..(row + 1) * kv_width],
-                    &v[row * kv_width..(row + 1) * kv_width],
+            for (local_layer, block) in self.blocks.iter().enumerate() {
+                // Attention.
+                rms_norm(hidden, &block.attn_norm, p.rms_norm_eps, &mut normed);
+                QMatrix::matmul_shared_input(
+                    &[&block.attn_q, &block.attn_k, &block.attn_v],
+                    &normed,
+                    n_rows,
+                    &mut [&mut q, &mut k, &mut v],
+                    pool,
                 );
-            }
-            self.attention(local_layer, &q, &row_seq, &row_pos, caches, &mut attn, pool);
-            block.attn_output.matmul(&attn, n_rows, &mut proj, pool);
-            add_in_place(hidden, &proj);
+                for row in 0..n_rows {
+                    let cos_sin = &rope[row * p.n_rot..(row + 1) * p.n_rot];
+                    for head in q[row * q_width..(row + 1) * q_width].chunks_exact_mut(p.head_dim) {
+                        apply_rope(head, cos_sin);
+                    }
+                    for head in k[row * kv_width..(row + 1) * kv_width].chunks_exact_mut(p.head_dim) {
+                        apply_rope(head, cos_sin);
+                    }
+                    caches[row_seq[row]].push(
+                        local_layer,
+                        &k[row * kv_width..(row + 1) * kv_width],
+                        &v[row * kv_width..(row + 1) * kv_width],
+                    );
+                }
+                self.attention(local_layer, &q, &row_seq, &row_pos, caches, &mut attn, pool);
+                block.attn_output.matmul(&attn, n_rows, &mut proj, pool);
+                add_in_place(hidden, &proj);
 
-            // Feed-forward (SwiGLU).
-            rms_norm(hidden, &block.ffn_norm, p.rms_norm_eps, &mut normed);
-            block.ffn_gate.matmul(&normed, n_rows, &mut gate, pool);
-            block.ffn_up.matmul(&normed, n_rows, &mut up, pool);
-            swiglu(&mut gate, &up);
-            block.ffn_down.matmul(&gate, n_rows, &mut proj, pool);
-            add_in_place(hidden, &proj);
-        }
+                // Feed-forward (SwiGLU).
+                rms_norm(hidden, &block.ffn_norm, p.rms_norm_eps, &mut normed);
+                QMatrix::matmul_shared_input(
+                    &[&block.ffn_gate, &block.ffn_up],
+                    &normed,
+                    n_rows,
+                    &mut [&mut gate, &mut up],
+                    pool,
+                );
+                swiglu(&mut gate, &up);
+                block.ffn_down.matmul(&gate, n_rows, &mut proj, pool);
+                add_in_place(hidden, &proj);
+            }
+        });
         Ok(())
     }
 
@@ -362,7 +374,7 @@ impl LlamaSlice {
         let mut normed = vec![0f32; hidden.len()];
         rms_norm(hidden, norm, p.rms_norm_eps, &mut normed);
         let mut logits = vec![0f32; n_rows * p.vocab_size];
-        output.matmul(&normed, n_rows, &mut logits, pool);
+        pool.run(|| output.matmul(&normed, n_rows, &mut logits, pool));
         Ok(logits)
     }
 

@@ -412,6 +412,77 @@ impl QMatrix {
         }
     }
 
+    /// `outs[i] = x · mats[i]ᵀ` for matrices that read the same input (a layer's Q, K and V,
+    /// or its gate and up): `x` is quantized once, and the column ranges of every matrix go
+    /// to the pool as one loop, so small matrices (K and V are a third of Q in grouped-query
+    /// attention) run beside the others instead of one after another. Each output is
+    /// bit-identical to `mats[i].matmul(x, …)`: the same kernels over the same columns.
+    /// Matrices that are not all of the 32-value block formats are multiplied one by one.
+    pub fn matmul_shared_input(
+        mats: &[&QMatrix],
+        x: &[f32],
+        n_rows: usize,
+        outs: &mut [&mut [f32]],
+        pool: &ComputePool,
+    ) {
+        assert_eq!(mats.len(), outs.len(), "one output per matrix");
+        let legacy: Option<Vec<Legacy>> = mats
+            .iter()
+            .map(|m| match m.format {
+                Format::Legacy(format) if m.n_in == mats[0].n_in => Some(format),
+                _ => None,
+            })
+            .collect();
+        let (Some(formats), Some(first)) = (legacy, mats.first()) else {
+            for (m, out) in mats.iter().zip(outs.iter_mut()) {
+                m.matmul(x, n_rows, out, pool);
+            }
+            return;
+        };
+        assert_eq!(x.len(), n_rows * first.n_in, "x must be n_rows × n_in");
+        for (m, out) in mats.iter().zip(outs.iter()) {
+            assert_eq!(out.len(), n_rows * m.n_out, "out must be n_rows × n_out");
+        }
+        if n_rows == 0 {
+            return;
+        }
+        let isa = Isa::detect().clamp();
+        with_scratch(|scratch| {
+            scratch.q8.quantize(x, n_rows, first.n_in, isa);
+            let acts = &scratch.q8;
+            let args: Vec<LegacyArgs> = mats
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(m, out)| m.legacy_args(acts, n_rows, out))
+                .collect();
+            // (matrix, first column, end column) for every task of every matrix.
+            let mut tasks = Vec::new();
+            for (i, m) in mats.iter().enumerate() {
+                let chunk = match pool.n_threads() {
+                    1 => m.n_out,
+                    n_threads => m.column_chunk(n_threads, n_rows),
+                };
+                tasks.extend((0..m.n_out).step_by(chunk).map(|o| (i, o, (o + chunk).min(m.n_out))));
+            }
+            pool.for_each_index(tasks.len(), |t| {
+                let (i, o_start, o_end) = tasks[t];
+                // SAFETY: as in `matmul_legacy`; every task owns one column range of one
+                // matrix's output, and the outputs are distinct slices.
+                unsafe { legacy_range(formats[i], isa, &args[i], o_start, o_end) }
+            });
+        });
+    }
+
+    /// Output columns per pool task: enough tasks to balance the threads, none so small that
+    /// handing it out costs more than computing it.
+    fn column_chunk(&self, n_threads: usize, n_rows: usize) -> usize {
+        let work_per_column = self.row_bytes * n_rows;
+        self.n_out
+            .div_ceil(n_threads * TASKS_PER_THREAD)
+            .max(TASK_WORK_MIN.div_ceil(work_per_column))
+            .next_multiple_of(COLUMN_CHUNK_ALIGN)
+    }
+
     /// Splits the output columns into tasks over the pool: `task(o_start, o_end)`.
     fn for_each_column_range(
         &self,
@@ -420,12 +491,7 @@ impl QMatrix {
         task: impl Fn(usize, usize) + Send + Sync,
     ) {
         let n_threads = pool.n_threads();
-        let work_per_column = self.row_bytes * n_rows;
-        let chunk = self
-            .n_out
-            .div_ceil(n_threads * TASKS_PER_THREAD)
-            .max(TASK_WORK_MIN.div_ceil(work_per_column))
-            .next_multiple_of(COLUMN_CHUNK_ALIGN);
+        let chunk = self.column_chunk(n_threads, n_rows);
         if n_threads == 1 || chunk >= self.n_out {
             return task(0, self.n_out);
         }
@@ -444,6 +510,17 @@ impl QMatrix {
         pool: &ComputePool,
         isa: Isa,
     ) {
+        let args = self.legacy_args(acts, n_rows, out);
+        self.for_each_column_range(pool, n_rows, |o_start, o_end| {
+            // SAFETY: `args` describes live buffers of the right sizes (checked in `matmul`
+            // and by construction), tasks get disjoint column ranges, and `isa` was clamped
+            // to this CPU (module invariant).
+            unsafe { legacy_range(format, isa, &args, o_start, o_end) }
+        });
+    }
+
+    /// The raw views of `self · acts` into `out` for the 32-value block kernels.
+    fn legacy_args(&self, acts: &activations::Q8Rows, n_rows: usize, out: &mut [f32]) -> LegacyArgs {
         let args = LegacyArgs {
             weights: self.bytes.as_slice().as_ptr(),
             row_bytes: self.row_bytes,
@@ -457,12 +534,8 @@ impl QMatrix {
             n_out: self.n_out,
         };
         debug_assert!(acts.codes.len() >= n_rows * args.nb && acts.nb == args.nb);
-        self.for_each_column_range(pool, n_rows, |o_start, o_end| {
-            // SAFETY: `args` describes live buffers of the right sizes (checked in `matmul`
-            // and by construction), tasks get disjoint column ranges, and `isa` was clamped
-            // to this CPU (module invariant).
-            unsafe { legacy_range(format, isa, &args, o_start, o_end) }
-        });
+        debug_assert_eq!(out.len(), n_rows * self.n_out);
+        args
     }
 
     fn matmul_float(

@@ -285,3 +285,36 @@ fn each_row_is_independent_of_the_batch() {
         }
     }
 }
+
+/// Matrices that read one input (a layer's Q, K and V; its gate and up) multiplied together
+/// give each matrix's own product bit for bit: block formats share one quantized input and
+/// one pool loop, other formats fall back to one by one; whatever the rows and pool size.
+#[test]
+fn shared_input_matmul_is_bit_identical_to_one_by_one() {
+    use GgmlDType::*;
+    let pools = [ComputePool::new(1), ComputePool::new(2)];
+    let n_in = 256; // a whole number of blocks for every format
+    let groups: [&[GgmlDType]; 4] = [&[Q4_1, Q4_1, Q4_1], &[Q4_0, Q8_0, Q5_1], &[Q4_1, F16], &[Q4K, Q6K]];
+    for group in groups {
+        let mats: Vec<QMatrix> = group
+            .iter()
+            .enumerate()
+            .map(|(i, &dtype)| quantized(dtype, [37, 13, 64][i % 3], n_in, 3 + i as u64).0)
+            .collect();
+        let refs: Vec<&QMatrix> = mats.iter().collect();
+        for n_rows in [1, 3, 17] {
+            let x = activations(n_rows, n_in, 5 + n_rows as u64);
+            for pool in &pools {
+                let mut together: Vec<Vec<f32>> = mats.iter().map(|m| vec![f32::NAN; n_rows * m.n_out]).collect();
+                let mut outs: Vec<&mut [f32]> = together.iter_mut().map(|v| v.as_mut_slice()).collect();
+                QMatrix::matmul_shared_input(&refs, &x, n_rows, &mut outs, pool);
+                for (m, got) in mats.iter().zip(&together) {
+                    let mut alone = vec![f32::NAN; n_rows * m.n_out];
+                    m.matmul(&x, n_rows, &mut alone, pool);
+                    let same = alone.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{group:?} rows {n_rows} threads {}: {:?} differs", pool.n_threads(), m.format);
+                }
+            }
+        }
+    }
+}
