@@ -20,13 +20,30 @@ while [ $# -gt 0 ]; do
 done
 CACHE="${POTLUCK_CACHE_DIR:-$HOME/.cache/potluck}"
 VENV="$CACHE/llamacpp/venv"
+cargo build --release --quiet -p potluck-coordinator -p potluck-examples
+[ -n "$MODEL" ] || MODEL="$(target/release/coordinator fetch-model)"
 if ! "$VENV/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; then
   echo "==> building llama-cpp-python==0.3.36 into $VENV (once)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet "llama-cpp-python==0.3.36" numpy
 fi
-cargo build --release --quiet -p potluck-coordinator -p potluck-examples
-[ -n "$MODEL" ] || MODEL="$(target/release/coordinator fetch-model)"
+# llama.cpp builds for the CPU it is built on (-march=native). A VM may list instructions the
+# hypervisor does not let it run (AMX tiles on some Xeon VMs: "Illegal instruction"); then
+# rebuild once for this CPU's AVX/AVX-512 feature flags, without AMX.
+smoke() {
+  "$VENV/bin/python" -c "import llama_cpp, sys; m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False); m.eval([1, 2, 3])" "$MODEL" 2>/dev/null
+}
+if ! smoke; then
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  args="-DGGML_NATIVE=OFF"
+  for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 avx512_vbmi:AVX512_VBMI \
+    avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    [[ "$flags" == *" ${pair%%:*} "* ]] && args+=" -DGGML_${pair#*:}=ON"
+  done
+  echo "==> llama.cpp's native build does not run here; rebuilding with $args" >&2
+  CMAKE_ARGS="$args" "$VENV/bin/pip" install --quiet --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==0.3.36"
+  smoke || { echo "llama.cpp still does not run on this machine" >&2; exit 1; }
+fi
 echo "model: $MODEL  threads: $THREADS  rounds: $ROUNDS  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" >&2
 OUT=$(mktemp)
 for r in $(seq "$ROUNDS"); do
