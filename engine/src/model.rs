@@ -374,7 +374,7 @@ impl LlamaSlice {
         let mut normed = vec![0f32; hidden.len()];
         rms_norm(hidden, norm, p.rms_norm_eps, &mut normed);
         let mut logits = vec![0f32; n_rows * p.vocab_size];
-        pool.run(|| output.matmul(&normed, n_rows, &mut logits, pool));
+        output.matmul(&normed, n_rows, &mut logits, pool);
         Ok(logits)
     }
 

@@ -458,11 +458,8 @@ impl QMatrix {
             // (matrix, first column, end column) for every task of every matrix.
             let mut tasks = Vec::new();
             for (i, m) in mats.iter().enumerate() {
-                let chunk = match pool.n_threads() {
-                    1 => m.n_out,
-                    n_threads => m.column_chunk(n_threads, n_rows),
-                };
-                tasks.extend((0..m.n_out).step_by(chunk).map(|o| (i, o, (o + chunk).min(m.n_out))));
+                let chunk = m.column_chunk(pool.n_threads(), n_rows);
+                tasks.extend((0..m.n_out).step_by(chunk.max(1)).map(|o| (i, o, (o + chunk).min(m.n_out))));
             }
             pool.for_each_index(tasks.len(), |t| {
                 let (i, o_start, o_end) = tasks[t];
@@ -474,8 +471,11 @@ impl QMatrix {
     }
 
     /// Output columns per pool task: enough tasks to balance the threads, none so small that
-    /// handing it out costs more than computing it.
+    /// handing it out costs more than computing it; all of them with one thread.
     fn column_chunk(&self, n_threads: usize, n_rows: usize) -> usize {
+        if n_threads == 1 {
+            return self.n_out;
+        }
         let work_per_column = self.row_bytes * n_rows;
         self.n_out
             .div_ceil(n_threads * TASKS_PER_THREAD)
@@ -490,9 +490,8 @@ impl QMatrix {
         n_rows: usize,
         task: impl Fn(usize, usize) + Send + Sync,
     ) {
-        let n_threads = pool.n_threads();
-        let chunk = self.column_chunk(n_threads, n_rows);
-        if n_threads == 1 || chunk >= self.n_out {
+        let chunk = self.column_chunk(pool.n_threads(), n_rows);
+        if chunk >= self.n_out {
             return task(0, self.n_out);
         }
         let n_chunks = self.n_out.div_ceil(chunk);
