@@ -36,7 +36,7 @@ smoke() {
 if ! smoke; then
   flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
   args="-DGGML_NATIVE=OFF"
-  for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 avx512_vbmi:AVX512_VBMI \
+  for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 avx512vbmi:AVX512_VBMI \
     avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
     [[ "$flags" == *" ${pair%%:*} "* ]] && args+=" -DGGML_${pair#*:}=ON"
   done
