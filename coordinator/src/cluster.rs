@@ -18,6 +18,7 @@
 //! worker stage's data endpoint and accepts the last stage's connection, so a token crosses
 //! no thread inside the coordinator on its way out or back.
 
+use potluck_protocol::close;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,26 +26,26 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use potluck_engine::model::LlamaSlice;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::threads::ComputePool;
 use potluck_protocol::{
     Assignment, Dtype, Hello, Message, RefusalCode, Refused, SampledTokens, TensorRef, Welcome,
 };
 use potluck_shard_planner::{LinkMatrix, LinkProfile, NodeProfile, Objective, Plan, PlanRequest, Workload};
-use potluck_worker::net::framed::{FrameReader, FrameWriter};
-use potluck_worker::net::identity::NodeIdentity;
-use potluck_worker::net::token::{proofs_equal, JoinToken};
-use potluck_worker::net::data::{self, DataLink};
-use potluck_worker::net::{discovery, tls};
-use potluck_worker::stage::StageRunner;
+use potluck_node::net::framed::{FrameReader, FrameWriter};
+use potluck_node::net::identity::NodeIdentity;
+use potluck_node::net::token::{proofs_equal, JoinToken};
+use potluck_node::net::data::{self, DataLink, DataStream};
+use potluck_node::net::{discovery, tls};
+use potluck_node::stage::StageRunner;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::generation::{GenerationService, ACTIVE_SEQUENCES_MAX};
 use crate::membership::{Action, ConnectionId, Membership, NodeState, HEARTBEAT_INTERVAL_MS};
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::weights::WeightServer;
+use potluck_node::weights::serve::WeightServer;
 
 /// How long a new connection has to open its control stream and say Hello.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
@@ -234,7 +235,7 @@ pub struct DataPlane {
     /// Node ids that may open data connections to us: the welcomed workers.
     allowed: Arc<Mutex<BTreeSet<String>>>,
     /// Data streams as the acceptor takes them, with their connection and the peer's id.
-    streams: Mutex<mpsc::UnboundedReceiver<(quinn::RecvStream, quinn::Connection, String)>>,
+    streams: Mutex<mpsc::UnboundedReceiver<DataStream>>,
 }
 
 impl DataPlane {
@@ -255,8 +256,8 @@ impl DataPlane {
             let allowed = allowed.clone();
             move |peer: &str| allowed.lock().expect("allowed lock").contains(peer)
         };
-        let on_stream = move |recv, connection, peer| {
-            let _ = streams_tx.send((recv, connection, peer));
+        let on_stream = move |stream| {
+            let _ = streams_tx.send(stream);
         };
         runtime.spawn(data::accept_members(endpoint.clone(), is_member, on_stream));
         Ok(Self { runtime: Some(runtime), endpoint, identity, local_addr, allowed, streams: Mutex::new(streams) })
@@ -269,7 +270,7 @@ impl DataPlane {
 
 impl Drop for DataPlane {
     fn drop(&mut self) {
-        self.endpoint.close(0u32.into(), b"coordinator stopping");
+        self.endpoint.close(close::LEAVING.into(), b"coordinator stopping");
         // May be dropped inside the driver's runtime, where blocking is not allowed.
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
@@ -435,7 +436,7 @@ async fn handshake(incoming: quinn::Incoming, _id: ConnectionId, token: &JoinTok
             let refused = Refused { code: RefusalCode::UnsupportedVersion, reason: format!("cannot read your Hello: {e}") };
             let _ = out.send(&Message::Refused(refused)).await;
             let _ = out.get_mut().finish();
-            connection.close(5u32.into(), b"bad hello");
+            connection.close(close::BAD_HELLO.into(), b"bad hello");
             anyhow::bail!("bad Hello from {remote} ({peer}): {e}")
         }
     };
@@ -446,7 +447,7 @@ async fn handshake(incoming: quinn::Incoming, _id: ConnectionId, token: &JoinTok
         };
         let _ = out.send(&Message::Refused(refused)).await;
         let _ = out.get_mut().finish();
-        connection.close(6u32.into(), b"identity mismatch");
+        connection.close(close::IDENTITY_MISMATCH.into(), b"identity mismatch");
         anyhow::bail!("{remote}: Hello's node id does not match its certificate");
     }
     let token_ok = proofs_equal(&hello.token_proof, &token.worker_proof(coordinator_id, &peer));
@@ -488,7 +489,7 @@ async fn serve_connection(
     if !token_ok {
         // Nothing else is served to a peer without the token: no weights, no data streams.
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-        connection.close(7u32.into(), b"bad join token");
+        connection.close(close::BAD_JOIN_TOKEN.into(), b"bad join token");
         return;
     }
     // Weight fetches: bidirectional streams after the control stream.
@@ -677,7 +678,7 @@ impl Driver {
                 Action::Close { connection, reason } => {
                     if let Some(w) = self.workers.remove(&connection) {
                         tracing::warn!(node = %w.node_id, %reason, "closing a worker's connection");
-                        w.connection.close(8u32.into(), reason.as_bytes());
+                        w.connection.close(close::REMOVED.into(), reason.as_bytes());
                     }
                 }
                 Action::Replan { reason } => replan = Some(reason),
@@ -700,7 +701,7 @@ impl Driver {
             .members()
             .filter_map(|(node_id, device)| {
                 let connection = *by_node.get(node_id)?;
-                Some((potluck_worker::node_profile_from_summary(device, node_id), connection))
+                Some((potluck_node::node_profile_from_summary(device, node_id), connection))
             })
             .collect()
     }
@@ -786,7 +787,7 @@ impl Driver {
             }
         }
         let name = self.model_path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-        let model = potluck_worker::planner_model(&self.profile, &name);
+        let model = potluck_node::planner_model(&self.profile, &name);
         let workload = Workload {
             context_tokens: self.service.context_length() as u32,
             sequences: ACTIVE_SEQUENCES_MAX as u32,
@@ -996,8 +997,8 @@ impl Driver {
             let (path, layers, threads) = (self.model_path.clone(), stages[0].layers.clone(), self.config.threads);
             let dtype = self.config.activation_dtype;
             let runner = tokio::task::spawn_blocking(move || -> Result<StageRunner> {
-                let model = LlamaSlice::load(&path, layers)?;
-                Ok(StageRunner::new(model, ComputePool::new(threads), context_length, ACTIVE_SEQUENCES_MAX, dtype))
+                let model = ModelSlice::load(&path, layers, Backend::cpu(threads))?;
+                Ok(StageRunner::new(model, context_length, ACTIVE_SEQUENCES_MAX, dtype))
             })
             .await??;
             if stages.len() == 1 {
@@ -1103,7 +1104,7 @@ pub struct ClusterPipeline {
     last_stage: String,
     /// A reason, when the driver finds the pipeline broken (a stage left).
     broken: mpsc::UnboundedReceiver<String>,
-    tail: Option<(FrameReader<quinn::RecvStream>, quinn::Connection)>,
+    tail: Option<DataStream>,
     local_errors: std::collections::VecDeque<PipelineError>,
     description: String,
 }
@@ -1145,7 +1146,7 @@ impl Pipeline for ClusterPipeline {
             loop {
                 let current = async {
                     match tail.as_mut() {
-                        Some((reader, _)) => reader.recv().await,
+                        Some(stream) => stream.recv().await,
                         None => std::future::pending().await,
                     }
                 };
@@ -1155,9 +1156,9 @@ impl Pipeline for ClusterPipeline {
                         return Err(PipelineError::Broken(reason.unwrap_or_else(|| "the cluster stopped".into())));
                     }
                     stream = streams.recv() => match stream {
-                        Some((recv, connection, peer)) if peer == *last_stage => *tail = Some((FrameReader::new(recv), connection)),
+                        Some(stream) if stream.peer() == last_stage => *tail = Some(stream),
                         // A stage of an earlier pipeline still finishing a stream.
-                        Some((_, _, peer)) => tracing::debug!(%peer, "a data stream from a node that is not the last stage; dropped"),
+                        Some(stream) => tracing::debug!(peer = stream.peer(), "a data stream from a node that is not the last stage; dropped"),
                         None => return Err(PipelineError::Broken("the cluster stopped".into())),
                     },
                     message = current => match message {
@@ -1165,9 +1166,8 @@ impl Pipeline for ClusterPipeline {
                         Ok(Some(other)) => tracing::warn!(kind = ?other.kind(), "unexpected message from the last stage"),
                         Ok(None) => *tail = None,
                         Err(e) => {
-                            if let Some((_, connection)) = tail.take() {
-                                connection.close(4u32.into(), b"protocol error on a data stream");
-                            }
+                            // `DataStream::recv` has closed that connection.
+                            *tail = None;
                             return Err(PipelineError::Broken(format!("bad data stream from the last stage: {e}")));
                         }
                     },

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use potluck_engine::sampler::SamplingParams;
 use potluck_protocol::{Message, Segment, SequenceStart};
-use potluck_worker::stage::{release, sampling_wire, step_tokens};
+use potluck_node::stage::sampling_wire;
 use tokio::sync::mpsc;
 
 use crate::pipeline::{Pipeline, PipelineError};
@@ -316,7 +316,7 @@ impl Generator {
             keep
         });
         for id in released {
-            if let Err(e) = self.pipeline.send(release(id)) {
+            if let Err(e) = self.pipeline.send(Message::release(id)) {
                 tracing::debug!(sequence = id, error = %e, "could not release a sequence's caches");
             }
         }
@@ -436,7 +436,7 @@ impl Generator {
             self.stats.step_rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
             let step = self.next_step;
             self.next_step += 1;
-            match self.pipeline.send(step_tokens(step, segments, tokens)) {
+            match self.pipeline.send(Message::step_tokens(step, segments, tokens)) {
                 Ok(()) => self.in_flight.push_back(InFlight { step, members }),
                 Err(e) => self.step_failed(active, &members, e),
             }

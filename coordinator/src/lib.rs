@@ -8,7 +8,6 @@
 //!   forward steps, samples, and streams token events back.
 //! * [`text`] — detokenization and stop strings for what the client sees.
 //! * [`dashboard`] — the page at `/`, its live snapshot (`/events`, `/health`).
-//! * [`model_fetch`] — fetching and verifying the default model into the user's cache.
 //!
 //! **Invariant:** this crate and `worker` are the only ones with sockets; the engine never
 //! sees a request, only token ids.
@@ -18,20 +17,19 @@ pub mod cluster;
 pub mod dashboard;
 pub mod generation;
 pub mod membership;
-pub mod model_fetch;
 pub mod pipeline;
 pub mod status;
 pub mod text;
-pub mod weights;
 
+use potluck_node::model::{self, ModelSpec, ResolvedModel};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use potluck_engine::chat_template::ChatTemplate;
-use potluck_engine::model::LlamaSlice;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::threads::ComputePool;
 use potluck_engine::tokenizer::Tokenizer;
 
 /// Default context per sequence when `--ctx-size` is not given: enough for chat, and small
@@ -49,18 +47,12 @@ pub struct ServeConfig {
 
 /// Everything loaded and ready to answer: the API state.
 pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
-    let (path, model_id) = match &config.model {
-        Some(p) => {
-            let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-            (p.clone(), id)
-        }
-        None => (model_fetch::ensure_default_model()?, model_fetch::DEFAULT_MODEL_ID.to_owned()),
-    };
+    let ResolvedModel { path, id: model_id } = model::resolve(&ModelSpec::from_arg(config.model.as_deref()))?;
     let started = std::time::Instant::now();
     let (profile, content) = ModelProfile::from_path(&path).with_context(|| format!("cannot load the model {}", path.display()))?;
     let tokenizer = Tokenizer::from_gguf(&content).context("cannot build the tokenizer from the GGUF")?;
     let template = ChatTemplate::from_gguf(&content, &tokenizer).context("cannot load the chat template from the GGUF")?;
-    let model = LlamaSlice::load(&path, 0..profile.n_layers).with_context(|| format!("cannot load the model {}", path.display()))?;
+    let model = ModelSlice::load(&path, 0..profile.n_layers, Backend::cpu(config.threads)).with_context(|| format!("cannot load the model {}", path.display()))?;
     tracing::info!(
         model = %path.display(),
         layers = profile.n_layers,
@@ -69,9 +61,8 @@ pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
         "model loaded; running every layer on this machine (no workers)"
     );
     let context_length = config.context_length.min(profile.context_length);
-    let runner = potluck_worker::stage::StageRunner::new(
+    let runner = potluck_node::stage::StageRunner::new(
         model,
-        ComputePool::new(config.threads),
         context_length,
         generation::ACTIVE_SEQUENCES_MAX,
         potluck_protocol::Dtype::F32,

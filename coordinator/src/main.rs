@@ -101,7 +101,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::FetchModel => {
-            let path = potluck_coordinator::model_fetch::ensure_default_model()?;
+            let path = potluck_node::model::ensure_default_model()?;
             println!("{}", path.display());
             Ok(())
         }
@@ -127,8 +127,8 @@ fn parse_dtype(s: &str) -> Result<potluck_protocol::Dtype, String> {
 }
 
 fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinator::cluster::ClusterConfig> {
-    use potluck_worker::net::identity::NodeIdentity;
-    use potluck_worker::net::token::JoinToken;
+    use potluck_node::net::identity::NodeIdentity;
+    use potluck_node::net::token::JoinToken;
     let identity_path = NodeIdentity::default_path("coordinator")
         .context("no config directory for the coordinator's identity: set POTLUCK_CONFIG_DIR")?;
     let identity = NodeIdentity::load_or_create(&identity_path)?;
@@ -148,7 +148,7 @@ fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinato
         token,
         identity,
         local_layers,
-        local_device: potluck_worker::node_profile(&device, potluck_coordinator::cluster::COORDINATOR_NODE),
+        local_device: potluck_node::node_profile(&device, potluck_coordinator::cluster::COORDINATOR_NODE),
         planner: args.planner,
         activation_dtype: args.activation_dtype,
         min_workers: args.workers,

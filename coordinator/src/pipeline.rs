@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use potluck_protocol::{Message, SampledTokens};
-use potluck_worker::stage::{StageCounters, StageRunner};
+use potluck_node::stage::{StageCounters, StageRunner};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PipelineError {

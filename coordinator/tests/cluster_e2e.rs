@@ -440,8 +440,8 @@ fn workers_find_a_restarted_coordinator_on_their_own() {
 #[test]
 fn hostile_peers_cannot_disturb_a_live_worker() {
     use potluck_protocol::{encode, encode_unchecked, Activations, Dtype, FrameHeader, Kind, Message, Segment, PROTOCOL_VERSION};
-    use potluck_worker::net::identity::NodeIdentity;
-    use potluck_worker::net::tls::{self, Plane};
+    use potluck_node::net::identity::NodeIdentity;
+    use potluck_node::net::tls::{self, Plane};
 
     let dir = temp_dir("hostile");
     let coordinator = start_coordinator(

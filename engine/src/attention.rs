@@ -33,12 +33,10 @@ pub fn attend_head(
     assert!(n_pos == 0 || (n_pos - 1) * stride + offset + head_dim <= keys.len().min(values.len()));
     #[cfg(target_arch = "x86_64")]
     {
-        if head_dim % 8 == 0
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: the features are present; bounds are asserted above.
+        // `Isa::Avx2` and above mean AVX2 + FMA + F16C; `POTLUCK_ISA=scalar` caps this kernel
+        // like every other.
+        if head_dim % 8 == 0 && crate::quant::Isa::detect() >= crate::quant::Isa::Avx2 {
+            // SAFETY: the features are present (checked by `Isa::detect`); bounds are asserted above.
             unsafe { x86::attend_head(q, keys, values, stride, offset, n_pos, scale, out) };
             return;
         }

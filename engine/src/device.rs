@@ -24,8 +24,9 @@
 //! of the time budget): on a machine busy with other work the best run is the closest to what
 //! the device can do, and a single run is at the mercy of one context switch.
 //!
-//! Only the CPU backend exists today; CUDA and Metal arrive with candle's features and will
-//! measure VRAM and the GPU kernels the same way.
+//! [`DeviceProfile::measure_backend`] is the one measure; only the CPU backend exists today.
+//! A GPU backend (wgpu, see the GPU issue) adds its arm there and measures its memory and
+//! its own kernels the same way.
 
 use crate::error::EngineError;
 use crate::quant::{GgmlDType, Isa, QMatrix};
@@ -92,21 +93,10 @@ const Q4_1_BLOCK_VALUES: usize = 32;
 /// FLOPs per weight byte of a Q4_1 matvec: a multiply and an add per value.
 const Q4_1_FLOPS_PER_BYTE: f64 = 2.0 * Q4_1_BLOCK_VALUES as f64 / Q4_1_BLOCK_BYTES as f64;
 
-/// Where the matmuls run. Serialised as `"cpu"`; new backends are new variants, so every
-/// conversion (the worker's into the planner's node) must handle them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceBackend {
-    Cpu,
-}
-
-impl DeviceBackend {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceBackend::Cpu => "cpu",
-        }
-    }
-}
+/// Where the matmuls run: the engine's [`BackendKind`]. Serialised as `"cpu"`; new
+/// backends are new variants, so every conversion (the worker's into the planner's node)
+/// must handle them.
+pub use crate::backend::BackendKind as DeviceBackend;
 
 /// One device, measured. Rates are best-of-runs; see the module docs for what each run does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -374,11 +364,27 @@ impl DeviceProfile {
         memory_limit_bytes: Option<u64>,
         time_budget: Duration,
     ) -> Result<DeviceProfile, DeviceError> {
+        Self::measure_backend(&crate::backend::Backend::cpu(threads), memory_limit_bytes, time_budget)
+    }
+
+    /// The one device measure behind `worker bench` and a worker's join: what `backend`
+    /// can hold and how fast it runs the engine's kernels. Each backend extends it with its
+    /// own arm (a GPU measures its memory and its own kernels the same way).
+    pub fn measure_backend(
+        backend: &crate::backend::Backend,
+        memory_limit_bytes: Option<u64>,
+        time_budget: Duration,
+    ) -> Result<DeviceProfile, DeviceError> {
+        match backend.kind() {
+            DeviceBackend::Cpu => Self::measure_cpu(backend.pool(), memory_limit_bytes, time_budget),
+        }
+    }
+
+    fn measure_cpu(pool: &ComputePool, memory_limit_bytes: Option<u64>, time_budget: Duration) -> Result<DeviceProfile, DeviceError> {
         let started = Instant::now();
         let memory = read_memory()?;
-        let pool = ComputePool::new(threads);
         let sizes = BenchSizes::for_device(memory.available_bytes, pool.n_threads());
-        let rates = run_benchmarks(&pool, sizes, time_budget)?;
+        let rates = run_benchmarks(pool, sizes, time_budget)?;
         let profile = DeviceProfile {
             backend: DeviceBackend::Cpu,
             cpu_model: read_cpu_model(),

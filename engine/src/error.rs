@@ -13,6 +13,8 @@ pub enum EngineError {
     MissingMetadata(String),
     #[error("unsupported model architecture `{0}` (supported: llama-family GGUFs)")]
     UnsupportedArchitecture(String),
+    #[error("this `{architecture}` model uses {feature}, which the engine's {architecture} module does not implement yet")]
+    UnsupportedFeature { architecture: String, feature: &'static str },
     #[error("unsupported tensor type {dtype} for `{tensor}` (supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")]
     UnsupportedTensorType { tensor: String, dtype: String },
     #[error("tensor `{0}` is missing from the GGUF file")]
@@ -23,6 +25,8 @@ pub enum EngineError {
     BadLayerRange { start: u32, end: u32, n_layers: u32 },
     #[error("context length exceeded: position {position} is past the context of {context_length} tokens")]
     ContextLengthExceeded { position: usize, context_length: usize },
+    #[error("cannot roll the KV cache back to position {len}: it holds positions from {first_held} on only")]
+    CacheRollback { len: usize, first_held: usize },
     #[error("token id {0} is outside the vocabulary")]
     TokenOutOfRange(u32),
     #[error("tokenizer: {0}")]

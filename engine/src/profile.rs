@@ -1,8 +1,11 @@
 //! The model profile: what a GGUF header says about a model, read without loading a tensor.
 //!
 //! The profile is what the shard planner and the coordinator reason with (per-layer weight
-//! bytes, KV bytes per token, dimensions), and what [`crate::model::LlamaSlice`] checks the
-//! tensors against when it loads a layer range.
+//! bytes, KV bytes per token, dimensions), and what an architecture module
+//! ([`crate::arch`]) checks the tensors against when it loads a layer range. It also records
+//! the features that set architectures apart (RoPE layout, biases, Q/K norms, sliding
+//! windows, experts), so a module can refuse a file whose features it does not implement
+//! instead of computing something else silently.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,9 +15,40 @@ use candle_core::quantized::GgmlDType;
 
 use crate::error::{EngineError, Result};
 
-/// Architectures whose GGUFs follow llama's tensor layout and hyper-parameter keys.
-/// (Mistral-style GGUFs are written with `general.architecture = llama`.)
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral"];
+/// The architecture family: which module of [`crate::arch`] builds and runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// `llama`, `mistral`: [`crate::arch::llama`].
+    Llama,
+}
+
+impl Family {
+    /// The family of a GGUF's `general.architecture`, if the engine runs it.
+    pub fn from_architecture(architecture: &str) -> Option<Family> {
+        match architecture {
+            "llama" | "mistral" => Some(Family::Llama),
+            _ => None,
+        }
+    }
+}
+
+/// Which dimensions RoPE rotates together (`llama_model_rope_type()` in llama.cpp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeType {
+    /// Adjacent pairs (x[2i], x[2i+1]): `LLAMA_ROPE_TYPE_NORM` (llama, mistral).
+    Adjacent,
+    /// Halves (x[i], x[i + n_rot/2]): `LLAMA_ROPE_TYPE_NEOX` (Qwen2/3, Gemma, Phi-3).
+    Neox,
+}
+
+/// A mixture-of-experts layout: `count` experts per layer, `used` of them per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Experts {
+    pub count: u32,
+    pub used: u32,
+}
 
 /// Size of one KV-cache element in bytes. The cache is kept in f16 (see kv_cache.rs).
 pub const KV_ELEMENT_BYTES: u64 = 2;
@@ -33,6 +67,7 @@ pub enum RopeScaling {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ModelProfile {
     pub architecture: String,
+    pub family: Family,
     pub name: Option<String>,
     pub n_layers: u32,
     pub n_embd: usize,
@@ -46,6 +81,18 @@ pub struct ModelProfile {
     pub rope_scaling: RopeScaling,
     /// Llama-3 style per-dimension frequency factors (`rope_freqs.weight`) present in the file.
     pub has_rope_freqs: bool,
+    pub rope_type: RopeType,
+    /// Q/K/V (and output) projections carry bias vectors (`blk.N.attn_q.bias`: Qwen2).
+    pub attention_bias: bool,
+    /// Per-head RMSNorm on Q and K before RoPE (`blk.N.attn_q_norm.weight`: Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// `{arch}.attention.sliding_window`: local layers attend to this many positions.
+    pub sliding_window: Option<usize>,
+    /// `{arch}.expert_count` / `{arch}.expert_used_count`, for mixture-of-experts models.
+    pub experts: Option<Experts>,
+    /// Bytes of each block's expert tensors (`*_exps`), in block order; zeros for a dense
+    /// model. A token reads `used / count` of them: see [`Self::layer_bytes_read_per_token`].
+    pub layer_expert_bytes: Vec<u64>,
     pub rms_norm_eps: f32,
     pub vocab_size: usize,
     /// The context length the model was trained for.
@@ -81,9 +128,12 @@ impl ModelProfile {
     pub fn from_content(content: &Content) -> Result<Self> {
         let md = Metadata(&content.metadata);
         let architecture = md.string("general.architecture")?;
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+        let Some(family) = Family::from_architecture(&architecture) else {
             return Err(EngineError::UnsupportedArchitecture(architecture));
-        }
+        };
+        let rope_type = match family {
+            Family::Llama => RopeType::Adjacent,
+        };
         let key = |k: &str| format!("{architecture}.{k}");
         let n_layers = md.u32(&key("block_count"))?;
         let n_embd = md.u32(&key("embedding_length"))? as usize;
@@ -133,6 +183,7 @@ impl ModelProfile {
         let head_bytes = tensor_bytes("output.weight").unwrap_or(embedding_bytes)
             + tensor_bytes("output_norm.weight").unwrap_or(0);
         let mut layer_weight_bytes = vec![0u64; n_layers as usize];
+        let mut layer_expert_bytes = vec![0u64; n_layers as usize];
         let mut tensor_types = BTreeMap::new();
         let mut total_weight_bytes = 0;
         for (name, info) in &content.tensor_infos {
@@ -143,11 +194,25 @@ impl ModelProfile {
                 if let Some(slot) = layer_weight_bytes.get_mut(layer_idx) {
                     *slot += bytes;
                 }
+                if name.contains("_exps.") {
+                    if let Some(slot) = layer_expert_bytes.get_mut(layer_idx) {
+                        *slot += bytes;
+                    }
+                }
             }
         }
+        let sliding_window = md.optional_u32(&key("attention.sliding_window")).map(|w| w as usize);
+        let experts = match (
+            md.optional_u32(&key("expert_count")),
+            md.optional_u32(&key("expert_used_count")),
+        ) {
+            (Some(count), Some(used)) if count > 0 => Some(Experts { count, used }),
+            _ => None,
+        };
         Ok(Self {
             name: md.optional_string("general.name").map(str::to_owned),
-            architecture,
+            architecture: architecture.clone(),
+            family,
             n_layers,
             n_embd,
             n_ff,
@@ -158,6 +223,12 @@ impl ModelProfile {
             rope_freq_base,
             rope_scaling,
             has_rope_freqs: content.tensor_infos.contains_key("rope_freqs.weight"),
+            rope_type,
+            attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+            sliding_window,
+            experts,
+            layer_expert_bytes,
             rms_norm_eps,
             vocab_size,
             context_length,
@@ -170,6 +241,20 @@ impl ModelProfile {
             tensor_types,
             total_weight_bytes,
         })
+    }
+
+    /// Weight bytes one token reads in block `layer_idx`: all of a dense block; a
+    /// mixture-of-experts block's shared tensors plus `used / count` of its experts. (Held
+    /// bytes are [`Self::layer_weight_bytes`]: every expert stays in memory.)
+    pub fn layer_bytes_read_per_token(&self, layer_idx: usize) -> u64 {
+        let held = self.layer_weight_bytes[layer_idx];
+        match self.experts {
+            Some(Experts { count, used }) => {
+                let experts = self.layer_expert_bytes[layer_idx];
+                held - experts + experts * used as u64 / count as u64
+            }
+            None => held,
+        }
     }
 
     /// Weight bytes a stage holding `layers` needs, with the embedding on the first stage and
@@ -223,6 +308,9 @@ impl Metadata<'_> {
         value_to_u64(self.get(key)?)
             .and_then(|v| u32::try_from(v).ok())
             .ok_or_else(|| EngineError::BadGguf(format!("{key} is not a small unsigned integer")))
+    }
+    fn optional_u32(&self, key: &str) -> Option<u32> {
+        self.0.get(key).and_then(value_to_u64).and_then(|v| u32::try_from(v).ok())
     }
     fn u32_or(&self, key: &str, default: u32) -> Result<u32> {
         if self.0.contains_key(key) {

@@ -8,9 +8,9 @@
 
 use std::path::PathBuf;
 
-use potluck_engine::model::LlamaSlice;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
 use potluck_engine::sampler::{argmax, log_softmax_at};
-use potluck_engine::threads::ComputePool;
 use serde_json::Value;
 
 fn model_path() -> PathBuf {
@@ -38,27 +38,27 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 /// Logits at every position of `tokens`, fed as one step through `slices`.
-fn all_logits(slices: &[LlamaSlice], tokens: &[u32], pool: &ComputePool) -> Vec<Vec<f32>> {
+fn all_logits(slices: &[ModelSlice], tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut caches: Vec<_> = slices.iter().map(|s| s.new_cache(tokens.len())).collect();
     let mut hidden = slices[0].embed(tokens).unwrap();
     for (slice, cache) in slices.iter().zip(caches.iter_mut()) {
-        slice.forward_layers(&mut hidden, &[tokens.len()], &mut [cache], pool).unwrap();
+        slice.forward_layers(&mut hidden, &[tokens.len()], &mut [cache]).unwrap();
     }
-    let logits = slices.last().unwrap().head(&hidden, pool).unwrap();
+    let logits = slices.last().unwrap().head(&hidden).unwrap();
     let vocab = slices[0].profile().vocab_size;
     logits.chunks(vocab).map(<[f32]>::to_vec).collect()
 }
 
 /// Logits after the prompt and after each of `forced[..n-1]`, fed one token per step.
-fn teacher_forced(slice: &LlamaSlice, prompt: &[u32], forced: &[u32], pool: &ComputePool) -> Vec<Vec<f32>> {
+fn teacher_forced(slice: &ModelSlice, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
     let n_embd = slice.profile().n_embd;
     let mut cache = slice.new_cache(prompt.len() + forced.len());
     let mut out = Vec::new();
     let mut step: Vec<u32> = prompt.to_vec();
     for &next in forced {
         let mut hidden = slice.embed(&step).unwrap();
-        slice.forward_layers(&mut hidden, &[step.len()], &mut [&mut cache], pool).unwrap();
-        out.push(slice.head(&hidden[(step.len() - 1) * n_embd..], pool).unwrap());
+        slice.forward_layers(&mut hidden, &[step.len()], &mut [&mut cache]).unwrap();
+        out.push(slice.head(&hidden[(step.len() - 1) * n_embd..]).unwrap());
         step = vec![next];
     }
     out
@@ -75,8 +75,8 @@ const TOP1_MARGIN_MIN: f32 = 0.1;
 fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
     let path = model_path();
     let reference = reference();
-    let slice = LlamaSlice::load(&path, 0..30).unwrap();
-    let pool = ComputePool::new(2);
+    let backend = Backend::cpu(2);
+    let slice = ModelSlice::load(&path, 0..30, backend.clone()).unwrap();
     let mut deltas = Vec::new();
     let mut flips = Vec::new();
     let mut far = Vec::new();
@@ -86,7 +86,7 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
         let generated = ids(&case["generated_ids"]);
         // As llama-server made the reference: the prompt in one step, then llama.cpp's own
         // greedy tokens fed back one step at a time (teacher forcing).
-        let logits = teacher_forced(&slice, &prompt, &generated, &pool);
+        let logits = teacher_forced(&slice, &prompt, &generated);
         for (i, position) in case["all_positions_top5"].as_array().unwrap().iter().enumerate() {
             let row = &logits[i];
             let top = position["top_logprobs"].as_array().unwrap();
@@ -126,16 +126,16 @@ fn free_greedy_run_reproduces_llama_cpp() {
     assert_eq!(case["name"], "raw_capital");
     let prompt = ids(&case["prompt_ids"]);
     let expected = ids(&case["generated_ids"]);
-    let slice = LlamaSlice::load(&path, 0..30).unwrap();
-    let pool = ComputePool::new(1);
+    let backend = Backend::cpu(1);
+    let slice = ModelSlice::load(&path, 0..30, backend.clone()).unwrap();
     let mut cache = slice.new_cache(128);
     let mut step: Vec<u32> = prompt.clone();
     let mut generated = Vec::new();
     for _ in 0..expected.len() {
         let mut hidden = slice.embed(&step).unwrap();
-        slice.forward_layers(&mut hidden, &[step.len()], &mut [&mut cache], &pool).unwrap();
+        slice.forward_layers(&mut hidden, &[step.len()], &mut [&mut cache]).unwrap();
         let n_embd = slice.profile().n_embd;
-        let logits = slice.head(&hidden[(step.len() - 1) * n_embd..], &pool).unwrap();
+        let logits = slice.head(&hidden[(step.len() - 1) * n_embd..]).unwrap();
         let next = argmax(&logits);
         generated.push(next);
         step = vec![next];
@@ -148,17 +148,17 @@ fn split_real_model_gives_the_unsplit_logits() {
     let path = model_path();
     let reference = reference();
     let tokens = ids(&reference["greedy"][1]["prompt_ids"]);
-    let pool = ComputePool::new(1);
-    let whole = all_logits(&[LlamaSlice::load(&path, 0..30).unwrap()], &tokens, &pool);
+    let backend = Backend::cpu(1);
+    let whole = all_logits(&[ModelSlice::load(&path, 0..30, backend.clone()).unwrap()], &tokens);
     for k in [1, 15, 29] {
-        let split = [LlamaSlice::load(&path, 0..k).unwrap(), LlamaSlice::load(&path, k..30).unwrap()];
-        assert_eq!(all_logits(&split, &tokens, &pool), whole, "split at {k}");
+        let split = [ModelSlice::load(&path, 0..k, backend.clone()).unwrap(), ModelSlice::load(&path, k..30, backend.clone()).unwrap()];
+        assert_eq!(all_logits(&split, &tokens), whole, "split at {k}");
     }
     // Half the layers, about half the memory (the embedding/head sits on the ends).
-    let first = LlamaSlice::load(&path, 0..15).unwrap();
-    let second = LlamaSlice::load(&path, 15..30).unwrap();
-    let whole = LlamaSlice::load(&path, 0..30).unwrap();
-    let layers_only = |s: &LlamaSlice| s.size_in_bytes() as f64;
+    let first = ModelSlice::load(&path, 0..15, backend.clone()).unwrap();
+    let second = ModelSlice::load(&path, 15..30, backend.clone()).unwrap();
+    let whole = ModelSlice::load(&path, 0..30, backend.clone()).unwrap();
+    let layers_only = |s: &ModelSlice| s.size_in_bytes() as f64;
     assert!(layers_only(&first) < 0.75 * layers_only(&whole), "first half holds {} of {}", layers_only(&first), layers_only(&whole));
     assert!(layers_only(&second) < 0.75 * layers_only(&whole), "second half holds {} of {}", layers_only(&second), layers_only(&whole));
 }

@@ -9,9 +9,9 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use potluck_engine::kv_cache::SequenceCache;
-use potluck_engine::model::LlamaSlice;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::threads::ComputePool;
 
 const N_LAYERS: u32 = 4;
 const N_EMBD: usize = 256;
@@ -95,15 +95,15 @@ fn tiny_model(tied: bool) -> PathBuf {
 
 /// Logits of every position of `steps` (each a chunk of tokens fed as one step) through a
 /// pipeline of slices.
-fn run_pipeline(slices: &[LlamaSlice], steps: &[&[u32]], pool: &ComputePool) -> Vec<Vec<f32>> {
+fn run_pipeline(slices: &[ModelSlice], steps: &[&[u32]]) -> Vec<Vec<f32>> {
     let mut caches: Vec<SequenceCache> = slices.iter().map(|s| s.new_cache(256)).collect();
     let mut all = Vec::new();
     for tokens in steps {
         let mut hidden = slices[0].embed(tokens).unwrap();
         for (slice, cache) in slices.iter().zip(caches.iter_mut()) {
-            slice.forward_layers(&mut hidden, &[tokens.len()], &mut [cache], pool).unwrap();
+            slice.forward_layers(&mut hidden, &[tokens.len()], &mut [cache]).unwrap();
         }
-        let logits = slices.last().unwrap().head(&hidden, pool).unwrap();
+        let logits = slices.last().unwrap().head(&hidden).unwrap();
         all.extend(logits.chunks(VOCAB).map(<[f32]>::to_vec));
     }
     all
@@ -115,25 +115,26 @@ const PROMPT: [u32; 9] = [5, 17, 300, 42, 42, 7, 255, 0, 19];
 fn split_at_every_layer_gives_the_unsplit_logits() {
     for tied in [false, true] {
         let path = tiny_model(tied);
-        let pool = ComputePool::new(1);
+        let backend = Backend::cpu(1);
         let steps: [&[u32]; 3] = [&PROMPT, &[11], &[12]];
-        let whole = run_pipeline(&[LlamaSlice::load(&path, 0..N_LAYERS).unwrap()], &steps, &pool);
+        let whole = run_pipeline(&[ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap()], &steps);
         assert_eq!(whole.len(), PROMPT.len() + 2);
         assert!(whole.iter().flatten().all(|l| l.is_finite()));
         for k in 1..N_LAYERS {
-            let split = [LlamaSlice::load(&path, 0..k).unwrap(), LlamaSlice::load(&path, k..N_LAYERS).unwrap()];
+            let split = [ModelSlice::load(&path, 0..k, backend.clone()).unwrap(), ModelSlice::load(&path, k..N_LAYERS, backend.clone()).unwrap()];
             assert!(split[0].is_first() && !split[0].is_last());
             assert!(!split[1].is_first() && split[1].is_last());
-            let got = run_pipeline(&split, &steps, &pool);
+            let got = run_pipeline(&split, &steps);
             assert_eq!(got, whole, "tied={tied}: split at {k} changed the logits");
         }
         // Three stages, and two threads.
+        let two_threads = Backend::cpu(2);
         let three = [
-            LlamaSlice::load(&path, 0..1).unwrap(),
-            LlamaSlice::load(&path, 1..3).unwrap(),
-            LlamaSlice::load(&path, 3..N_LAYERS).unwrap(),
+            ModelSlice::load(&path, 0..1, two_threads.clone()).unwrap(),
+            ModelSlice::load(&path, 1..3, two_threads.clone()).unwrap(),
+            ModelSlice::load(&path, 3..N_LAYERS, two_threads.clone()).unwrap(),
         ];
-        let got = run_pipeline(&three, &steps, &ComputePool::new(2));
+        let got = run_pipeline(&three, &steps);
         for (a, b) in got.iter().flatten().zip(whole.iter().flatten()) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "three stages on two threads: {a} vs {b}");
         }
@@ -143,10 +144,10 @@ fn split_at_every_layer_gives_the_unsplit_logits() {
 #[test]
 fn prefill_in_chunks_equals_one_step() {
     let path = tiny_model(false);
-    let pool = ComputePool::new(1);
-    let slice = [LlamaSlice::load(&path, 0..N_LAYERS).unwrap()];
-    let one = run_pipeline(&slice, &[&PROMPT], &pool);
-    let chunked = run_pipeline(&slice, &[&PROMPT[..4], &PROMPT[4..5], &PROMPT[5..]], &pool);
+    let backend = Backend::cpu(1);
+    let slice = [ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap()];
+    let one = run_pipeline(&slice, &[&PROMPT]);
+    let chunked = run_pipeline(&slice, &[&PROMPT[..4], &PROMPT[4..5], &PROMPT[5..]]);
     for (a, b) in chunked.iter().flatten().zip(one.iter().flatten()) {
         assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "chunked prefill: {a} vs {b}");
     }
@@ -155,19 +156,19 @@ fn prefill_in_chunks_equals_one_step() {
 #[test]
 fn batched_sequences_match_each_sequence_alone() {
     let path = tiny_model(false);
-    let pool = ComputePool::new(2);
-    let slice = LlamaSlice::load(&path, 0..N_LAYERS).unwrap();
+    let backend = Backend::cpu(2);
+    let slice = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
     // 5 + 3 rows: the batched step takes the tile kernels, each alone the row kernels.
     let a: Vec<u32> = vec![1, 2, 3, 4, 5];
     let b: Vec<u32> = vec![300, 200, 100];
-    let alone_a = run_pipeline(std::slice::from_ref(&slice), &[&a], &pool);
-    let alone_b = run_pipeline(std::slice::from_ref(&slice), &[&b], &pool);
+    let alone_a = run_pipeline(std::slice::from_ref(&slice), &[&a]);
+    let alone_b = run_pipeline(std::slice::from_ref(&slice), &[&b]);
     let mut cache_a = slice.new_cache(64);
     let mut cache_b = slice.new_cache(64);
     let tokens: Vec<u32> = a.iter().chain(&b).copied().collect();
     let mut hidden = slice.embed(&tokens).unwrap();
-    slice.forward_layers(&mut hidden, &[a.len(), b.len()], &mut [&mut cache_a, &mut cache_b], &pool).unwrap();
-    let logits = slice.head(&hidden, &pool).unwrap();
+    slice.forward_layers(&mut hidden, &[a.len(), b.len()], &mut [&mut cache_a, &mut cache_b]).unwrap();
+    let logits = slice.head(&hidden).unwrap();
     let together: Vec<&[f32]> = logits.chunks(VOCAB).collect();
     // Bit for bit: a sequence's tokens must not depend on what else shares its step.
     for (got, want) in together.iter().zip(alone_a.iter().chain(&alone_b)) {
@@ -181,9 +182,10 @@ fn batched_sequences_match_each_sequence_alone() {
 fn a_slice_holds_only_its_share_of_the_weights() {
     let path = tiny_model(false);
     let (profile, _) = ModelProfile::from_path(&path).unwrap();
-    let whole = LlamaSlice::load(&path, 0..N_LAYERS).unwrap();
-    let first = LlamaSlice::load(&path, 0..2).unwrap();
-    let second = LlamaSlice::load(&path, 2..N_LAYERS).unwrap();
+    let backend = Backend::cpu(1);
+    let whole = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
+    let first = ModelSlice::load(&path, 0..2, backend.clone()).unwrap();
+    let second = ModelSlice::load(&path, 2..N_LAYERS, backend.clone()).unwrap();
     assert_eq!(first.size_in_bytes() as u64, profile.slice_weight_bytes(0..2));
     assert_eq!(second.size_in_bytes() as u64, profile.slice_weight_bytes(2..N_LAYERS));
     assert_eq!(whole.size_in_bytes() as u64, profile.slice_weight_bytes(0..N_LAYERS));
@@ -194,21 +196,21 @@ fn a_slice_holds_only_its_share_of_the_weights() {
 #[test]
 fn errors_not_panics_for_bad_input() {
     let path = tiny_model(false);
-    let pool = ComputePool::new(1);
-    let slice = LlamaSlice::load(&path, 0..N_LAYERS).unwrap();
+    let backend = Backend::cpu(1);
+    let slice = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
     assert!(slice.embed(&[VOCAB as u32]).is_err(), "token outside the vocabulary");
-    assert!(LlamaSlice::load(&path, 2..2).is_err(), "empty range");
-    assert!(LlamaSlice::load(&path, 0..N_LAYERS + 1).is_err(), "range past the model");
+    assert!(ModelSlice::load(&path, 2..2, backend.clone()).is_err(), "empty range");
+    assert!(ModelSlice::load(&path, 0..N_LAYERS + 1, backend.clone()).is_err(), "range past the model");
     let mut cache = slice.new_cache(4);
     let mut hidden = slice.embed(&[1, 2, 3, 4, 5]).unwrap();
-    let err = slice.forward_layers(&mut hidden, &[5], &mut [&mut cache], &pool).unwrap_err();
+    let err = slice.forward_layers(&mut hidden, &[5], &mut [&mut cache]).unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
     assert_eq!(cache.len(), 0, "a refused step changes nothing");
-    let middle = LlamaSlice::load(&path, 1..2).unwrap();
-    assert!(middle.embed(&[1]).is_err() && middle.head(&[0.0; N_EMBD], &pool).is_err());
+    let middle = ModelSlice::load(&path, 1..2, backend.clone()).unwrap();
+    assert!(middle.embed(&[1]).is_err() && middle.head(&[0.0; N_EMBD]).is_err());
     // A truncated file is an error, not a crash.
     let bytes = std::fs::read(&path).unwrap();
     let cut = path.with_extension("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(LlamaSlice::load(&cut, 0..N_LAYERS).is_err());
+    assert!(ModelSlice::load(&cut, 0..N_LAYERS, backend.clone()).is_err());
 }

@@ -18,6 +18,7 @@
 //! payload length) before it is returned. Integers on the wire are fixed-width, little-endian.
 
 mod check;
+pub mod close;
 pub mod control;
 pub mod data;
 mod error;

@@ -71,6 +71,27 @@ impl Kind {
         Kind::FetchTensors,
     ];
 
+    /// The kind's name, as logs and errors show it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Hello => "Hello",
+            Kind::Welcome => "Welcome",
+            Kind::Refused => "Refused",
+            Kind::Assignment => "Assignment",
+            Kind::LoadProgress => "LoadProgress",
+            Kind::Ready => "Ready",
+            Kind::Heartbeat => "Heartbeat",
+            Kind::ReleaseSequence => "ReleaseSequence",
+            Kind::Shutdown => "Shutdown",
+            Kind::WeightChunk => "WeightChunk",
+            Kind::SequenceStart => "SequenceStart",
+            Kind::StepTokens => "StepTokens",
+            Kind::Activations => "Activations",
+            Kind::SampledTokens => "SampledTokens",
+            Kind::FetchTensors => "FetchTensors",
+        }
+    }
+
     pub fn from_u8(byte: u8) -> Option<Kind> {
         Kind::ALL.into_iter().find(|kind| *kind as u8 == byte)
     }
@@ -93,6 +114,16 @@ impl Kind {
 }
 
 impl Message {
+    /// Frees sequence `sequence_id`'s KV cache and sampler on every stage it reaches.
+    pub fn release(sequence_id: u64) -> Message {
+        Message::ReleaseSequence(crate::ReleaseSequence { sequence_id })
+    }
+
+    /// A step's first message, for stage 0: each segment's token ids, in segment order.
+    pub fn step_tokens(step: u64, segments: Vec<crate::Segment>, tokens: Vec<u32>) -> Message {
+        Message::StepTokens(crate::StepTokens { step, segments, tokens })
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             Message::Hello(_) => Kind::Hello,

@@ -6,7 +6,7 @@
 //! * **control**, on the process's multi-threaded runtime: the **control loop** reads the
 //!   coordinator's control stream (Assignment, Shutdown); a **control writer** owns that
 //!   stream's send half, and the heartbeat ticker and the loader queue messages to it;
-//! * **data**, on the **stage thread** ([`DataPlane`]), which owns a current-thread runtime
+//! * **data**, on the **stage thread** ([`StageThread`]), which owns a current-thread runtime
 //!   and the data endpoint (the `--listen` port). Between assignments it only drives the
 //!   endpoint; with a stage, it reads the next message from its input stream, runs
 //!   [`StageRunner::handle`], and writes the output to the next stage's data endpoint (the
@@ -17,6 +17,7 @@
 //!   reason logged, on the first frame that breaks the protocol. Other streams, and the
 //!   stage, go on.
 
+use potluck_protocol::close;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,23 +26,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use potluck_engine::model::LlamaSlice;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::threads::ComputePool;
 use potluck_protocol::{
     Assignment, DeviceSummary, Heartbeat, Hello, LoadProgress, Message, StageStats, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 
-use crate::net::framed::{FrameReader, FrameWriter};
-use crate::net::identity::NodeIdentity;
-use crate::net::token::{proofs_equal, JoinToken};
-use crate::net::tls::Plane;
-use crate::net::{data, discovery, tls};
-use crate::net::data::DataLink;
-use crate::slice_cache::{CachedSliceSource, SliceCache};
-use crate::stage::{StageCounters, StageRunner};
-use crate::weights::fetch_slice;
+use potluck_node::net::framed::{FrameReader, FrameWriter};
+use potluck_node::net::identity::NodeIdentity;
+use potluck_node::net::token::{proofs_equal, JoinToken};
+use potluck_node::net::tls::Plane;
+use potluck_node::net::{data, discovery, tls};
+use potluck_node::net::data::{DataLink, DataStream};
+use potluck_node::weights::slice_cache::{CachedSliceSource, SliceCache};
+use potluck_node::stage::{StageCounters, StageRunner};
+use potluck_node::weights::fetch::fetch_slice;
 
 /// How long the coordinator has to answer Hello.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
@@ -91,7 +92,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
     // Who may open data connections to us: the coordinator, and the upstream stage once assigned.
     let allowed: Arc<Mutex<HashSet<String>>> = Arc::default();
     let inbox: Arc<Mutex<Option<StageInbox>>> = Arc::new(Mutex::new(None));
-    let data = DataPlane::start(identity.clone(), config.listen, allowed.clone(), inbox.clone()).await?;
+    let data = StageThread::start(identity.clone(), config.listen, allowed.clone(), inbox.clone()).await?;
     let endpoint = tls::endpoint(&identity, SocketAddr::new(config.listen.ip(), 0))
         .context("cannot open this worker's control endpoint")?;
     let node_id = identity.node_id();
@@ -118,7 +119,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         Some(Message::Welcome(welcome)) => {
             let expected = config.token.coordinator_proof(&coordinator_id, &node_id);
             if !proofs_equal(&welcome.token_proof, &expected) {
-                connection.close(1u32.into(), b"coordinator failed the token proof");
+                connection.close(close::COORDINATOR_PROOF_FAILED.into(), b"coordinator failed the token proof");
                 bail!(
                     "the coordinator at {coordinator_addr} ({coordinator_id}) could not prove it knows the join token; \
                      refusing to work for it (is another potluck cluster on this network?)"
@@ -191,7 +192,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         JoinOutcome::Interrupted => b"worker interrupted",
         _ => b"worker leaving",
     };
-    connection.close(0u32.into(), reason);
+    connection.close(close::LEAVING.into(), reason);
     session.data.stop().await;
     session.endpoint.wait_idle().await;
     Ok(outcome)
@@ -270,7 +271,7 @@ struct Session {
     counters: Arc<SharedCounters>,
     cache: SliceCache,
     threads: usize,
-    data: DataPlane,
+    data: StageThread,
     /// Stops the running stage (after the message it is on)…
     stage_stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// …and says when it has.
@@ -390,15 +391,14 @@ impl Session {
         let cache_root = self.cache.root().to_path_buf();
         let (hash, tensors) = (a.model_hash, a.tensors.clone());
         let threads = self.threads;
-        let model = tokio::task::spawn_blocking(move || -> Result<LlamaSlice> {
+        let model = tokio::task::spawn_blocking(move || -> Result<ModelSlice> {
             let cache = SliceCache::open(cache_root)?;
             let mut source = CachedSliceSource::new(cache, hash, &tensors);
-            Ok(LlamaSlice::from_source(profile, layers, &mut source)?)
+            Ok(ModelSlice::from_source(profile, layers, &mut source, Backend::cpu(threads))?)
         })
         .await??;
         let runner = StageRunner::new(
             model,
-            ComputePool::new(threads),
             a.context_length as usize,
             a.sequences_max as usize,
             a.activation_dtype,
@@ -435,9 +435,9 @@ impl Session {
     }
 }
 
-/// The worker's data plane: the stage thread, its current-thread runtime and the data
+/// The worker's stage thread: its current-thread runtime and the data
 /// endpoint it drives.
-struct DataPlane {
+struct StageThread {
     local_addr: SocketAddr,
     /// `None` once stopped.
     jobs: Option<mpsc::UnboundedSender<StageJob>>,
@@ -454,7 +454,7 @@ struct StageJob {
     done: std::sync::mpsc::Sender<()>,
 }
 
-impl DataPlane {
+impl StageThread {
     /// Starts the stage thread and binds the data endpoint on `listen`.
     async fn start(
         identity: Arc<NodeIdentity>,
@@ -485,9 +485,9 @@ impl DataPlane {
                 };
                 // Each stream feeds the stage running when it arrived; a stage that replaces
                 // it gets the streams opened after it started.
-                let on_stream = move |recv, connection, peer: String| match inbox.lock().expect("inbox lock").clone() {
-                    Some(inbox) => drop(tokio::spawn(read_data_stream(recv, connection, peer, inbox))),
-                    None => tracing::warn!(%peer, "a data stream arrived before the stage was ready; ignored"),
+                let on_stream = move |stream: DataStream| match inbox.lock().expect("inbox lock").clone() {
+                    Some(inbox) => drop(tokio::spawn(read_data_stream(stream, inbox))),
+                    None => tracing::warn!(peer = stream.peer(), "a data stream arrived before the stage was ready; ignored"),
                 };
                 let is_member = move |peer: &str| allowed.lock().expect("allowed lock").contains(peer);
                 runtime.spawn(data::accept_members(endpoint.clone(), is_member, on_stream));
@@ -503,7 +503,7 @@ impl DataPlane {
                     run_stage(job.runner, io, &job.counters);
                     let _ = job.done.send(());
                 }
-                endpoint.close(0u32.into(), b"worker leaving");
+                endpoint.close(close::LEAVING.into(), b"worker leaving");
                 runtime.block_on(async {
                     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
                 });
@@ -576,24 +576,12 @@ fn run_stage(mut runner: StageRunner, mut io: StageIo<'_>, counters: &SharedCoun
     io.downstream.finish();
 }
 
-/// Decodes one data stream into the stage's inbox. A frame that breaks the protocol
-/// (garbage, a frame over its limit, a truncated one, a shape that does not match its
-/// payload) closes the peer's connection with the reason logged; nothing else is affected.
-async fn read_data_stream(recv: quinn::RecvStream, connection: quinn::Connection, peer: String, inbox: StageInbox) {
-    let mut reader = FrameReader::new(recv);
-    loop {
-        match reader.recv().await {
-            Ok(Some(message)) => {
-                if inbox.send(message).await.is_err() {
-                    return; // that stage has stopped
-                }
-            }
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(%peer, remote = %connection.remote_address(), error = %e, "bad data stream; closing the connection");
-                connection.close(4u32.into(), b"protocol error on a data stream");
-                return;
-            }
+/// Decodes one data stream into the stage's inbox until it ends, breaks the protocol (then
+/// [`DataStream::recv`] has closed its connection) or the stage stops.
+async fn read_data_stream(mut stream: DataStream, inbox: StageInbox) {
+    while let Ok(Some(message)) = stream.recv().await {
+        if inbox.send(message).await.is_err() {
+            return; // that stage has stopped
         }
     }
 }

@@ -14,7 +14,7 @@ use potluck_engine::device::{parse_size, DeviceProfile, MEASURE_TIME_DEFAULT_MS}
 /// doubles the wait up to [`REJOIN_DELAY_MAX_MS`].
 const REJOIN_DELAY_MIN_MS: u64 = 1_000;
 const REJOIN_DELAY_MAX_MS: u64 = 10_000;
-use potluck_worker::default_threads;
+use potluck_node::default_threads;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -89,8 +89,8 @@ fn join(
     identity: Option<PathBuf>,
 ) -> Result<()> {
     use potluck_worker::join::{JoinConfig, JoinOutcome};
-    use potluck_worker::net::identity::NodeIdentity;
-    use potluck_worker::net::token::JoinToken;
+    use potluck_node::net::identity::NodeIdentity;
+    use potluck_node::net::token::JoinToken;
     let Some(token) = token else {
         bail!("a join token is required: run `worker join --token TOKEN` with the token `coordinator serve` printed");
     };
@@ -112,7 +112,7 @@ fn join(
     let identity = NodeIdentity::load_or_create(&identity_path)?;
     let cache_dir = match cache_dir {
         Some(d) => d,
-        None => potluck_worker::slice_cache::SliceCache::default_root().context("no cache directory: give --cache-dir DIR")?,
+        None => potluck_node::weights::slice_cache::SliceCache::default_root().context("no cache directory: give --cache-dir DIR")?,
     };
     let threads = threads.unwrap_or_else(default_threads);
     println!("worker: measuring this machine...");
@@ -130,7 +130,7 @@ fn join(
         cache_dir,
         listen,
         threads,
-        device: potluck_worker::device_summary(&device),
+        device: potluck_node::device_summary(&device),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -26,6 +26,7 @@
 //! `unsafe` calls into `#[target_feature]` code sound.
 
 mod activations;
+pub mod dtype;
 mod blocks;
 mod scalar;
 #[cfg(test)]

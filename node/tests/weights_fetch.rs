@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
 use potluck_protocol::{Message, TensorRef, WeightChunk};
-use potluck_worker::net::framed::{FrameReader, FrameWriter};
-use potluck_worker::slice_cache::SliceCache;
-use potluck_worker::weights::{fetch_slice, FetchReport, FETCH_ATTEMPTS_MAX};
+use potluck_node::net::framed::{FrameReader, FrameWriter};
+use potluck_node::weights::slice_cache::SliceCache;
+use potluck_node::weights::fetch::{fetch_slice, FetchReport, FETCH_ATTEMPTS_MAX};
 use sha2::{Digest, Sha256};
 use tokio::io::{duplex, DuplexStream};
 

@@ -4,7 +4,7 @@
 //! The worker opens a stream per fetch and sends one [`FetchTensors`] naming indices into its
 //! assignment's tensors; [`WeightServer::serve_fetch`] answers with the tensors' bytes as
 //! [`WeightChunk`]s, in the order asked, each chunk carrying its own SHA-256 so that a
-//! corrupt chunk is caught on arrival. The worker's half is `potluck_worker::weights`.
+//! corrupt chunk is caught on arrival. The receiving half is [`super::fetch`].
 //!
 //! **Identity:** [`WeightServer::model_hash`] is the SHA-256 of the file's length and its
 //! header (metadata and tensor infos), so start-up does not hash gigabytes. Two files with
@@ -30,15 +30,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use potluck_engine::model::slice_tensor_names;
+use potluck_engine::arch::slice_tensor_names;
 use potluck_engine::profile::{tensor_size_in_bytes, ModelProfile};
 use potluck_protocol::limits::{
     NAME_BYTES_MAX, TENSORS_PER_ASSIGNMENT_MAX, TENSOR_BYTES_MAX, TENSOR_DIMS_MAX,
     WEIGHT_CHUNK_BYTES_MAX,
 };
 use potluck_protocol::{Message, TensorRef, WeightChunk};
-use potluck_worker::net::framed::{FrameReader, FrameWriter};
-use potluck_worker::slice_cache::ggml_dtype_id;
+use crate::net::framed::{FrameReader, FrameWriter};
+use potluck_engine::quant::dtype::ggml_dtype_id;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 

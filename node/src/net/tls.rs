@@ -41,6 +41,7 @@
 //! Session resumption and 0-RTT are off: every handshake is a full one with certificates, so
 //! identity is always proven by a fresh signature and no early data can be replayed.
 
+use potluck_protocol::close;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -243,7 +244,7 @@ pub async fn connect_on(
     let node_id = peer_node_id(&connection)?;
     if let Some(expected) = expected_peer {
         if node_id != expected.to_base58() {
-            connection.close(VarInt::from_u32(0), b"unexpected node id");
+            connection.close(VarInt::from_u32(close::UNEXPECTED_NODE_ID), b"unexpected node id");
             return Err(anyhow!("{addr} is node {node_id}, expected {expected}"));
         }
     }

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use potluck_worker::net::discovery::{
+use potluck_node::net::discovery::{
     advertise, discover, DISCOVERY_GRACE_MS, DISCOVERY_TIMEOUT_MS,
 };
-use potluck_worker::net::identity::NodeIdentity;
+use potluck_node::net::identity::NodeIdentity;
 
 /// Set on the re-run test binary: `advertise PORT` or `discover TIMEOUT_MS`.
 const PROBE_ENV: &str = "POTLUCK_DISCOVERY_PROBE";

@@ -32,7 +32,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use candle_core::quantized::GgmlDType;
-use potluck_engine::model::TensorSource;
+use potluck_engine::source::TensorSource;
+use potluck_engine::quant::dtype::ggml_dtype_from_id;
 use potluck_engine::EngineError;
 use potluck_protocol::TensorRef;
 use sha2::{Digest, Sha256};
@@ -483,7 +484,7 @@ impl Drop for TensorWriter {
     }
 }
 
-/// A [`TensorSource`] over the cache, for `LlamaSlice::from_source`: it serves the tensors of
+/// A [`TensorSource`] over the cache, for `ModelSlice::from_source`: it serves the tensors of
 /// one model's assignment, each hashed against its descriptor as it is read.
 pub struct CachedSliceSource {
     cache: SliceCache,
@@ -522,50 +523,6 @@ impl TensorSource for CachedSliceSource {
             .map_err(|_| to_engine(shape_mismatch(tensor)))?;
         let bytes = self.cache.read_verified(&self.model_hash, tensor, true).map_err(to_engine)?;
         Ok(Some((dtype, dims, bytes)))
-    }
-}
-
-/// GGML type ids as stored in GGUF (`enum ggml_type` in ggml.h), for the types candle loads;
-/// candle's own `GgmlDType::from_u32` is crate-private.
-pub fn ggml_dtype_from_id(id: u32) -> Option<GgmlDType> {
-    Some(match id {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
-}
-
-/// The inverse of [`ggml_dtype_from_id`] (for whoever builds a `TensorRef` from a GGUF).
-pub fn ggml_dtype_id(dtype: GgmlDType) -> u32 {
-    match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
     }
 }
 
@@ -672,9 +629,11 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
     use potluck_engine::kv_cache::SequenceCache;
-    use potluck_engine::model::{slice_tensor_names, GgufFileSource, LlamaSlice};
+    use potluck_engine::arch::{slice_tensor_names, ModelSlice};
+    use potluck_engine::backend::Backend;
     use potluck_engine::profile::ModelProfile;
-    use potluck_engine::threads::ComputePool;
+    use potluck_engine::quant::dtype::ggml_dtype_id;
+    use potluck_engine::source::GgufFileSource;
 
     const MODEL: [u8; 32] = [7; 32];
 
@@ -999,12 +958,12 @@ mod tests {
         gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
     }
 
-    fn logits(slice: &LlamaSlice, pool: &ComputePool) -> Vec<f32> {
+    fn logits(slice: &ModelSlice) -> Vec<f32> {
         let mut cache: SequenceCache = slice.new_cache(64);
         let tokens = [5u32, 17, 300, 42, 7];
         let mut hidden = slice.embed(&tokens).unwrap();
-        slice.forward_layers(&mut hidden, &[tokens.len()], &mut [&mut cache], pool).unwrap();
-        slice.head(&hidden, pool).unwrap()
+        slice.forward_layers(&mut hidden, &[tokens.len()], &mut [&mut cache]).unwrap();
+        slice.head(&hidden).unwrap()
     }
 
     #[test]
@@ -1034,12 +993,12 @@ mod tests {
         }
         assert!(descriptors.iter().all(|t| cache.has_verified(&model_hash, t).unwrap()));
 
-        let pool = ComputePool::new(1);
-        let from_file = LlamaSlice::load(&path, 0..N_LAYERS).unwrap();
+        let backend = Backend::cpu(1);
+        let from_file = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
         let mut source = CachedSliceSource::new(cache.clone(), model_hash, &descriptors);
-        let from_cache = LlamaSlice::from_source(profile, 0..N_LAYERS, &mut source).unwrap();
-        let expected = logits(&from_file, &pool);
-        let got = logits(&from_cache, &pool);
+        let from_cache = ModelSlice::from_source(profile, 0..N_LAYERS, &mut source, backend).unwrap();
+        let expected = logits(&from_file);
+        let got = logits(&from_cache);
         assert_eq!(expected.len(), VOCAB * 5);
         assert!(expected.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "logits differ");
         let _ = fs::remove_dir_all(&root);

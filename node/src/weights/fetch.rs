@@ -30,7 +30,7 @@ use potluck_protocol::{FetchTensors, Message, TensorRef, WeightChunk};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::net::framed::{FrameReader, FrameWriter};
-use crate::slice_cache::{SliceCache, SliceCacheError, TensorWriter};
+use crate::weights::slice_cache::{SliceCache, SliceCacheError, TensorWriter};
 
 /// Attempts per tensor at most before the fetch gives up. One retry covers a chunk damaged
 /// in flight; a tensor that fails three times points at the coordinator's file or a broken

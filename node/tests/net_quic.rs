@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use potluck_protocol::{Activations, Dtype, Message, Segment};
-use potluck_worker::net::framed::{FrameReader, FrameWriter};
-use potluck_worker::net::identity::NodeIdentity;
-use potluck_worker::net::tls::{connect, endpoint, peer_node_id, ALPN, IDLE_TIMEOUT_MS};
+use potluck_node::net::framed::{FrameReader, FrameWriter};
+use potluck_node::net::identity::NodeIdentity;
+use potluck_node::net::tls::{connect, endpoint, peer_node_id, ALPN, IDLE_TIMEOUT_MS};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -178,7 +178,7 @@ async fn two_nodes_prove_their_ids_and_carry_frames_on_a_stream() {
         timeout(STEP_TIMEOUT, reader.recv()).await.unwrap().unwrap(),
         None
     );
-    connection.close(0u32.into(), b"done");
+    connection.close(potluck_protocol::close::LEAVING.into(), b"done");
 
     let got = timeout(STEP_TIMEOUT, serving).await.unwrap().unwrap();
     assert_eq!(got, expected);

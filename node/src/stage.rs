@@ -19,16 +19,13 @@
 
 use std::collections::HashMap;
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 use potluck_engine::kv_cache::SequenceCache;
-use potluck_engine::model::LlamaSlice;
+use potluck_engine::arch::ModelSlice;
 use potluck_engine::sampler::{log_softmax_at, top_logprobs, Sampler, SamplingParams};
-use potluck_engine::threads::ComputePool;
 use potluck_protocol::limits::TOP_LOGPROBS_MAX;
 use potluck_protocol::{
-    Activations, Dtype, Message, PromptLogprob, ReleaseSequence, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
-    StepTokens, TokenLogprob,
+    payload_to_rows, rows_to_payload, Activations, Dtype, Message, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
+    TokenLogprob,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +81,7 @@ const PROMPT_HEAD_ROWS: usize = 64;
 
 /// One stage of the pipeline.
 pub struct StageRunner {
-    model: LlamaSlice,
-    pool: ComputePool,
+    model: ModelSlice,
     context_length: usize,
     sequences_max: usize,
     activation_dtype: Dtype,
@@ -97,10 +93,9 @@ impl StageRunner {
     /// A stage over `model`; each sequence's cache holds `context_length` positions at most,
     /// and at most `sequences_max` sequences are held at once. Activations sent on use
     /// `activation_dtype`.
-    pub fn new(model: LlamaSlice, pool: ComputePool, context_length: usize, sequences_max: usize, activation_dtype: Dtype) -> Self {
+    pub fn new(model: ModelSlice, context_length: usize, sequences_max: usize, activation_dtype: Dtype) -> Self {
         Self {
             model,
-            pool,
             context_length: context_length.max(1),
             sequences_max: sequences_max.max(1),
             activation_dtype,
@@ -109,7 +104,7 @@ impl StageRunner {
         }
     }
 
-    pub fn model(&self) -> &LlamaSlice {
+    pub fn model(&self) -> &ModelSlice {
         &self.model
     }
 
@@ -161,10 +156,11 @@ impl StageRunner {
                 let rows: usize = act.segments.iter().map(|s| s.n_rows as usize).sum();
                 check_rows(&act.segments, act.payload.len() / (n_embd * act.dtype.size_bytes() as usize), "payload")?;
                 self.check_step(&act.segments)?;
-                let hidden = decode_payload(act.dtype, &act.payload, rows * n_embd);
+                let hidden = payload_to_rows(&act.payload, act.dtype)
+                    .map_err(|_| StageError::Shape { rows, what: "payload", len: act.payload.len() })?;
                 self.run_step(act.step, act.segments, hidden).map(Some)
             }
-            other => Err(StageError::UnexpectedMessage(kind_name(&other))),
+            other => Err(StageError::UnexpectedMessage(other.kind().name())),
         }
     }
 
@@ -217,7 +213,7 @@ impl StageRunner {
                 let seq = by_id.remove(&s.sequence_id).ok_or(StageError::UnknownSequence(s.sequence_id))?;
                 caches.push(&mut seq.cache);
             }
-            self.model.forward_layers(&mut hidden, &rows, &mut caches, &self.pool)?;
+            self.model.forward_layers(&mut hidden, &rows, &mut caches)?;
         }
         let n_rows: usize = rows.iter().sum();
         self.counters.steps += 1;
@@ -231,7 +227,7 @@ impl StageRunner {
                 segments,
                 dtype: self.activation_dtype,
                 hidden: n_embd as u32,
-                payload: encode_payload(self.activation_dtype, &hidden),
+                payload: rows_to_payload(&hidden, self.activation_dtype),
             })
         };
         self.counters.busy_us += started.elapsed().as_micros() as u64;
@@ -258,7 +254,7 @@ impl StageRunner {
         if samplers.is_empty() {
             return Ok(SampledTokens { step, tokens, prompt });
         }
-        let logits = self.model.head(&head_rows, &self.pool)?;
+        let logits = self.model.head(&head_rows)?;
         let vocab = self.model.profile().vocab_size;
         for (row, id) in samplers.into_iter().enumerate() {
             let seq = self.sequences.get_mut(&id).ok_or(StageError::UnknownSequence(id))?;
@@ -303,7 +299,7 @@ impl StageRunner {
             for &(.., row) in chunk {
                 rows.extend_from_slice(&hidden[row * n_embd..(row + 1) * n_embd]);
             }
-            let logits = self.model.head(&rows, &self.pool)?;
+            let logits = self.model.head(&rows)?;
             for (i, &(sequence_id, position, token, top_n, _)) in chunk.iter().enumerate() {
                 let row = &logits[i * vocab..(i + 1) * vocab];
                 if token as usize >= vocab {
@@ -332,31 +328,6 @@ fn check_rows(segments: &[Segment], len: usize, what: &'static str) -> Result<()
         return Err(StageError::Shape { rows, what, len });
     }
     Ok(())
-}
-
-/// Hidden rows → wire payload (little-endian).
-pub fn encode_payload(dtype: Dtype, hidden: &[f32]) -> Vec<u8> {
-    match dtype {
-        Dtype::F32 => hidden.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Dtype::F16 => {
-            let mut halves = vec![f16::ZERO; hidden.len()];
-            halves.convert_from_f32_slice(hidden);
-            halves.iter().flat_map(|x| x.to_le_bytes()).collect()
-        }
-    }
-}
-
-/// Wire payload → `n` f32 values (the protocol checked the length).
-pub fn decode_payload(dtype: Dtype, payload: &[u8], n: usize) -> Vec<f32> {
-    match dtype {
-        Dtype::F32 => payload.chunks_exact(4).take(n).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => {
-            let halves: Vec<f16> = payload.chunks_exact(2).take(n).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
-            let mut out = vec![0f32; halves.len()];
-            halves.convert_to_f32_slice(&mut out);
-            out
-        }
-    }
 }
 
 /// The engine's sampling parameters from their wire form.
@@ -390,32 +361,3 @@ pub fn sampling_wire(params: &SamplingParams) -> SamplingWire {
     }
 }
 
-/// A release message for `sequence_id`.
-pub fn release(sequence_id: u64) -> Message {
-    Message::ReleaseSequence(ReleaseSequence { sequence_id })
-}
-
-/// A step's first message for stage 0.
-pub fn step_tokens(step: u64, segments: Vec<Segment>, tokens: Vec<u32>) -> Message {
-    Message::StepTokens(StepTokens { step, segments, tokens })
-}
-
-fn kind_name(message: &Message) -> &'static str {
-    match message.kind() {
-        potluck_protocol::Kind::Hello => "Hello",
-        potluck_protocol::Kind::Welcome => "Welcome",
-        potluck_protocol::Kind::Refused => "Refused",
-        potluck_protocol::Kind::Assignment => "Assignment",
-        potluck_protocol::Kind::LoadProgress => "LoadProgress",
-        potluck_protocol::Kind::Ready => "Ready",
-        potluck_protocol::Kind::Heartbeat => "Heartbeat",
-        potluck_protocol::Kind::ReleaseSequence => "ReleaseSequence",
-        potluck_protocol::Kind::Shutdown => "Shutdown",
-        potluck_protocol::Kind::WeightChunk => "WeightChunk",
-        potluck_protocol::Kind::SequenceStart => "SequenceStart",
-        potluck_protocol::Kind::StepTokens => "StepTokens",
-        potluck_protocol::Kind::Activations => "Activations",
-        potluck_protocol::Kind::SampledTokens => "SampledTokens",
-        potluck_protocol::Kind::FetchTensors => "FetchTensors",
-    }
-}

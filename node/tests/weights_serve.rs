@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
-use potluck_coordinator::weights::WeightServer;
-use potluck_engine::model::LlamaSlice;
+use potluck_node::weights::serve::WeightServer;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::threads::ComputePool;
 use potluck_protocol::{FetchTensors, Message, TensorRef};
-use potluck_worker::net::framed::{FrameReader, FrameWriter};
-use potluck_worker::slice_cache::{CachedSliceSource, SliceCache};
-use potluck_worker::weights::{fetch_slice, FetchReport, FETCH_ATTEMPTS_MAX};
+use potluck_node::net::framed::{FrameReader, FrameWriter};
+use potluck_node::weights::slice_cache::{CachedSliceSource, SliceCache};
+use potluck_node::weights::fetch::{fetch_slice, FetchReport, FETCH_ATTEMPTS_MAX};
 use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
 const N_LAYERS: u32 = 3;
@@ -417,14 +417,13 @@ async fn every_stage_s_slice_arrives_verified_and_runs_bit_identical_to_the_file
             );
         }
 
-        from_file.push(LlamaSlice::load(&fixture.path, layers.clone()).unwrap());
+        from_file.push(ModelSlice::load(&fixture.path, layers.clone(), Backend::cpu(1)).unwrap());
         let mut source = CachedSliceSource::new(cache, fixture.server.model_hash(), &refs);
         from_cache.push(
-            LlamaSlice::from_source(fixture.profile.clone(), layers.clone(), &mut source).unwrap(),
+            ModelSlice::from_source(fixture.profile.clone(), layers.clone(), &mut source, Backend::cpu(1)).unwrap(),
         );
     }
 
-    let pool = ComputePool::new(1);
     let tokens = [5u32, 17, 300, 42, 7];
     let mut hidden_file = from_file[0].embed(&tokens).unwrap();
     let mut hidden_cache = from_cache[0].embed(&tokens).unwrap();
@@ -437,7 +436,6 @@ async fn every_stage_s_slice_arrives_verified_and_runs_bit_identical_to_the_file
                 &mut hidden_file,
                 &[tokens.len()],
                 &mut [&mut file_kv],
-                &pool,
             )
             .unwrap();
         cache_slice
@@ -445,7 +443,6 @@ async fn every_stage_s_slice_arrives_verified_and_runs_bit_identical_to_the_file
                 &mut hidden_cache,
                 &[tokens.len()],
                 &mut [&mut cache_kv],
-                &pool,
             )
             .unwrap();
         assert_same_bits(
@@ -454,8 +451,8 @@ async fn every_stage_s_slice_arrives_verified_and_runs_bit_identical_to_the_file
             &format!("stage {stage}'s output"),
         );
     }
-    let logits_file = from_file[2].head(&hidden_file, &pool).unwrap();
-    let logits_cache = from_cache[2].head(&hidden_cache, &pool).unwrap();
+    let logits_file = from_file[2].head(&hidden_file).unwrap();
+    let logits_cache = from_cache[2].head(&hidden_cache).unwrap();
     assert_eq!(logits_file.len(), VOCAB * tokens.len());
     assert!(
         logits_file.iter().all(|x| x.is_finite()),

@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use potluck_worker::net::discovery::{advertise, discover, DISCOVERY_TIMEOUT_MS};
-use potluck_worker::net::identity::NodeIdentity;
+use potluck_node::net::discovery::{advertise, discover, DISCOVERY_TIMEOUT_MS};
+use potluck_node::net::identity::NodeIdentity;
 
 const USAGE: &str = "usage: discovery_probe advertise PORT | discovery_probe discover [TIMEOUT_MS]";
 

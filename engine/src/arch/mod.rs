@@ -1,0 +1,143 @@
+//! The architecture seam: one module per architecture family, each owning its block struct,
+//! its tensor list and its forward body (as candle keeps one file per model and llama.cpp
+//! one graph builder per architecture); the operations they share are in [`crate::ops`],
+//! the loading helpers in [`crate::source`], the attention kernel in [`crate::attention`].
+//!
+//! Everything outside the engine uses [`ModelSlice`], never a family's own type: it loads a
+//! layer range onto a [`Backend`], runs the split forward pass (`embed` → `forward_layers` →
+//! `head`) and answers which tensors a layer range needs ([`slice_tensor_names`]: what the
+//! weight server sends and the slice cache keeps).
+//!
+//! Adding a family: a module here, a [`Family`] variant (and its `general.architecture`
+//! names in [`Family::from_architecture`]), and an arm in each `match` below.
+//!
+//! **Architecture Invariant:** a family module refuses a file whose profile asks for a
+//! feature it does not implement (biases, Q/K norms, a sliding window, experts, another RoPE
+//! layout) with [`EngineError::UnsupportedFeature`]; it never runs such a model without it.
+
+pub mod llama;
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::SequenceCache;
+use crate::profile::{Family, ModelProfile};
+use crate::source::{GgufFileSource, TensorSource};
+
+/// One contiguous layer range of a model, loaded onto a backend and ready to run.
+pub struct ModelSlice {
+    inner: Inner,
+}
+
+enum Inner {
+    Llama(llama::LlamaSlice),
+}
+
+/// The GGUF tensor names a slice holding `layers` needs (what a worker is sent).
+pub fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> Vec<String> {
+    match profile.family {
+        Family::Llama => llama::slice_tensor_names(profile, layers),
+    }
+}
+
+impl ModelSlice {
+    /// Loads layers `layers` of the GGUF at `path` onto `backend` (plus the embedding if the
+    /// range starts at 0 and the head if it ends at the last layer), reading only those
+    /// tensors.
+    pub fn load(path: &Path, layers: Range<u32>, backend: Arc<Backend>) -> Result<Self> {
+        let (profile, content) = ModelProfile::from_path(path)?;
+        let mut source = GgufFileSource::new(&content, path)?;
+        Self::from_source(profile, layers, &mut source, backend)
+    }
+
+    /// Loads layers `layers` from `source` (a GGUF file, or the slice cache a worker filled).
+    pub fn from_source(
+        profile: ModelProfile,
+        layers: Range<u32>,
+        source: &mut dyn TensorSource,
+        backend: Arc<Backend>,
+    ) -> Result<Self> {
+        let inner = match profile.family {
+            Family::Llama => Inner::Llama(llama::LlamaSlice::from_source(profile, layers, source, backend)?),
+        };
+        Ok(Self { inner })
+    }
+
+    pub fn profile(&self) -> &ModelProfile {
+        match &self.inner {
+            Inner::Llama(s) => s.profile(),
+        }
+    }
+
+    pub fn layers(&self) -> Range<u32> {
+        match &self.inner {
+            Inner::Llama(s) => s.layers(),
+        }
+    }
+
+    /// True when this slice holds the token embedding (it takes token ids).
+    pub fn is_first(&self) -> bool {
+        match &self.inner {
+            Inner::Llama(s) => s.is_first(),
+        }
+    }
+
+    /// True when this slice holds the output norm and head (it produces logits).
+    pub fn is_last(&self) -> bool {
+        match &self.inner {
+            Inner::Llama(s) => s.is_last(),
+        }
+    }
+
+    /// Weight bytes this slice holds in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Llama(s) => s.size_in_bytes(),
+        }
+    }
+
+    /// A fresh KV cache for one sequence on this slice, holding at most `context_length`
+    /// positions (clamped to the model's trained context).
+    pub fn new_cache(&self, context_length: usize) -> SequenceCache {
+        match &self.inner {
+            Inner::Llama(s) => s.new_cache(context_length),
+        }
+    }
+
+    /// Token ids → hidden rows (`tokens.len() × n_embd`). First stage only.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match &self.inner {
+            Inner::Llama(s) => s.embed(tokens),
+        }
+    }
+
+    /// Runs this slice's layers over a step's rows, in place.
+    ///
+    /// `hidden` holds `sum(segments)` rows of `n_embd`; `segments[i]` consecutive rows belong
+    /// to the sequence whose cache is `caches[i]`, at the positions following what that cache
+    /// already holds. Every row's K and V are appended to its cache. Nothing is changed if an
+    /// error is returned.
+    pub fn forward_layers(&self, hidden: &mut [f32], segments: &[usize], caches: &mut [&mut SequenceCache]) -> Result<()> {
+        match &self.inner {
+            Inner::Llama(s) => s.forward_layers(hidden, segments, caches),
+        }
+    }
+
+    /// Hidden rows → logits (`n_rows × vocab_size`), after the output norm. Last stage only.
+    pub fn head(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        match &self.inner {
+            Inner::Llama(s) => s.head(hidden),
+        }
+    }
+}
+
+/// Refuses a profile that asks for what a family module does not implement.
+pub(crate) fn require_absent(profile: &ModelProfile, feature: &'static str, present: bool) -> Result<()> {
+    if present {
+        return Err(EngineError::UnsupportedFeature { architecture: profile.architecture.clone(), feature });
+    }
+    Ok(())
+}
