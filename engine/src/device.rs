@@ -545,9 +545,7 @@ fn fill_activations(x: &mut [f32], seed: u64) {
 /// Reads every byte of `bytes` once on the pool's threads; returns a checksum so the reads
 /// cannot be optimised away.
 fn stream_read(bytes: &[u8], pool: &ComputePool) -> u64 {
-    /// Tasks per thread, as in the matmul: lets rayon even out a thread held up elsewhere.
-    const TASKS_PER_THREAD: usize = 4;
-    let n_tasks = pool.n_threads() * TASKS_PER_THREAD;
+    let n_tasks = pool.n_threads() * crate::quant::TASKS_PER_THREAD;
     let task_bytes = bytes.len().div_ceil(n_tasks).next_multiple_of(64).max(64);
     let n_tasks = bytes.len().div_ceil(task_bytes);
     let checksum = AtomicU64::new(0);

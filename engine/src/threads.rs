@@ -2,7 +2,7 @@
 //! engine spawns threads, so the flag controls every pool (see ARCHITECTURE.md).
 //!
 //! Why rayon and not a spin-waiting barrier pool: a home machine is never idle, and pools that
-//! spin while waiting collapse when another process holds a core (PEERS.md measured
+//! spin while waiting collapse when another process holds a core (docs/peers.md: measured
 //! llama.cpp `-t 2` and candle at single-digit tokens/s under load). rayon's workers park
 //! after a short spin, so a busy core costs a share of throughput, not all of it.
 

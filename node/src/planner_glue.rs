@@ -8,6 +8,10 @@
 use potluck_engine::device::{DeviceBackend, DeviceProfile};
 use potluck_shard_planner::{Backend, NodeProfile};
 
+// The wire's bound on a model's blocks is the planner's: neither crate may depend on the
+// other, so the one crate that sees both holds them together.
+const _: () = assert!(potluck_protocol::limits::LAYERS_MAX == potluck_shard_planner::limits::LAYERS_MAX);
+
 /// Compute threads when `--threads` is not given: every core the OS lets us use.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -90,8 +90,10 @@ pub const TENSOR_DIMS_MAX: u32 = 4;
 /// Largest single tensor a worker may be asked to hold (64 GiB).
 pub const TENSOR_BYTES_MAX: u64 = 1 << 36;
 
-/// Most blocks in a model.
-pub const LAYERS_MAX: u32 = 1024;
+/// Most blocks in a model: the shard planner's own bound (`potluck_shard_planner::limits::
+/// LAYERS_MAX`; neither crate may depend on the other, so `potluck-node`, which depends on
+/// both, asserts at compile time that they agree).
+pub const LAYERS_MAX: u32 = 512;
 
 /// Bytes of the model profile (JSON) in an [`crate::Assignment`] at most.
 pub const MODEL_PROFILE_BYTES_MAX: u32 = 256 * KIB;

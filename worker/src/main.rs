@@ -3,8 +3,10 @@
 //! `worker bench` measures this machine as the planner will see it (memory budget, memory
 //! bandwidth, quantized-matmul throughput; `potluck_engine::device`) and prints it.
 //!
-//! Status: the cluster issue (discovery over libp2p, slices over QUIC) fills `join` in. Until
-//! then `worker join` explains that clustering is not available, rather than pretending.
+//! `worker join` finds the coordinator (mDNS on the LAN, or `--coordinator HOST:PORT`),
+//! proves the join token, fetches its slice of the weights over QUIC into a local cache, runs
+//! its layers (`worker::join`, over `potluck_node::stage::StageRunner`) and, when the
+//! coordinator goes away, joins again with a growing back-off.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

@@ -54,7 +54,7 @@ pub use candle_core::quantized::GgmlDType;
 const COLUMN_CHUNK_ALIGN: usize = 16;
 /// Tasks per pool thread: a few more tasks than threads lets rayon even out a thread that
 /// another process is holding up, without making tasks so small that their overhead shows.
-const TASKS_PER_THREAD: usize = 4;
+pub(crate) const TASKS_PER_THREAD: usize = 4;
 /// Least work per task, in weight bytes × activation rows (about 10 µs of decode): handing a
 /// task to another thread costs microseconds, so a decode matmul over a small matrix (SmolLM2's
 /// 576×192 is 69 KB) runs on the caller alone.

@@ -5,3 +5,7 @@
 pub mod fetch;
 pub mod serve;
 pub mod slice_cache;
+
+/// Bytes read at a time while hashing a tensor (the server hashing the GGUF, the cache
+/// verifying what arrived): large enough that the read calls' overhead does not show.
+const HASH_BUFFER_BYTES: usize = 1 << 20;

@@ -30,6 +30,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use super::HASH_BUFFER_BYTES;
 use potluck_engine::arch::slice_tensor_names;
 use potluck_engine::profile::{tensor_size_in_bytes, ModelProfile};
 use potluck_protocol::limits::{
@@ -60,8 +61,6 @@ pub const FETCH_REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// (~10 Mbit/s) takes about 3.5 s, so a minute means the worker has stopped reading.
 pub const CHUNK_SEND_TIMEOUT_MS: u64 = 60_000;
 
-/// Read buffer when hashing a tensor in [`WeightServer::slice_refs`].
-const HASH_BUFFER_BYTES: usize = 1 << 20;
 
 /// One tensor as the GGUF header describes it.
 #[derive(Debug, Clone)]

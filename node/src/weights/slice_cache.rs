@@ -32,15 +32,17 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use candle_core::quantized::GgmlDType;
+use super::HASH_BUFFER_BYTES;
 use potluck_engine::source::TensorSource;
 use potluck_engine::quant::dtype::ggml_dtype_from_id;
 use potluck_engine::EngineError;
 use potluck_protocol::TensorRef;
 use sha2::{Digest, Sha256};
 
-/// The largest tensor the cache accepts: the protocol's own bound, so anything a
-/// coordinator may legally send fits, and a bad descriptor cannot make us reserve more disk.
-pub const TENSOR_BYTES_MAX: u64 = potluck_protocol::limits::TENSOR_BYTES_MAX;
+// The largest tensor the cache accepts is the protocol's own bound (`TENSOR_BYTES_MAX`), so
+// anything a coordinator may legally send fits, and a bad descriptor cannot make us reserve
+// more disk.
+use potluck_protocol::limits::TENSOR_BYTES_MAX;
 
 /// The largest chunk [`TensorWriter::write_chunk`] accepts: the protocol's chunk bound.
 pub const CHUNK_BYTES_MAX: u64 = potluck_protocol::limits::WEIGHT_CHUNK_BYTES_MAX as u64;
@@ -54,9 +56,6 @@ pub const FILE_STEM_BYTES_MAX: usize = 200;
 /// anything bigger is not ours, and we do not allocate for it.
 pub const MANIFEST_BYTES_MAX: u64 = 16 * 1024;
 
-/// Read buffer for hashing files: large enough that syscalls do not dominate, small enough
-/// to be irrelevant next to the weights.
-const HASH_BUFFER_BYTES: usize = 1 << 20;
 
 /// Version of the manifest format, so a future layout is told apart from this one.
 const MANIFEST_VERSION: u64 = 1;
