@@ -15,6 +15,8 @@
 //!   GGUF block format in memory).
 //! * [`tokenizer`], [`chat_template`] and [`sampler`] turn text into token ids and back.
 //! * [`attention`] is the attention kernel over the f16 KV cache.
+//! * [`random_gguf`] writes seeded random-weight GGUFs of any llama shape (tiny to 70B-sized
+//!   layers) in bounded memory, for tests, benchmarks and scale checks.
 //! * [`device`] measures this machine (free memory, bandwidth, quantized-matmul speed) for
 //!   the shard planner; `worker bench` prints it.
 //!
@@ -29,6 +31,7 @@ pub mod kv_cache;
 pub mod model;
 pub mod profile;
 pub mod quant;
+pub mod random_gguf;
 pub mod sampler;
 pub mod threads;
 pub mod tokenizer;
