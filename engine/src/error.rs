@@ -37,6 +37,8 @@ pub enum EngineError {
     BadQuantizedMatrix { dtype: String, n_out: usize, n_in: usize, reason: String },
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("random model: {0}")]
+    RandomGguf(#[from] crate::random_gguf::RandomGgufError),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -20,6 +20,8 @@
 //!   GGUF block format in memory).
 //! * [`tokenizer`], [`chat_template`] and [`sampler`] turn text into token ids and back.
 //! * [`attention`] is the attention kernel over the f16 KV cache.
+//! * [`random_gguf`] writes seeded random-weight GGUFs of any llama shape (tiny to 70B-sized
+//!   layers) in bounded memory, for tests, benchmarks and scale checks.
 //! * [`device`] measures this machine (free memory, bandwidth, quantized-matmul speed) for
 //!   the shard planner; `worker bench` prints it.
 //!
@@ -36,6 +38,7 @@ pub mod kv_cache;
 pub mod ops;
 pub mod profile;
 pub mod quant;
+pub mod random_gguf;
 pub mod sampler;
 pub mod source;
 pub mod threads;

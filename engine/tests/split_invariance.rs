@@ -1,85 +1,38 @@
-//! Split invariance on tiny random-weight llama GGUFs that the test writes itself: running
+//! Split invariance on tiny random-weight llama GGUFs (written by `random_gguf`): running
 //! layers `[0,k)` on one slice and `[k,n)` on another gives the same logits as the unsplit
 //! model, for every k; a step batching several sequences gives what each gives alone; a
 //! slice holding part of the layers holds about that part of the weights.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
 use potluck_engine::kv_cache::SequenceCache;
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
+use potluck_engine::random_gguf::{LayerDTypes, ModelShape, RandomGguf};
 
 const N_LAYERS: u32 = 4;
 const N_EMBD: usize = 256;
-const N_FF: usize = 512;
-const N_HEAD: usize = 4;
-const N_HEAD_KV: usize = 2;
 const VOCAB: usize = 320;
 
-/// Each layer uses another quantization type, so every kernel the engine has is exercised.
-const LAYER_TYPES: [GgmlDType; N_LAYERS as usize] = [GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0];
-
-fn random(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
-    // A small deterministic generator, so the file is the same on every run.
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let data: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-fn write_tiny_gguf(path: &Path, tied: bool) {
-    let q = |t: Tensor, dtype: GgmlDType| QTensor::quantize(&t, dtype).unwrap();
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    tensors.push(("token_embd.weight".into(), q(random((VOCAB, N_EMBD), 1, 1.0), GgmlDType::Q8_0)));
-    let head_dim = N_EMBD / N_HEAD;
-    for layer in 0..N_LAYERS as usize {
-        let dtype = LAYER_TYPES[layer];
-        let seed = 100 * (layer as u64 + 1);
-        let norm = |s: u64| {
-            let t = (random((1, N_EMBD), s, 0.2).flatten_all().unwrap() + 1.0).unwrap();
-            q(t, GgmlDType::F32)
-        };
-        let w = 1.0 / (N_EMBD as f32).sqrt();
-        tensors.push((format!("blk.{layer}.attn_norm.weight"), norm(seed)));
-        tensors.push((format!("blk.{layer}.attn_q.weight"), q(random((N_HEAD * head_dim, N_EMBD), seed + 1, w * 2.0), dtype)));
-        tensors.push((format!("blk.{layer}.attn_k.weight"), q(random((N_HEAD_KV * head_dim, N_EMBD), seed + 2, w * 2.0), dtype)));
-        tensors.push((format!("blk.{layer}.attn_v.weight"), q(random((N_HEAD_KV * head_dim, N_EMBD), seed + 3, w), dtype)));
-        tensors.push((format!("blk.{layer}.attn_output.weight"), q(random((N_EMBD, N_HEAD * head_dim), seed + 4, w), dtype)));
-        tensors.push((format!("blk.{layer}.ffn_norm.weight"), norm(seed + 5)));
-        tensors.push((format!("blk.{layer}.ffn_gate.weight"), q(random((N_FF, N_EMBD), seed + 6, w), dtype)));
-        tensors.push((format!("blk.{layer}.ffn_up.weight"), q(random((N_FF, N_EMBD), seed + 7, w), dtype)));
-        let down_type = if dtype == GgmlDType::Q4K { GgmlDType::Q5K } else { dtype };
-        tensors.push((format!("blk.{layer}.ffn_down.weight"), q(random((N_EMBD, N_FF), seed + 8, 1.0 / (N_FF as f32).sqrt()), down_type)));
-    }
-    tensors.push(("output_norm.weight".into(), q((random((1, N_EMBD), 9, 0.1).flatten_all().unwrap() + 1.0).unwrap(), GgmlDType::F32)));
-    if !tied {
-        tensors.push(("output.weight".into(), q(random((VOCAB, N_EMBD), 10, 1.0), GgmlDType::Q4_0)));
-    }
-    let metadata: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("llama.block_count", Value::U32(N_LAYERS)),
-        ("llama.context_length", Value::U32(256)),
-        ("llama.embedding_length", Value::U32(N_EMBD as u32)),
-        ("llama.feed_forward_length", Value::U32(N_FF as u32)),
-        ("llama.attention.head_count", Value::U32(N_HEAD as u32)),
-        ("llama.attention.head_count_kv", Value::U32(N_HEAD_KV as u32)),
-        ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+/// The tiny model: each layer uses another quantization type, so every kernel the engine has
+/// is exercised (Q5K for the Q4K layer's ffn_down), with a Q8_0 embedding, a Q4_0 head and
+/// F32 norms.
+fn write_tiny_gguf(path: &std::path::Path, tied: bool) {
+    let shape = ModelShape::tiny();
+    assert_eq!((shape.n_layers, shape.n_embd, shape.vocab_size), (N_LAYERS, N_EMBD, VOCAB));
+    let mut model = RandomGguf::new(shape, GgmlDType::Q8_0, 1);
+    model.tied_embeddings = tied;
+    model.dtypes.layers = vec![
+        LayerDTypes::uniform(GgmlDType::Q4_1),
+        LayerDTypes { matrices: GgmlDType::Q4K, ffn_down: GgmlDType::Q5K },
+        LayerDTypes::uniform(GgmlDType::Q6K),
+        LayerDTypes::uniform(GgmlDType::Q8_0),
     ];
-    let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut file = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
+    model.dtypes.embedding = GgmlDType::Q8_0;
+    model.dtypes.output = GgmlDType::Q4_0;
+    model.write(path).unwrap();
 }
 
 fn tiny_model(tied: bool) -> PathBuf {
