@@ -342,6 +342,8 @@ pub fn sampling_params(w: &SamplingWire) -> SamplingParams {
         presence_penalty: w.presence_penalty,
         penalty_last_n: w.penalty_last_n as usize,
         seed: Some(w.seed),
+        // The wire carries no logit bias yet.
+        logit_bias: Vec::new(),
     }
 }
 
