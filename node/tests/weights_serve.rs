@@ -1,5 +1,5 @@
 //! Both halves of the weight stream end to end: the coordinator's `WeightServer` serving a
-//! tiny random llama GGUF that the test writes itself, the worker's `fetch_slice` receiving it
+//! tiny random llama GGUF (the engine's `random_gguf` writer), the worker's `fetch_slice` receiving it
 //! into a `SliceCache`. In-memory duplex pipes stand in for QUIC streams (the QUIC transport
 //! has tests of its own): what crosses them are the real frames.
 
@@ -12,6 +12,8 @@ use potluck_node::weights::serve::WeightServer;
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
+use potluck_engine::random_gguf::{LayerDTypes, ModelShape, RandomGguf};
+use candle_core::quantized::GgmlDType;
 use potluck_protocol::{FetchTensors, Message, TensorRef};
 use potluck_node::net::framed::{FrameReader, FrameWriter};
 use potluck_node::weights::slice_cache::{CachedSliceSource, SliceCache};
@@ -20,9 +22,6 @@ use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
 const N_LAYERS: u32 = 3;
 const N_EMBD: usize = 256;
-const N_FF: usize = 512;
-const N_HEAD: usize = 4;
-const N_HEAD_KV: usize = 2;
 const VOCAB: usize = 320;
 
 /// Small chunks, so that every tensor but the norms spans several.
@@ -31,203 +30,21 @@ const CHUNK_BYTES: usize = 16 * 1024;
 /// receiver as it would on QUIC flow control.
 const PIPE_BYTES: usize = 8 * 1024;
 
-// ---- A tiny llama GGUF, written by hand ------------------------------------------------------
+// ---- A tiny llama GGUF ----------------------------------------------------------------------
 //
-// The coordinator crate does not depend on candle, so the file is written here from the GGUF
-// spec (ggml/docs/gguf.md): header, metadata, tensor infos, data aligned to 32 bytes. Weights
-// are random blocks of the simple formats (Q8_0, Q4_0, F16, F32), enough for a real forward
-// pass whose outputs can be compared bit for bit.
+// Written by the engine's one random-weight GGUF writer: three layers of different block
+// formats (Q8_0, Q4_0, F16) so the stream carries each, and a tied embedding (no
+// `output.weight`: the last stage needs the embedding too). `seed` varies the weights, not
+// the header; `tied` changes the header.
 
-const GGML_F32: u32 = 0;
-const GGML_F16: u32 = 1;
-const GGML_Q4_0: u32 = 2;
-const GGML_Q8_0: u32 = 8;
-const GGUF_ALIGNMENT: usize = 32;
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in [-1, 1).
-    fn signed(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
-/// A `rows × cols` matrix (GGUF dims `[cols, rows]`) of type `dtype` with values of about `scale`.
-fn matrix(dtype: u32, rows: usize, cols: usize, seed: u64, scale: f32) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    let mut out = Vec::new();
-    let blocks = rows * cols / 32;
-    match dtype {
-        GGML_F32 => (0..rows * cols)
-            .for_each(|_| out.extend_from_slice(&(rng.signed() * scale).to_le_bytes())),
-        GGML_F16 => (0..rows * cols).for_each(|_| {
-            out.extend_from_slice(&half::f16::from_f32(rng.signed() * scale).to_le_bytes())
-        }),
-        GGML_Q8_0 => (0..blocks).for_each(|_| {
-            out.extend_from_slice(&half::f16::from_f32(scale / 64.0).to_le_bytes());
-            (0..32).for_each(|_| out.push((rng.next() % 255) as u8 ^ 0x80));
-        }),
-        GGML_Q4_0 => (0..blocks).for_each(|_| {
-            out.extend_from_slice(&half::f16::from_f32(scale / 4.0).to_le_bytes());
-            (0..16).for_each(|_| out.push(rng.next() as u8));
-        }),
-        _ => unreachable!("not a type this writer knows"),
-    }
-    out
-}
-
-fn norm(seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    (0..N_EMBD)
-        .flat_map(|_| (1.0 + 0.2 * rng.signed()).to_le_bytes())
-        .collect()
-}
-
-struct GgufTensor {
-    name: String,
-    dtype: u32,
-    /// GGUF order, innermost first.
-    dims: Vec<u64>,
-    data: Vec<u8>,
-}
-
-/// The tensors of a tied-embedding model (no `output.weight`: the last stage needs the
-/// embedding too). `seed` varies the weights, not the header.
-fn tiny_model(seed: u64) -> Vec<GgufTensor> {
-    let t = |name: String, dtype: u32, rows: usize, cols: usize, data: Vec<u8>| GgufTensor {
-        name,
-        dtype,
-        dims: if rows == 1 {
-            vec![cols as u64]
-        } else {
-            vec![cols as u64, rows as u64]
-        },
-        data,
-    };
-    let head_dim = N_EMBD / N_HEAD;
-    let w = 1.0 / (N_EMBD as f32).sqrt();
-    let mut tensors = vec![t(
-        "token_embd.weight".into(),
-        GGML_Q8_0,
-        VOCAB,
-        N_EMBD,
-        matrix(GGML_Q8_0, VOCAB, N_EMBD, seed, 1.0),
-    )];
-    for (layer, dtype) in [GGML_Q8_0, GGML_Q4_0, GGML_F16].into_iter().enumerate() {
-        let s = seed + 100 * (layer as u64 + 1);
-        let m = |role: &str, rows: usize, cols: usize, s: u64, scale: f32| {
-            t(
-                format!("blk.{layer}.{role}.weight"),
-                dtype,
-                rows,
-                cols,
-                matrix(dtype, rows, cols, s, scale),
-            )
-        };
-        tensors.push(t(
-            format!("blk.{layer}.attn_norm.weight"),
-            GGML_F32,
-            1,
-            N_EMBD,
-            norm(s),
-        ));
-        tensors.push(m("attn_q", N_HEAD * head_dim, N_EMBD, s + 1, 2.0 * w));
-        tensors.push(m("attn_k", N_HEAD_KV * head_dim, N_EMBD, s + 2, 2.0 * w));
-        tensors.push(m("attn_v", N_HEAD_KV * head_dim, N_EMBD, s + 3, w));
-        tensors.push(m("attn_output", N_EMBD, N_HEAD * head_dim, s + 4, w));
-        tensors.push(t(
-            format!("blk.{layer}.ffn_norm.weight"),
-            GGML_F32,
-            1,
-            N_EMBD,
-            norm(s + 5),
-        ));
-        tensors.push(m("ffn_gate", N_FF, N_EMBD, s + 6, w));
-        tensors.push(m("ffn_up", N_FF, N_EMBD, s + 7, w));
-        tensors.push(m(
-            "ffn_down",
-            N_EMBD,
-            N_FF,
-            s + 8,
-            1.0 / (N_FF as f32).sqrt(),
-        ));
-    }
-    tensors.push(t(
-        "output_norm.weight".into(),
-        GGML_F32,
-        1,
-        N_EMBD,
-        norm(seed + 9),
-    ));
-    tensors
-}
-
-fn write_gguf(path: &Path, tensors: &[GgufTensor]) {
-    fn string(out: &mut Vec<u8>, s: &str) {
-        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-    const TYPE_U32: u32 = 4;
-    const TYPE_F32: u32 = 6;
-    const TYPE_STRING: u32 = 8;
-    let u32s = [
-        ("llama.block_count", N_LAYERS),
-        ("llama.context_length", 256),
-        ("llama.embedding_length", N_EMBD as u32),
-        ("llama.feed_forward_length", N_FF as u32),
-        ("llama.attention.head_count", N_HEAD as u32),
-        ("llama.attention.head_count_kv", N_HEAD_KV as u32),
-    ];
-    let f32s = [
-        ("llama.rope.freq_base", 10_000.0f32),
-        ("llama.attention.layer_norm_rms_epsilon", 1e-5),
-    ];
-
-    let mut out = Vec::new();
-    out.extend_from_slice(b"GGUF");
-    out.extend_from_slice(&3u32.to_le_bytes());
-    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    out.extend_from_slice(&((1 + u32s.len() + f32s.len()) as u64).to_le_bytes());
-    string(&mut out, "general.architecture");
-    out.extend_from_slice(&TYPE_STRING.to_le_bytes());
-    string(&mut out, "llama");
-    for (key, value) in u32s {
-        string(&mut out, key);
-        out.extend_from_slice(&TYPE_U32.to_le_bytes());
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-    for (key, value) in f32s {
-        string(&mut out, key);
-        out.extend_from_slice(&TYPE_F32.to_le_bytes());
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-    let mut offset = 0usize;
-    for tensor in tensors {
-        string(&mut out, &tensor.name);
-        out.extend_from_slice(&(tensor.dims.len() as u32).to_le_bytes());
-        tensor
-            .dims
-            .iter()
-            .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
-        out.extend_from_slice(&tensor.dtype.to_le_bytes());
-        out.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset += tensor.data.len().next_multiple_of(GGUF_ALIGNMENT);
-    }
-    for tensor in tensors {
-        out.resize(out.len().next_multiple_of(GGUF_ALIGNMENT), 0);
-        out.extend_from_slice(&tensor.data);
-    }
-    std::fs::write(path, out).unwrap();
+fn write_tiny_gguf(path: &Path, seed: u64, tied: bool) {
+    let shape = ModelShape { n_layers: N_LAYERS, ..ModelShape::tiny() };
+    assert_eq!((shape.n_embd, shape.vocab_size), (N_EMBD, VOCAB));
+    let mut model = RandomGguf::new(shape, GgmlDType::Q8_0, seed);
+    model.tied_embeddings = tied;
+    model.dtypes.layers =
+        [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::F16].into_iter().map(LayerDTypes::uniform).collect();
+    model.write(path).unwrap();
 }
 
 // ---- Harness ---------------------------------------------------------------------------------
@@ -252,7 +69,7 @@ impl Fixture {
         ));
         std::fs::create_dir_all(&root).unwrap();
         let path = root.join("tiny.gguf");
-        write_gguf(&path, &tiny_model(1));
+        write_tiny_gguf(&path, 1, true);
         let (profile, _) = ModelProfile::from_path(&path).unwrap();
         let server = Arc::new(
             WeightServer::open(&path)
@@ -627,7 +444,7 @@ fn model_hash_covers_the_header_and_tensor_hashes_cover_the_weights() {
     // Same header, other weights: the model hash cannot tell them apart (it reads no
     // weights), but every tensor's own hash does, so a cache never serves the wrong bytes.
     let other = fixture.root.join("other.gguf");
-    write_gguf(&other, &tiny_model(2));
+    write_tiny_gguf(&other, 2, true);
     let other_server = WeightServer::open(&other).unwrap();
     assert_eq!(other_server.model_hash(), fixture.server.model_hash());
     let ours = fixture.server.slice_refs(&fixture.profile, 0..1).unwrap();
@@ -637,11 +454,9 @@ fn model_hash_covers_the_header_and_tensor_hashes_cover_the_weights() {
         .zip(&theirs)
         .all(|(a, b)| a.name == b.name && a.sha256 != b.sha256));
 
-    // Another header (here: one tensor fewer) is another model.
-    let mut tensors = tiny_model(1);
-    tensors.pop();
+    // Another header (here: one tensor more, an untied head) is another model.
     let changed = fixture.root.join("changed.gguf");
-    write_gguf(&changed, &tensors);
+    write_tiny_gguf(&changed, 1, false);
     assert_ne!(
         WeightServer::open(&changed).unwrap().model_hash(),
         fixture.server.model_hash()

@@ -624,14 +624,12 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
-    use candle_core::quantized::gguf_file::{self, Value};
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
     use potluck_engine::kv_cache::SequenceCache;
     use potluck_engine::arch::{slice_tensor_names, ModelSlice};
     use potluck_engine::backend::Backend;
     use potluck_engine::profile::ModelProfile;
     use potluck_engine::quant::dtype::ggml_dtype_id;
+    use potluck_engine::random_gguf::{LayerDTypes, ModelShape, RandomGguf};
     use potluck_engine::source::GgufFileSource;
 
     const MODEL: [u8; 32] = [7; 32];
@@ -898,63 +896,18 @@ mod tests {
         let _ = fs::remove_dir_all(cache.root());
     }
 
-    // A tiny llama GGUF, as in engine/tests/split_invariance.rs (trimmed to two layers).
+    // A tiny llama GGUF from the engine's random-weight writer, trimmed to two layers of
+    // two block formats (a K-quant among them) and an untied head.
     const N_LAYERS: u32 = 2;
-    const N_EMBD: usize = 256;
-    const N_FF: usize = 512;
-    const N_HEAD: usize = 4;
-    const N_HEAD_KV: usize = 2;
     const VOCAB: usize = 320;
 
-    fn random(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let data: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
     fn write_tiny_gguf(path: &Path) {
-        let q = |t: Tensor, dtype: GgmlDType| QTensor::quantize(&t, dtype).unwrap();
-        let layer_types = [GgmlDType::Q4K, GgmlDType::Q8_0];
-        let mut tensors: Vec<(String, QTensor)> = vec![("token_embd.weight".into(), q(random((VOCAB, N_EMBD), 1, 1.0), GgmlDType::Q8_0))];
-        let head_dim = N_EMBD / N_HEAD;
-        let w = 1.0 / (N_EMBD as f32).sqrt();
-        for (layer, &dtype) in layer_types.iter().enumerate() {
-            let seed = 100 * (layer as u64 + 1);
-            let norm = |s: u64| q((random((1, N_EMBD), s, 0.2).flatten_all().unwrap() + 1.0).unwrap(), GgmlDType::F32);
-            tensors.push((format!("blk.{layer}.attn_norm.weight"), norm(seed)));
-            tensors.push((format!("blk.{layer}.attn_q.weight"), q(random((N_HEAD * head_dim, N_EMBD), seed + 1, w * 2.0), dtype)));
-            tensors.push((format!("blk.{layer}.attn_k.weight"), q(random((N_HEAD_KV * head_dim, N_EMBD), seed + 2, w * 2.0), dtype)));
-            tensors.push((format!("blk.{layer}.attn_v.weight"), q(random((N_HEAD_KV * head_dim, N_EMBD), seed + 3, w), dtype)));
-            tensors.push((format!("blk.{layer}.attn_output.weight"), q(random((N_EMBD, N_HEAD * head_dim), seed + 4, w), dtype)));
-            tensors.push((format!("blk.{layer}.ffn_norm.weight"), norm(seed + 5)));
-            tensors.push((format!("blk.{layer}.ffn_gate.weight"), q(random((N_FF, N_EMBD), seed + 6, w), dtype)));
-            tensors.push((format!("blk.{layer}.ffn_up.weight"), q(random((N_FF, N_EMBD), seed + 7, w), dtype)));
-            tensors.push((format!("blk.{layer}.ffn_down.weight"), q(random((N_EMBD, N_FF), seed + 8, 1.0 / (N_FF as f32).sqrt()), dtype)));
-        }
-        tensors.push(("output_norm.weight".into(), q((random((1, N_EMBD), 9, 0.1).flatten_all().unwrap() + 1.0).unwrap(), GgmlDType::F32)));
-        tensors.push(("output.weight".into(), q(random((VOCAB, N_EMBD), 10, 1.0), GgmlDType::Q4_0)));
-        let metadata: Vec<(&str, Value)> = vec![
-            ("general.architecture", Value::String("llama".into())),
-            ("llama.block_count", Value::U32(N_LAYERS)),
-            ("llama.context_length", Value::U32(256)),
-            ("llama.embedding_length", Value::U32(N_EMBD as u32)),
-            ("llama.feed_forward_length", Value::U32(N_FF as u32)),
-            ("llama.attention.head_count", Value::U32(N_HEAD as u32)),
-            ("llama.attention.head_count_kv", Value::U32(N_HEAD_KV as u32)),
-            ("llama.rope.freq_base", Value::F32(10_000.0)),
-            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ];
-        let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let mut file = File::create(path).unwrap();
-        gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
+        let shape = ModelShape { n_layers: N_LAYERS, ..ModelShape::tiny() };
+        assert_eq!(shape.vocab_size, VOCAB);
+        let mut model = RandomGguf::new(shape, GgmlDType::Q8_0, 1);
+        model.dtypes.layers = vec![LayerDTypes::uniform(GgmlDType::Q4K), LayerDTypes::uniform(GgmlDType::Q8_0)];
+        model.dtypes.output = GgmlDType::Q4_0;
+        model.write(path).unwrap();
     }
 
     fn logits(slice: &ModelSlice) -> Vec<f32> {
