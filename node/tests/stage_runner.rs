@@ -1,0 +1,139 @@
+//! The stage runner in process, on tiny random-weight GGUFs (the engine's `random_gguf`
+//! writer): the messages a stage really receives, handed from one `StageRunner` to the next
+//! as the data plane would, without the network. A split pipeline must sample what one
+//! stage holding every layer samples, and every bad input must be an error that leaves the
+//! stage serving.
+
+use std::path::PathBuf;
+
+use candle_core::quantized::GgmlDType;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
+use potluck_engine::random_gguf::{ModelShape, RandomGguf};
+use potluck_node::stage::{StageError, StageRunner};
+use potluck_protocol::{Dtype, Message, SampledToken, SamplingWire, Segment, SequenceStart};
+
+const CONTEXT_POSITIONS: usize = 64;
+const SEQUENCES_MAX: usize = 4;
+
+fn tiny_model(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("potluck-stage-runner-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{tag}.gguf"));
+    RandomGguf::new(ModelShape::tiny(), GgmlDType::Q8_0, 7).write(&path).unwrap();
+    path
+}
+
+/// Stages over `ranges` of the model at `path`, sending `dtype` activations.
+fn pipeline(path: &PathBuf, ranges: &[std::ops::Range<u32>], dtype: Dtype) -> Vec<StageRunner> {
+    ranges
+        .iter()
+        .map(|r| {
+            let slice = ModelSlice::load(path, r.clone(), Backend::cpu(1)).unwrap();
+            StageRunner::new(slice, CONTEXT_POSITIONS, SEQUENCES_MAX, dtype)
+        })
+        .collect()
+}
+
+/// Hands `message` through every stage, as the data plane does; returns the last stage's output.
+fn through(stages: &mut [StageRunner], message: Message) -> Option<Message> {
+    let mut message = Some(message);
+    for stage in stages.iter_mut() {
+        message = stage.handle(message?).unwrap();
+    }
+    message
+}
+
+fn greedy(seed: u64) -> SamplingWire {
+    SamplingWire {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
+        penalty_last_n: 64,
+        seed,
+    }
+}
+
+fn start(sequence_id: u64, sampling: SamplingWire) -> Message {
+    Message::SequenceStart(SequenceStart { sequence_id, sampling, logprobs: true, top_logprobs: 2, history: Vec::new(), prompt: Vec::new() })
+}
+
+/// Prefill `prompt`, then decode `n` tokens one step at a time; the sampled tokens.
+fn generate(stages: &mut [StageRunner], sequence_id: u64, prompt: &[u32], n: usize) -> Vec<SampledToken> {
+    assert!(through(stages, start(sequence_id, greedy(1))).is_none(), "the last stage answers nothing to a start");
+    let mut out = Vec::new();
+    let mut position = 0u32;
+    let mut input = prompt.to_vec();
+    for step in 0..n as u64 {
+        let segment = Segment { sequence_id, first_position: position, n_rows: input.len() as u32, sample: true };
+        let Some(Message::SampledTokens(sampled)) = through(stages, Message::step_tokens(step, vec![segment], input.clone())) else {
+            panic!("the last stage must answer a sampling step with SampledTokens");
+        };
+        assert_eq!(sampled.step, step);
+        assert_eq!(sampled.tokens.len(), 1);
+        position += input.len() as u32;
+        input = vec![sampled.tokens[0].token];
+        out.push(sampled.tokens[0].clone());
+    }
+    assert!(through(stages, Message::release(sequence_id)).is_none());
+    out
+}
+
+#[test]
+fn a_split_pipeline_samples_what_one_stage_samples() {
+    let path = tiny_model("split");
+    let prompt = [5u32, 17, 300, 42, 7];
+    let whole = generate(&mut pipeline(&path, &[0..4], Dtype::F32), 1, &prompt, 8);
+    for ranges in [vec![0..1, 1..4], vec![0..2, 2..4], vec![0..1, 1..3, 3..4]] {
+        let mut stages = pipeline(&path, &ranges, Dtype::F32);
+        let split = generate(&mut stages, 1, &prompt, 8);
+        // f32 activations cross the hops unchanged: the same tokens and the same logprobs.
+        assert_eq!(split, whole, "split {ranges:?}");
+        assert!(stages.iter().all(|s| s.sequences_held() == 0), "release frees every stage's cache");
+    }
+    // f16 activations round at each hop: the greedy tokens of this model survive it.
+    let halved: Vec<u32> =
+        generate(&mut pipeline(&path, &[0..2, 2..4], Dtype::F16), 1, &prompt, 8).iter().map(|t| t.token).collect();
+    assert_eq!(halved, whole.iter().map(|t| t.token).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_messages_are_errors_and_the_stage_keeps_serving() {
+    let path = tiny_model("bad");
+    let mut stages = pipeline(&path, &[0..2, 2..4], Dtype::F32);
+    let segment = |id, first_position, n_rows| Segment { sequence_id: id, first_position, n_rows, sample: true };
+
+    // A step for a sequence nobody started.
+    let unknown = stages[0].handle(Message::step_tokens(0, vec![segment(9, 0, 1)], vec![1]));
+    assert!(matches!(unknown, Err(StageError::UnknownSequence(9))), "{unknown:?}");
+    stages[0].handle(start(1, greedy(1))).unwrap();
+    // A token outside the vocabulary, a row count that does not match, a position gap.
+    let vocab = ModelShape::tiny().vocab_size as u32;
+    let outside = stages[0].handle(Message::step_tokens(1, vec![segment(1, 0, 1)], vec![vocab]));
+    assert!(matches!(outside, Err(StageError::Engine(_) | StageError::TokenOutOfVocabulary { .. })), "{outside:?}");
+    let shape = stages[0].handle(Message::step_tokens(2, vec![segment(1, 0, 3)], vec![1, 2]));
+    assert!(matches!(shape, Err(StageError::Shape { .. })), "{shape:?}");
+    let gap = stages[0].handle(Message::step_tokens(3, vec![segment(1, 5, 1)], vec![1]));
+    assert!(matches!(gap, Err(StageError::PositionMismatch { .. })), "{gap:?}");
+    // Token ids sent past the first stage.
+    let wrong = stages[1].handle(Message::step_tokens(4, vec![segment(1, 0, 1)], vec![1]));
+    assert!(matches!(wrong, Err(StageError::WrongInput { .. })), "{wrong:?}");
+    // More sequences than the budget.
+    for id in 2..=SEQUENCES_MAX as u64 {
+        stages[0].handle(start(id, greedy(1))).unwrap();
+    }
+    let over = stages[0].handle(start(99, greedy(1)));
+    assert!(matches!(over, Err(StageError::TooManySequences { .. })), "{over:?}");
+    for id in 1..=SEQUENCES_MAX as u64 {
+        stages[0].handle(Message::release(id)).unwrap();
+    }
+
+    // After all of that, the pipeline still answers as a fresh one does.
+    let prompt = [3u32, 1, 4, 1, 5];
+    let fresh = generate(&mut pipeline(&path, &[0..2, 2..4], Dtype::F32), 1, &prompt, 4);
+    assert_eq!(generate(&mut stages, 1, &prompt, 4), fresh);
+}
