@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use crate::generation::{FinishReason, GenerateEvent, GenerateRequest, GenerationService, SubmitError, TOP_LOGPROBS_MAX};
 use potluck_protocol::limits::PROMPT_LOGPROBS_TOKENS_MAX;
 
+use crate::state::{unix_now, AppState};
 use crate::text::{TextAssembler, STOP_STRINGS_MAX, STOP_STRING_BYTES_MAX};
 
 /// Largest request body accepted; bigger ones get a 413. A prompt longer than the context is
@@ -39,25 +40,6 @@ pub const CHAT_MESSAGES_MAX: usize = 1024;
 const SSE_EVENTS_BUFFERED: usize = 64;
 /// Seconds a client is told to wait when the queue is full.
 const RETRY_AFTER_SECONDS: u32 = 2;
-
-pub struct AppState {
-    pub service: GenerationService,
-    /// What `/health` (and the dashboard) show of the cluster: nodes, stages, the plan.
-    pub cluster: crate::cluster::ClusterStatus,
-    /// The model file and its header (the cluster serves weights from it).
-    pub model_path: std::path::PathBuf,
-    pub profile: potluck_engine::profile::ModelProfile,
-    pub tokenizer: Arc<Tokenizer>,
-    pub template: Arc<ChatTemplate>,
-    /// The name `/v1/models` reports; requests may name any model and get this one.
-    pub model_id: String,
-    pub api_key: Option<String>,
-    pub started_unix: u64,
-    /// Recent requests and the samples behind the dashboard's live rates.
-    pub dashboard: crate::dashboard::Dashboard,
-    /// Set when the server shuts down, so open `/events` streams end.
-    pub events_closing: tokio::sync::watch::Sender<bool>,
-}
 
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
@@ -597,10 +579,6 @@ fn response_id(endpoint: Endpoint) -> String {
     };
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     format!("{prefix}-{nanos:x}{:04x}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn finish_reason_str(reason: FinishReason) -> &'static str {

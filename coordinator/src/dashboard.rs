@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::api::AppState;
+use crate::state::AppState;
 use crate::cluster::{ClusterView, StageView, COORDINATOR_NODE};
 use crate::generation::ServiceStats;
 
@@ -250,7 +250,7 @@ pub fn snapshot(state: &AppState) -> Value {
         "status": "ok",
         "model": state.model_id,
         "n_layers": state.profile.n_layers,
-        "uptime_s": crate::api::unix_now().saturating_sub(state.started_unix),
+        "uptime_s": crate::state::unix_now().saturating_sub(state.started_unix),
         "stages": stages,
         "nodes": nodes,
         "cluster": {
