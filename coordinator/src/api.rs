@@ -18,16 +18,17 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use potluck_engine::chat_template::{ChatMessage, ChatTemplate};
+use potluck_engine::chat_template::ChatMessage;
 use potluck_engine::sampler::SamplingParams;
 use potluck_engine::tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::generation::{FinishReason, GenerateEvent, GenerateRequest, GenerationService, SubmitError, TOP_LOGPROBS_MAX};
+use crate::generation::{FinishReason, GenerateEvent, GenerateRequest, SubmitError, TOP_LOGPROBS_MAX};
 use potluck_protocol::limits::PROMPT_LOGPROBS_TOKENS_MAX;
 
+use crate::snapshot::ClusterSnapshot;
 use crate::state::{unix_now, AppState};
 use crate::text::{TextAssembler, STOP_STRINGS_MAX, STOP_STRING_BYTES_MAX};
 
@@ -360,9 +361,9 @@ impl CommonParams {
 // ---------------------------------------------------------------------------------------
 // Handlers
 
-/// The cluster's picture, as the dashboard draws it (see [`crate::dashboard::snapshot`]).
-async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(crate::dashboard::snapshot(&state))
+/// The cluster's picture, as the dashboard draws it.
+async fn health(State(state): State<Arc<AppState>>) -> Json<ClusterSnapshot> {
+    Json(ClusterSnapshot::capture(&state))
 }
 
 /// The OpenAPI 3 description of this API (kept beside this file; tests check the server
@@ -390,51 +391,50 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     metric("potluck_steps_total", "counter", "Forward steps run.", s.steps.load(Relaxed));
     metric("potluck_step_rows_total", "counter", "Token rows computed in forward steps.", s.step_rows.load(Relaxed));
     metric("potluck_step_busy_microseconds_total", "counter", "Time spent computing steps.", s.step_busy_us.load(Relaxed));
-    let cluster = state.cluster.snapshot();
-    metric("potluck_nodes", "gauge", "Nodes holding layers of the pipeline in force (1: this machine alone).", cluster.stages.len() as u64);
+    let snapshot = ClusterSnapshot::capture(&state);
+    metric("potluck_nodes", "gauge", "Nodes holding layers of the pipeline in force (1: this machine alone).", snapshot.stages.len() as u64);
     // Per worker and per stage, labelled. Label values are escaped as the text format asks.
     let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
     let _ = writeln!(out, "# HELP potluck_workers Workers known to the coordinator, by state.\n# TYPE potluck_workers gauge");
     for state_name in ["joining", "loading", "ready", "gone"] {
-        let n = cluster.nodes.iter().filter(|n| n.state.starts_with(state_name)).count();
+        let n = snapshot.nodes.iter().filter(|n| n.state.starts_with(state_name)).count();
         let _ = writeln!(out, "potluck_workers{{state=\"{state_name}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP potluck_worker_steps_total Steps a worker's stage has run (its last heartbeat).\n# TYPE potluck_worker_steps_total counter");
-    for n in &cluster.nodes {
+    for n in &snapshot.nodes {
         let _ = writeln!(out, "potluck_worker_steps_total{{node=\"{}\"}} {}", label(&n.name), n.steps);
     }
     let _ = writeln!(out, "# HELP potluck_worker_busy_microseconds_total Time a worker's stage has spent computing.\n# TYPE potluck_worker_busy_microseconds_total counter");
-    for n in &cluster.nodes {
+    for n in &snapshot.nodes {
         let _ = writeln!(out, "potluck_worker_busy_microseconds_total{{node=\"{}\"}} {}", label(&n.name), n.busy_us);
     }
     let _ = writeln!(out, "# HELP potluck_stage_predicted_milliseconds The plan's predicted time per token of each stage.\n# TYPE potluck_stage_predicted_milliseconds gauge");
-    for s in &cluster.stages {
+    for s in &snapshot.stages {
         if let Some(ms) = s.predicted_ms {
             let _ = writeln!(out, "potluck_stage_predicted_milliseconds{{node=\"{}\",layers=\"{}..{}\"}} {ms}", label(&s.name), s.layers[0], s.layers[1]);
         }
     }
     // Measured, per stage: time per step and the round trip of the hop out of it.
-    let rates = state.dashboard.rates(&state);
-    let stages = crate::dashboard::measured_stages(&cluster, s, rates);
+    let stages = &snapshot.stages;
     let _ = writeln!(out, "# HELP potluck_stage_measured_milliseconds Measured time per step of each stage (latest heartbeat interval that ran steps).\n# TYPE potluck_stage_measured_milliseconds gauge");
-    for stage in stages.iter() {
+    for stage in stages {
         if let Some(ms) = stage.measured_ms {
-            let _ = writeln!(out, "potluck_stage_measured_milliseconds{{node=\"{}\"}} {ms}", label(&stage.view.name));
+            let _ = writeln!(out, "potluck_stage_measured_milliseconds{{node=\"{}\"}} {ms}", label(&stage.name));
         }
     }
     let _ = writeln!(out, "# HELP potluck_hop_rtt_milliseconds QUIC's smoothed round-trip time of each hop (stage to the next stage; the last stage to the coordinator).\n# TYPE potluck_hop_rtt_milliseconds gauge");
     for (i, stage) in stages.iter().enumerate() {
         if let Some(ms) = stage.hop_rtt_ms {
-            let to = stages.get(i + 1).map_or(crate::cluster::COORDINATOR_NODE, |next| next.view.name.as_str());
-            let _ = writeln!(out, "potluck_hop_rtt_milliseconds{{from=\"{}\",to=\"{}\"}} {ms}", label(&stage.view.name), label(to));
+            let to = stages.get(i + 1).map_or(crate::cluster::COORDINATOR_NODE, |next| next.name.as_str());
+            let _ = writeln!(out, "potluck_hop_rtt_milliseconds{{from=\"{}\",to=\"{}\"}} {ms}", label(&stage.name), label(to));
         }
     }
     let _ = writeln!(
         out,
         "# HELP potluck_tokens_per_second Generated tokens per second over the last few seconds.\n# TYPE potluck_tokens_per_second gauge\npotluck_tokens_per_second {}",
-        rates.tokens_per_s_rounded()
+        snapshot.live.tokens_per_s
     );
-    if let Some(tps) = cluster.predicted_tokens_per_s {
+    if let Some(tps) = snapshot.cluster.predicted_tokens_per_s {
         let _ = writeln!(out, "# HELP potluck_plan_predicted_tokens_per_second The plan's predicted decode speed.\n# TYPE potluck_plan_predicted_tokens_per_second gauge\npotluck_plan_predicted_tokens_per_second {tps}");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
@@ -697,7 +697,7 @@ impl Drop for Recorder {
             Endpoint::Chat => "chat",
             Endpoint::Completion => "completion",
         };
-        self.state.dashboard.record(crate::dashboard::RequestRecord::new(
+        self.state.dashboard.record(crate::snapshot::RequestRecord::new(
             &self.id,
             endpoint,
             self.started,

@@ -39,12 +39,12 @@ use potluck_node::net::token::{proofs_equal, JoinToken};
 use potluck_node::net::data::{self, DataLink, DataStream};
 use potluck_node::net::{discovery, tls};
 use potluck_node::stage::StageRunner;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::generation::{GenerationService, ACTIVE_SEQUENCES_MAX};
 use crate::membership::{Action, ConnectionId, Membership, NodeState, HEARTBEAT_INTERVAL_MS};
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::snapshot::{ClusterInfo, NodeView, StageView};
 use potluck_node::weights::serve::WeightServer;
 
 /// How long a new connection has to open its control stream and say Hello.
@@ -92,62 +92,13 @@ pub struct ClusterConfig {
     pub threads: usize,
 }
 
-/// What the dashboard, `/health` and `coordinator status` show of the cluster.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What the driver publishes of the cluster: the parts of a
+/// [`crate::snapshot::ClusterSnapshot`] that membership and the plan decide.
+#[derive(Debug, Clone, Default)]
 pub struct ClusterView {
-    pub node_id: String,
-    pub listen: String,
-    /// The `worker join` line with the token left out (see where it is set).
-    pub join_command: String,
+    pub info: ClusterInfo,
     pub nodes: Vec<NodeView>,
     pub stages: Vec<StageView>,
-    /// The plan's own explanation, when one is in force.
-    pub plan: Option<String>,
-    pub predicted_tokens_per_s: Option<f64>,
-    /// Bytes of weights the coordinator has streamed to workers.
-    pub weight_bytes_sent: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeView {
-    pub node_id: String,
-    pub name: String,
-    pub state: String,
-    /// Its control connection's address, and its data endpoint (where stages send to it).
-    pub address: String,
-    pub data_address: String,
-    pub memory_budget_bytes: u64,
-    pub last_seen_age_ms: u64,
-    /// The stage's counters from its latest heartbeat (0 before one arrives): steps run and
-    /// microseconds computing, so Δbusy_us / Δsteps is its measured time per step.
-    pub steps: u64,
-    pub busy_us: u64,
-    /// Its measured time per step between its last two heartbeats that saw steps run.
-    pub step_ms: Option<f64>,
-    /// Its compute backend and threads, as its Hello said.
-    pub backend: String,
-    pub threads: u32,
-    /// Its KV cache now (from its latest heartbeat), and its weights in the plan.
-    pub kv_bytes: u64,
-    pub weight_bytes: u64,
-    /// The layers the plan in force gives it, if any.
-    pub layers: Option<[u32; 2]>,
-    /// QUIC's round-trip estimate of its link to the next node, once it has sent on it.
-    pub hop_rtt_us: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StageView {
-    pub node_id: String,
-    pub name: String,
-    pub layers: [u32; 2],
-    /// The plan's predicted time of this stage per token, and of the hop out of it.
-    pub predicted_ms: Option<f64>,
-    pub predicted_hop_ms: Option<f64>,
-    /// What the plan puts in its memory: weights (and KV cache at full context), and the
-    /// node's budget.
-    pub weight_bytes: Option<u64>,
-    pub memory_budget_bytes: Option<u64>,
 }
 
 /// Shared, cheap to clone.
@@ -164,10 +115,7 @@ impl ClusterStatus {
                 node_id: COORDINATOR_NODE.into(),
                 name: COORDINATOR_NODE.into(),
                 layers: [0, n_layers],
-                predicted_ms: None,
-                predicted_hop_ms: None,
-                weight_bytes: None,
-                memory_budget_bytes: None,
+                ..StageView::default()
             }]
         });
         status
@@ -315,12 +263,12 @@ pub async fn start(
         advertised_address(local_address)
     );
     status.update(|v| {
-        v.node_id = node_id.clone();
-        v.listen = local_address.to_string();
+        v.info.node_id = node_id.clone();
+        v.info.listen = local_address.to_string();
         // `/health`, `/events` and the dashboard are open to anyone who reaches the HTTP
         // port (the API key guards /v1 only): they never carry the join token itself,
         // which would let any such reader join as a worker and see weights and prompts.
-        v.join_command = format!("worker join --token <join token> --coordinator {}", advertised_address(local_address));
+        v.info.join_command = format!("worker join --token <join token> --coordinator {}", advertised_address(local_address));
     });
     println!("potluck: cluster endpoint on {local_address} (QUIC), node id {node_id}");
     println!("  join from other machines with:\n    {join_command}");
@@ -976,10 +924,11 @@ impl Driver {
                             predicted_hop_ms: s.hop.as_ref().map(|h| h.time_ms),
                             weight_bytes: Some(s.weight_bytes),
                             memory_budget_bytes: Some(s.memory_budget_bytes),
+                            ..StageView::default()
                         })
                         .collect();
-                    v.plan = Some(named_plan);
-                    v.predicted_tokens_per_s = Some(plan.tokens_per_s);
+                    v.info.plan = Some(named_plan);
+                    v.info.predicted_tokens_per_s = Some(plan.tokens_per_s);
                 });
                 self.plan = Some(plan);
                 self.plan_connections = std::mem::take(&mut self.rollout_connections);
@@ -1045,7 +994,7 @@ impl Driver {
         let snapshot = self.membership.snapshot(now);
         let sent = self.weights.bytes_sent();
         self.status.update(|v| {
-            v.weight_bytes_sent = sent;
+            v.info.weight_bytes_sent = sent;
             let nodes = snapshot
                 .iter()
                 .map(|n| {
@@ -1076,6 +1025,7 @@ impl Driver {
                         weight_bytes: stage.and_then(|s| s.weight_bytes).unwrap_or(0),
                         layers: stage.map(|s| s.layers),
                         hop_rtt_us: n.stats.as_ref().map(|s| s.next_hop_rtt_us).filter(|&us| us > 0),
+                        ..NodeView::default()
                     }
                 })
                 .collect();

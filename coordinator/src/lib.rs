@@ -9,6 +9,8 @@
 //! * [`text`] — detokenization and stop strings for what the client sees.
 //! * [`dashboard`] — the page at `/`, its live snapshot (`/events`, `/health`).
 //! * [`state`] — [`state::AppState`], what every route shares.
+//! * [`snapshot`] — [`snapshot::ClusterSnapshot`], the one picture of the cluster: `/health`,
+//!   `/events`, `/metrics` and `coordinator status` all show it.
 //!
 //! **Invariant:** this crate and `worker` are the only ones with sockets; the engine never
 //! sees a request, only token ids.
@@ -19,6 +21,7 @@ pub mod dashboard;
 pub mod generation;
 pub mod membership;
 pub mod pipeline;
+pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod text;
