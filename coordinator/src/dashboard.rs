@@ -28,6 +28,8 @@ pub const EVENTS_INTERVAL: Duration = Duration::from_secs(1);
 /// `/events` streams open at once at most (each costs a task and a snapshot a second);
 /// past it a viewer gets 503 and its browser retries.
 pub const EVENT_STREAMS_MAX: usize = 32;
+/// Seconds a viewer turned away (too many streams) is told to wait before retrying.
+const EVENTS_RETRY_AFTER_SECONDS: u32 = 5;
 /// Requests the dashboard lists (newest first).
 pub const RECENT_REQUESTS_MAX: usize = 20;
 /// The live rates are taken over about this long.
@@ -164,7 +166,7 @@ pub async fn events(State(state): State<Arc<AppState>>) -> Response {
     let Some(slot) = state.dashboard.open_stream() else {
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "5")],
+            [(header::RETRY_AFTER, EVENTS_RETRY_AFTER_SECONDS.to_string())],
             format!("at most {EVENT_STREAMS_MAX} dashboards may follow /events at once"),
         )
             .into_response();
