@@ -11,6 +11,8 @@
 //! * [`state`] — [`state::AppState`], what every route shares.
 //! * [`snapshot`] — [`snapshot::ClusterSnapshot`], the one picture of the cluster: `/health`,
 //!   `/events`, `/metrics` and `coordinator status` all show it.
+//! * [`membership`] and [`rollout`] — pure state machines (time passed in, actions out) that
+//!   [`cluster`]'s driver runs: who is in the cluster, and how a new plan goes live.
 //!
 //! **Invariant:** this crate and `worker` are the only ones with sockets; the engine never
 //! sees a request, only token ids.
@@ -21,6 +23,7 @@ pub mod dashboard;
 pub mod generation;
 pub mod membership;
 pub mod pipeline;
+pub mod rollout;
 pub mod snapshot;
 pub mod state;
 pub mod status;
