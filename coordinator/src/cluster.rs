@@ -11,7 +11,9 @@
 //! [`Assignment`] (which layers, the tensors with their hashes, who feeds it and whom it
 //! feeds); each worker fetches what its cache lacks over a weight stream ([`WeightServer`])
 //! and says Ready; when every stage is ready the driver builds a [`ClusterPipeline`] and
-//! hands it to the generation service, whose in-flight sequences replay into it.
+//! hands it to the generation service, whose in-flight sequences replay into it. Which step
+//! comes next — and which late or repeated input to ignore — is decided by the pure
+//! [`Rollout`] state machine (`rollout.rs`); the driver only carries out its actions.
 //!
 //! Activations and sampled tokens never touch the driver's runtime: the generation thread
 //! drives a data endpoint of its own ([`DataPlane`], the cluster port + 1), dials the first
@@ -19,7 +21,7 @@
 //! no thread inside the coordinator on its way out or back.
 
 use potluck_protocol::close;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,12 +41,13 @@ use potluck_node::net::token::{proofs_equal, JoinToken};
 use potluck_node::net::data::{self, DataLink, DataStream};
 use potluck_node::net::{discovery, tls};
 use potluck_node::stage::StageRunner;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::generation::{GenerationService, ACTIVE_SEQUENCES_MAX};
 use crate::membership::{Action, ConnectionId, Membership, NodeState, HEARTBEAT_INTERVAL_MS};
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::rollout::{self, Rollout};
+use crate::snapshot::{ClusterInfo, NodeView, StageView};
 use potluck_node::weights::serve::WeightServer;
 
 /// How long a new connection has to open its control stream and say Hello.
@@ -92,62 +95,13 @@ pub struct ClusterConfig {
     pub threads: usize,
 }
 
-/// What the dashboard, `/health` and `coordinator status` show of the cluster.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What the driver publishes of the cluster: the parts of a
+/// [`crate::snapshot::ClusterSnapshot`] that membership and the plan decide.
+#[derive(Debug, Clone, Default)]
 pub struct ClusterView {
-    pub node_id: String,
-    pub listen: String,
-    /// The `worker join` line with the token left out (see where it is set).
-    pub join_command: String,
+    pub info: ClusterInfo,
     pub nodes: Vec<NodeView>,
     pub stages: Vec<StageView>,
-    /// The plan's own explanation, when one is in force.
-    pub plan: Option<String>,
-    pub predicted_tokens_per_s: Option<f64>,
-    /// Bytes of weights the coordinator has streamed to workers.
-    pub weight_bytes_sent: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeView {
-    pub node_id: String,
-    pub name: String,
-    pub state: String,
-    /// Its control connection's address, and its data endpoint (where stages send to it).
-    pub address: String,
-    pub data_address: String,
-    pub memory_budget_bytes: u64,
-    pub last_seen_age_ms: u64,
-    /// The stage's counters from its latest heartbeat (0 before one arrives): steps run and
-    /// microseconds computing, so Δbusy_us / Δsteps is its measured time per step.
-    pub steps: u64,
-    pub busy_us: u64,
-    /// Its measured time per step between its last two heartbeats that saw steps run.
-    pub step_ms: Option<f64>,
-    /// Its compute backend and threads, as its Hello said.
-    pub backend: String,
-    pub threads: u32,
-    /// Its KV cache now (from its latest heartbeat), and its weights in the plan.
-    pub kv_bytes: u64,
-    pub weight_bytes: u64,
-    /// The layers the plan in force gives it, if any.
-    pub layers: Option<[u32; 2]>,
-    /// QUIC's round-trip estimate of its link to the next node, once it has sent on it.
-    pub hop_rtt_us: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StageView {
-    pub node_id: String,
-    pub name: String,
-    pub layers: [u32; 2],
-    /// The plan's predicted time of this stage per token, and of the hop out of it.
-    pub predicted_ms: Option<f64>,
-    pub predicted_hop_ms: Option<f64>,
-    /// What the plan puts in its memory: weights (and KV cache at full context), and the
-    /// node's budget.
-    pub weight_bytes: Option<u64>,
-    pub memory_budget_bytes: Option<u64>,
 }
 
 /// Shared, cheap to clone.
@@ -164,10 +118,7 @@ impl ClusterStatus {
                 node_id: COORDINATOR_NODE.into(),
                 name: COORDINATOR_NODE.into(),
                 layers: [0, n_layers],
-                predicted_ms: None,
-                predicted_hop_ms: None,
-                weight_bytes: None,
-                memory_budget_bytes: None,
+                ..StageView::default()
             }]
         });
         status
@@ -206,8 +157,6 @@ enum Event {
     PlanFailed { generation: u64, reason: String },
     /// A weight stream to a worker finished: how many bytes in how long (a link measurement).
     WeightsDelivered { connection_id: ConnectionId, bytes: u64, elapsed: Duration },
-    /// Every stage may be ready: check and switch the pipeline.
-    Activate,
 }
 
 struct Worker {
@@ -315,12 +264,12 @@ pub async fn start(
         advertised_address(local_address)
     );
     status.update(|v| {
-        v.node_id = node_id.clone();
-        v.listen = local_address.to_string();
+        v.info.node_id = node_id.clone();
+        v.info.listen = local_address.to_string();
         // `/health`, `/events` and the dashboard are open to anyone who reaches the HTTP
         // port (the API key guards /v1 only): they never carry the join token itself,
         // which would let any such reader join as a worker and see weights and prompts.
-        v.join_command = format!("worker join --token <join token> --coordinator {}", advertised_address(local_address));
+        v.info.join_command = format!("worker join --token <join token> --coordinator {}", advertised_address(local_address));
     });
     println!("potluck: cluster endpoint on {local_address} (QUIC), node id {node_id}");
     println!("  join from other machines with:\n    {join_command}");
@@ -352,12 +301,11 @@ pub async fn start(
         clock: Instant::now(),
         plan: None,
         plan_generation: 0,
-        pending_ready: BTreeSet::new(),
-        pending_plan: None,
+        rollout: Rollout::new(),
+        ready_owed: BTreeMap::new(),
         node_id: node_id.clone(),
         whole_model_local: true,
         plan_connections: BTreeMap::new(),
-        rollout_connections: BTreeMap::new(),
         link_bandwidth: BTreeMap::new(),
     };
     tokio::spawn(driver.run(events_rx));
@@ -536,15 +484,6 @@ async fn serve_connection(
     }
 }
 
-struct PendingPlan {
-    generation: u64,
-    plan: Plan,
-    assignments: BTreeMap<String, Assignment>,
-    expected: usize,
-    /// The assignments went out; the plan activates when every stage is Ready.
-    sent: bool,
-}
-
 struct Driver {
     config: ClusterConfig,
     model_path: PathBuf,
@@ -561,16 +500,18 @@ struct Driver {
     /// The plan the current pipeline runs.
     plan: Option<Plan>,
     plan_generation: u64,
-    /// Workers of the plan being rolled out that have not said Ready.
-    pending_ready: BTreeSet<String>,
-    pending_plan: Option<PendingPlan>,
+    /// The plan being rolled out, if any (the pure state machine; this driver does its I/O).
+    rollout: Rollout<Plan, Assignment>,
+    /// Per connection, the plan generations of the assignments sent on it that its Ready has
+    /// not answered yet, oldest first: a worker takes its assignments one at a time, in
+    /// order, and answers each with one Ready, so a Ready answers the oldest.
+    ready_owed: BTreeMap<ConnectionId, VecDeque<u64>>,
     node_id: String,
     /// The generation service still runs the whole model loaded at start-up.
     whole_model_local: bool,
-    /// Each worker stage's connection when its assignment went out (plan in force / being
-    /// rolled out): a stage back on another connection restarted and lost its state.
+    /// Each worker stage's connection when the plan in force was rolled out: a stage back
+    /// on another connection restarted and lost its state.
     plan_connections: BTreeMap<String, ConnectionId>,
-    rollout_connections: BTreeMap<String, ConnectionId>,
     /// Bandwidth to each worker as its last slice delivery measured it (bytes/s).
     link_bandwidth: BTreeMap<String, u64>,
 }
@@ -593,6 +534,8 @@ impl Driver {
                     if self.membership.poll_timeout().is_some_and(|deadline| deadline <= now) {
                         self.membership.handle_timeout(now);
                     }
+                    let actions = self.rollout.tick(now);
+                    self.apply(actions).await;
                 }
             }
             self.drain_actions().await;
@@ -621,26 +564,39 @@ impl Driver {
                 self.membership.handle_hello(now, connection_id, &hello.node_id, &hello.name, hello.device, token_ok);
             }
             Event::Control { connection_id, message } => match message {
-                Message::LoadProgress(p) => self.membership.handle_load_progress(now, connection_id, p.bytes_done, p.bytes_total),
-                Message::Ready => self.membership.handle_ready(now, connection_id),
+                Message::LoadProgress(p) => {
+                    self.membership.handle_load_progress(now, connection_id, p.bytes_done, p.bytes_total);
+                    if let Some(w) = self.workers.get(&connection_id) {
+                        self.rollout.stage_progress(now, &w.node_id);
+                    }
+                }
+                Message::Ready => {
+                    self.membership.handle_ready(now, connection_id);
+                    let answered = self.ready_owed.get_mut(&connection_id).and_then(VecDeque::pop_front);
+                    if let (Some(generation), Some(w)) = (answered, self.workers.get(&connection_id)) {
+                        let node_id = w.node_id.clone();
+                        let actions = self.rollout.stage_ready(now, &node_id, generation);
+                        self.apply(actions).await;
+                    }
+                }
                 Message::Heartbeat(h) => self.membership.handle_heartbeat(now, connection_id, h.stats),
                 other => tracing::warn!(kind = ?other.kind(), connection_id, "unexpected control message from a worker"),
             },
             Event::Closed { connection_id, reason } => {
+                let mut actions = Vec::new();
                 if let Some(w) = self.workers.get(&connection_id) {
                     tracing::warn!(node = %w.node_id, name = %w.name, %reason, "worker disconnected");
+                    actions = self.rollout.stage_left(now, &w.node_id, connection_id);
                 }
                 self.membership.handle_disconnect(now, connection_id, &reason);
                 self.workers.remove(&connection_id);
+                self.ready_owed.remove(&connection_id);
+                self.apply(actions).await;
             }
             Event::AssignmentReady { generation, node_id, assignment } => {
-                let Some(pending) = self.pending_plan.as_mut().filter(|p| p.generation == generation) else { return };
-                pending.assignments.insert(node_id, assignment);
-                if pending.assignments.len() == pending.expected {
-                    self.send_assignments();
-                }
+                let actions = self.rollout.assignment_ready(now, generation, &node_id, assignment);
+                self.apply(actions).await;
             }
-            Event::Activate => self.activate_if_ready().await,
             Event::WeightsDelivered { connection_id, bytes, elapsed } => {
                 if let Some(w) = self.workers.get(&connection_id) {
                     if bytes >= LINK_MEASURE_BYTES_MIN && !elapsed.is_zero() {
@@ -651,10 +607,8 @@ impl Driver {
                 }
             }
             Event::PlanFailed { generation, reason } => {
-                if self.pending_plan.as_ref().is_some_and(|p| p.generation == generation) {
-                    tracing::error!(%reason, "cannot roll out the plan");
-                    self.pending_plan = None;
-                }
+                let actions = self.rollout.assignment_failed(now, generation, &reason);
+                self.apply(actions).await;
             }
         }
     }
@@ -679,18 +633,19 @@ impl Driver {
                     if let Some(w) = self.workers.remove(&connection) {
                         tracing::warn!(node = %w.node_id, %reason, "closing a worker's connection");
                         w.connection.close(close::REMOVED.into(), reason.as_bytes());
+                        self.ready_owed.remove(&connection);
+                        let actions = self.rollout.stage_left(self.now_ms(), &w.node_id, connection);
+                        self.apply(actions).await;
                     }
                 }
                 Action::Replan { reason } => replan = Some(reason),
-                Action::StageReady { node_id } => {
-                    tracing::info!(node = %node_id, "stage ready");
-                    self.pending_ready.remove(&node_id);
-                    self.activate_if_ready().await;
-                }
+                // The rollout hears each Ready with the generation it answers (see
+                // `ready_owed`); membership's view of it is only logged.
+                Action::StageReady { node_id } => tracing::info!(node = %node_id, "stage ready"),
             }
         }
         if let Some(reason) = replan {
-            self.replan(&reason);
+            self.replan(&reason).await;
         }
     }
 
@@ -706,7 +661,7 @@ impl Driver {
             .collect()
     }
 
-    fn replan(&mut self, reason: &str) {
+    async fn replan(&mut self, reason: &str) {
         let members = self.member_nodes();
         // A stage of the plan in force that is no longer a member breaks the pipeline now.
         if let Some(plan) = &self.plan {
@@ -829,7 +784,7 @@ impl Driver {
             return;
         }
         println!("potluck: new plan ({reason}):\n{}", self.named(&plan));
-        self.roll_out(plan, &members);
+        self.roll_out(plan, &members).await;
     }
 
     /// The plan's table with each worker's name beside its node id (same width, so the
@@ -855,22 +810,26 @@ impl Driver {
         }
     }
 
-    /// Hashes each worker stage's tensors (blocking, off the driver) and then sends the
-    /// assignments.
-    fn roll_out(&mut self, plan: Plan, members: &[(NodeProfile, ConnectionId)]) {
+    /// Starts rolling out `plan`: builds each worker stage's assignment (hashing its tensors
+    /// is blocking work, done off the driver, reported by `Event::AssignmentReady`); the
+    /// [`Rollout`] then says when to send them and when to activate.
+    async fn roll_out(&mut self, plan: Plan, members: &[(NodeProfile, ConnectionId)]) {
         self.plan_generation += 1;
         let generation = self.plan_generation;
         let stages = &plan.stages;
-        let worker_of = |node_id: &str| -> Option<&Worker> {
+        let member = |node_id: &str| -> Option<(&Worker, ConnectionId)> {
             let (_, c) = members.iter().find(|(m, _)| m.id == node_id)?;
-            self.workers.get(c)
+            Some((self.workers.get(c)?, *c))
         };
-        let mut expected = 0;
+        let mut templates = Vec::new();
+        let mut connections = BTreeMap::new();
         for (i, stage) in stages.iter().enumerate() {
             if stage.node_id == COORDINATOR_NODE {
                 continue;
             }
-            expected += 1;
+            let Some((_, connection)) = member(&stage.node_id) else {
+                return tracing::error!(node = %stage.node_id, "a planned node has no connection");
+            };
             let upstream_id = if i == 0 {
                 self.node_id.clone()
             } else if stages[i - 1].node_id == COORDINATOR_NODE {
@@ -879,13 +838,13 @@ impl Driver {
                 stages[i - 1].node_id.clone()
             };
             let (next_stage, next_stage_id) = match stages.get(i + 1) {
-                Some(next) => match worker_of(&next.node_id) {
-                    Some(w) => (w.data_address, w.node_id.clone()),
+                Some(next) => match member(&next.node_id) {
+                    Some((w, _)) => (w.data_address, w.node_id.clone()),
                     None => return tracing::error!(node = %next.node_id, "a planned node has no connection"),
                 },
                 // The last stage answers our data endpoint, at the address it reached us on.
-                None => match worker_of(&stage.node_id) {
-                    Some(w) => {
+                None => match member(&stage.node_id) {
+                    Some((w, _)) => {
                         let ip = w.connection.local_ip().unwrap_or(self.data.local_addr.ip());
                         (SocketAddr::new(ip, self.data.local_addr.port()), self.node_id.clone())
                     }
@@ -909,8 +868,12 @@ impl Driver {
                 activation_dtype: self.config.activation_dtype,
                 model_profile: serde_json::to_string(&self.profile).expect("a profile serializes"),
             };
+            templates.push((stage.node_id.clone(), stage.layers.clone(), template));
+            connections.insert(stage.node_id.clone(), connection);
+        }
+        let actions = self.rollout.plan(self.now_ms(), generation, plan, connections);
+        for (node_id, layers, template) in templates {
             let (weights, profile, events) = (self.weights.clone(), self.profile.clone(), self.events.clone());
-            let (node_id, layers) = (stage.node_id.clone(), stage.layers.clone());
             tokio::task::spawn_blocking(move || {
                 let event = match weights.slice_refs(&profile, layers) {
                     Ok(tensors) => Event::AssignmentReady { generation, node_id, assignment: Assignment { tensors, ..template } },
@@ -919,39 +882,36 @@ impl Driver {
                 let _ = events.send(event);
             });
         }
-        self.pending_ready = stages.iter().filter(|s| s.node_id != COORDINATOR_NODE).map(|s| s.node_id.clone()).collect();
-        self.rollout_connections = members.iter().map(|(m, c)| (m.id.clone(), *c)).collect();
-        self.pending_plan = Some(PendingPlan { generation, plan, assignments: BTreeMap::new(), expected, sent: false });
-        if expected == 0 {
-            self.send_assignments();
+        self.apply(actions).await;
+    }
+
+    /// Carries out what the rollout decided.
+    async fn apply(&mut self, actions: Vec<rollout::Action<Plan, Assignment>>) {
+        for action in actions {
+            match action {
+                rollout::Action::SendAssignment { generation, node_id, connection, assignment } => {
+                    self.send_assignment(generation, &node_id, connection, assignment)
+                }
+                rollout::Action::Activate { generation: _, plan, connections } => self.activate(plan, connections).await,
+                rollout::Action::Abort { generation, reason } => {
+                    tracing::error!(generation, %reason, "cannot roll out the plan")
+                }
+            }
         }
     }
 
-    fn send_assignments(&mut self) {
-        let Some(pending) = self.pending_plan.as_ref() else { return };
-        for (node_id, assignment) in &pending.assignments {
-            let Some(worker) = self.workers.values().find(|w| &w.node_id == node_id) else { continue };
-            let bytes: u64 = assignment.tensors.iter().map(|t| t.bytes).sum();
-            *worker.tensors.lock().expect("tensors lock") = assignment.tensors.clone();
-            tracing::info!(node = %node_id, name = %worker.name, layers = format!("{}..{}", assignment.layer_start, assignment.layer_end), mib = bytes >> 20, "assignment sent");
-            let _ = worker.control.send(Message::Assignment(assignment.clone()));
-            self.membership.handle_assignment_sent(node_id, bytes);
-        }
-        if let Some(pending) = self.pending_plan.as_mut() {
-            pending.sent = true;
-        }
-        if self.pending_ready.is_empty() {
-            // Only the coordinator's own stage: nothing to wait for.
-            let _ = self.events.send(Event::Activate);
-        }
+    fn send_assignment(&mut self, generation: u64, node_id: &str, connection: ConnectionId, assignment: Assignment) {
+        let Some(worker) = self.workers.get(&connection) else { return };
+        let bytes: u64 = assignment.tensors.iter().map(|t| t.bytes).sum();
+        *worker.tensors.lock().expect("tensors lock") = assignment.tensors.clone();
+        tracing::info!(node = %node_id, name = %worker.name, layers = format!("{}..{}", assignment.layer_start, assignment.layer_end), mib = bytes >> 20, "assignment sent");
+        let _ = worker.control.send(Message::Assignment(assignment));
+        self.membership.handle_assignment_sent(node_id, bytes);
+        self.ready_owed.entry(connection).or_default().push_back(generation);
     }
 
-    async fn activate_if_ready(&mut self) {
-        if !self.pending_ready.is_empty() || !self.pending_plan.as_ref().is_some_and(|p| p.sent) {
-            return;
-        }
-        let Some(pending) = self.pending_plan.take() else { return };
-        let plan = pending.plan;
+    /// Every stage of `plan` is ready: build its pipeline and move generation onto it.
+    async fn activate(&mut self, plan: Plan, connections: BTreeMap<String, ConnectionId>) {
         match self.build_pipeline(&plan).await {
             Ok(pipeline) => {
                 tracing::info!(pipeline = %pipeline.describe(), predicted_tokens_per_s = plan.tokens_per_s, "cluster pipeline active");
@@ -976,13 +936,14 @@ impl Driver {
                             predicted_hop_ms: s.hop.as_ref().map(|h| h.time_ms),
                             weight_bytes: Some(s.weight_bytes),
                             memory_budget_bytes: Some(s.memory_budget_bytes),
+                            ..StageView::default()
                         })
                         .collect();
-                    v.plan = Some(named_plan);
-                    v.predicted_tokens_per_s = Some(plan.tokens_per_s);
+                    v.info.plan = Some(named_plan);
+                    v.info.predicted_tokens_per_s = Some(plan.tokens_per_s);
                 });
                 self.plan = Some(plan);
-                self.plan_connections = std::mem::take(&mut self.rollout_connections);
+                self.plan_connections = connections;
                 self.whole_model_local = false;
             }
             Err(e) => tracing::error!(error = format!("{e:#}"), "cannot start the cluster pipeline"),
@@ -1045,7 +1006,7 @@ impl Driver {
         let snapshot = self.membership.snapshot(now);
         let sent = self.weights.bytes_sent();
         self.status.update(|v| {
-            v.weight_bytes_sent = sent;
+            v.info.weight_bytes_sent = sent;
             let nodes = snapshot
                 .iter()
                 .map(|n| {
@@ -1076,6 +1037,7 @@ impl Driver {
                         weight_bytes: stage.and_then(|s| s.weight_bytes).unwrap_or(0),
                         layers: stage.map(|s| s.layers),
                         hop_rtt_us: n.stats.as_ref().map(|s| s.next_hop_rtt_us).filter(|&us| us > 0),
+                        ..NodeView::default()
                     }
                 })
                 .collect();

@@ -1,6 +1,7 @@
 //! The cluster dashboard: the page at `/`, the live snapshot it draws (`/events`, one
-//! server-sent event a second; `/health` serves the same JSON once), and the figures only
-//! the dashboard needs — live tokens/s, the coordinator's own stage time, recent requests.
+//! [`ClusterSnapshot`] a second as a server-sent event; `/health` serves the same JSON
+//! once), and what the snapshot needs remembered between requests — the samples behind live
+//! tokens/s and the coordinator's own stage time, and the recent requests.
 //!
 //! The page is one self-contained HTML file (`dashboard.html`, inline CSS and JS, nothing
 //! fetched from elsewhere) compiled into the binary: no front-end build step, and it works
@@ -19,18 +20,16 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use serde_json::{json, Value};
-
-use crate::api::AppState;
-use crate::cluster::{ClusterView, StageView, COORDINATOR_NODE};
-use crate::generation::ServiceStats;
+use crate::snapshot::{ClusterSnapshot, RequestRecord};
+use crate::state::AppState;
 
 /// How often `/events` sends a snapshot.
 pub const EVENTS_INTERVAL: Duration = Duration::from_secs(1);
 /// `/events` streams open at once at most (each costs a task and a snapshot a second);
 /// past it a viewer gets 503 and its browser retries.
 pub const EVENT_STREAMS_MAX: usize = 32;
+/// Seconds a viewer turned away (too many streams) is told to wait before retrying.
+const EVENTS_RETRY_AFTER_SECONDS: u32 = 5;
 /// Requests the dashboard lists (newest first).
 pub const RECENT_REQUESTS_MAX: usize = 20;
 /// The live rates are taken over about this long.
@@ -39,48 +38,6 @@ const RATE_WINDOW: Duration = Duration::from_secs(3);
 const SAMPLE_SPACING: Duration = Duration::from_millis(200);
 /// Samples kept at most (RATE_WINDOW / SAMPLE_SPACING, and then some).
 const SAMPLES_MAX: usize = 32;
-
-/// One finished (or failed) request, as the dashboard lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RequestRecord {
-    pub id: String,
-    /// `"chat"` or `"completion"`.
-    pub endpoint: &'static str,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub duration_ms: u64,
-    /// Completion tokens over the whole request time (prefill included).
-    pub tokens_per_s: f64,
-    /// `"stop"`, `"length"`, `"error"`, or `"cancelled"` (the client went away).
-    pub finish_reason: &'static str,
-    pub finished_unix_ms: u64,
-}
-
-impl RequestRecord {
-    pub fn new(
-        id: &str,
-        endpoint: &'static str,
-        started: Instant,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-        finish_reason: &'static str,
-    ) -> Self {
-        let elapsed = started.elapsed();
-        let finished_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Self {
-            id: id.to_owned(),
-            endpoint,
-            prompt_tokens,
-            completion_tokens,
-            duration_ms: elapsed.as_millis() as u64,
-            tokens_per_s: if elapsed.as_secs_f64() > 0.0 { completion_tokens as f64 / elapsed.as_secs_f64() } else { 0.0 },
-            finish_reason,
-            finished_unix_ms,
-        }
-    }
-}
 
 /// What the dashboard remembers between snapshots.
 #[derive(Debug, Default)]
@@ -176,7 +133,8 @@ impl Dashboard {
         (previous < EVENT_STREAMS_MAX).then_some(slot)
     }
 
-    fn recent(&self) -> Vec<RequestRecord> {
+    /// The requests listed now, newest first.
+    pub(crate) fn recent(&self) -> Vec<RequestRecord> {
         self.recent.lock().expect("recent requests lock").iter().cloned().collect()
     }
 
@@ -191,87 +149,6 @@ impl Dashboard {
         };
         self.samples.lock().expect("samples lock").observe(sample)
     }
-}
-
-/// One stage of the pipeline in force with what was measured of it.
-pub struct MeasuredStage<'a> {
-    pub view: &'a StageView,
-    /// Time per step: the worker's between its last heartbeats that ran steps, or the
-    /// coordinator's own over the live window.
-    pub measured_ms: Option<f64>,
-    /// QUIC's round trip of the hop out of the stage (to the next one, or back here).
-    pub hop_rtt_ms: Option<f64>,
-}
-
-/// The stages of `cluster` with their measurements (`/health`, `/events` and `/metrics`).
-pub fn measured_stages<'a>(cluster: &'a ClusterView, stats: &ServiceStats, rates: LiveRates) -> Vec<MeasuredStage<'a>> {
-    let local_rtt_us = stats.local_hop_rtt_us.load(Relaxed);
-    cluster
-        .stages
-        .iter()
-        .map(|view| {
-            let node = cluster.nodes.iter().find(|n| n.node_id == view.node_id);
-            let (measured_ms, hop_rtt_us) = if view.node_id == COORDINATOR_NODE {
-                (rates.local_step_ms, (local_rtt_us > 0).then_some(local_rtt_us))
-            } else {
-                (node.and_then(|n| n.step_ms), node.and_then(|n| n.hop_rtt_us))
-            };
-            MeasuredStage { view, measured_ms, hop_rtt_ms: hop_rtt_us.map(|us| us as f64 / 1000.0) }
-        })
-        .collect()
-}
-
-/// The whole picture: `/health`'s body and every `/events` message.
-pub fn snapshot(state: &AppState) -> Value {
-    let cluster = state.cluster.snapshot();
-    let stats = state.service.stats();
-    let rates = state.dashboard.rates(state);
-    let stages: Vec<Value> = measured_stages(&cluster, stats, rates)
-        .into_iter()
-        .map(|s| {
-            let mut v = serde_json::to_value(s.view).unwrap_or(Value::Null);
-            v["measured_ms"] = json!(s.measured_ms);
-            v["hop_rtt_ms"] = json!(s.hop_rtt_ms);
-            v
-        })
-        .collect();
-    let nodes: Vec<Value> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            let mut v = serde_json::to_value(n).unwrap_or(Value::Null);
-            v["memory_used_bytes"] = json!(n.weight_bytes + n.kv_bytes);
-            v
-        })
-        .collect();
-    let queued = stats.queued.load(Relaxed);
-    let active = stats.active.load(Relaxed);
-    json!({
-        "status": "ok",
-        "model": state.model_id,
-        "n_layers": state.profile.n_layers,
-        "uptime_s": crate::api::unix_now().saturating_sub(state.started_unix),
-        "stages": stages,
-        "nodes": nodes,
-        "cluster": {
-            "node_id": cluster.node_id,
-            "listen": cluster.listen,
-            "join_command": cluster.join_command,
-            "predicted_tokens_per_s": cluster.predicted_tokens_per_s,
-            "weight_bytes_sent": cluster.weight_bytes_sent,
-            "plan": cluster.plan,
-        },
-        "live": {
-            "tokens_per_s": rates.tokens_per_s_rounded(),
-            "generated_tokens_total": stats.tokens_generated.load(Relaxed),
-            "requests_in_flight": queued + active,
-            "queued": queued,
-            "active": active,
-            "requests_finished_total": stats.requests_finished.load(Relaxed),
-            "requests_failed_total": stats.requests_failed.load(Relaxed),
-        },
-        "recent_requests": state.dashboard.recent(),
-    })
 }
 
 /// `GET /`: the dashboard page.
@@ -289,7 +166,7 @@ pub async fn events(State(state): State<Arc<AppState>>) -> Response {
     let Some(slot) = state.dashboard.open_stream() else {
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "5")],
+            [(header::RETRY_AFTER, EVENTS_RETRY_AFTER_SECONDS.to_string())],
             format!("at most {EVENT_STREAMS_MAX} dashboards may follow /events at once"),
         )
             .into_response();
@@ -304,7 +181,8 @@ pub async fn events(State(state): State<Arc<AppState>>) -> Response {
                 _ = tick.tick() => {}
                 _ = closing.wait_for(|closing| *closing) => return,
             }
-            let event = Event::default().event("cluster").data(snapshot(&state).to_string());
+            let snapshot = serde_json::to_string(&ClusterSnapshot::capture(&state)).unwrap_or_default();
+            let event = Event::default().event("cluster").data(snapshot);
             if tx.send(Ok(event)).await.is_err() {
                 return; // the viewer left
             }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_engine::sampler::SamplingParams;
+use potluck_protocol::limits::{ACTIVATION_ROWS_MAX, SEGMENTS_MAX, TOP_LOGPROBS_MAX};
 use potluck_protocol::{Message, Segment, SequenceStart};
 use potluck_node::stage::sampling_wire;
 use tokio::sync::mpsc;
@@ -31,13 +32,17 @@ pub const QUEUED_REQUESTS_MAX: usize = 64;
 pub const PREFILL_CHUNK_ROWS: usize = 256;
 /// Rows in one step at most, over all sequences: bounds a step's scratch memory and latency.
 pub const STEP_ROWS_MAX: usize = 512;
-/// Alternatives reported per token at most (OpenAI allows 20).
-pub const TOP_LOGPROBS_MAX: usize = 20;
 /// A step whose sampled tokens have not come back by then fails its sequences (a stage that
 /// died is noticed sooner, by membership; this bounds everything else).
 pub const STEP_TIMEOUT_MS: u64 = 120_000;
 /// How often the idle generation thread looks for a new pipeline.
 const IDLE_POLL_MS: u64 = 50;
+
+// A step must fit one activations message, one segment per sequence; a prompt chunk must fit
+// a step.
+const _: () = assert!(STEP_ROWS_MAX <= ACTIVATION_ROWS_MAX as usize, "a step's rows fit one Activations message");
+const _: () = assert!(ACTIVE_SEQUENCES_MAX <= SEGMENTS_MAX as usize, "a step's segments fit one message");
+const _: () = assert!(PREFILL_CHUNK_ROWS <= STEP_ROWS_MAX, "a prompt chunk fits a step");
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -572,7 +577,7 @@ fn sequence_start(seq: &Sequence) -> Message {
         sequence_id: seq.id,
         sampling: sampling_wire(&seq.request.sampling),
         logprobs: seq.request.logprobs,
-        top_logprobs: seq.request.top_logprobs.min(TOP_LOGPROBS_MAX) as u32,
+        top_logprobs: seq.request.top_logprobs.min(TOP_LOGPROBS_MAX as usize) as u32,
         history: seq.tokens[seq.tokens.len() - window..].to_vec(),
         prompt: if seq.request.prompt_logprobs { seq.request.prompt.clone() } else { Vec::new() },
     })

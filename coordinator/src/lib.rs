@@ -8,6 +8,11 @@
 //!   forward steps, samples, and streams token events back.
 //! * [`text`] — detokenization and stop strings for what the client sees.
 //! * [`dashboard`] — the page at `/`, its live snapshot (`/events`, `/health`).
+//! * [`state`] — [`state::AppState`], what every route shares.
+//! * [`snapshot`] — [`snapshot::ClusterSnapshot`], the one picture of the cluster: `/health`,
+//!   `/events`, `/metrics` and `coordinator status` all show it.
+//! * [`membership`] and [`rollout`] — pure state machines (time passed in, actions out) that
+//!   [`cluster`]'s driver runs: who is in the cluster, and how a new plan goes live.
 //!
 //! **Invariant:** this crate and `worker` are the only ones with sockets; the engine never
 //! sees a request, only token ids.
@@ -18,6 +23,9 @@ pub mod dashboard;
 pub mod generation;
 pub mod membership;
 pub mod pipeline;
+pub mod rollout;
+pub mod snapshot;
+pub mod state;
 pub mod status;
 pub mod text;
 
@@ -46,7 +54,7 @@ pub struct ServeConfig {
 }
 
 /// Everything loaded and ready to answer: the API state.
-pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
+pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
     let ResolvedModel { path, id: model_id } = model::resolve(&ModelSpec::from_arg(config.model.as_deref()))?;
     let started = std::time::Instant::now();
     let (profile, content) = ModelProfile::from_path(&path).with_context(|| format!("cannot load the model {}", path.display()))?;
@@ -72,7 +80,7 @@ pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
         context_length,
         tokenizer.stop_ids().to_vec(),
     );
-    Ok(Arc::new(api::AppState {
+    Ok(Arc::new(state::AppState {
         cluster: cluster::ClusterStatus::local(profile.n_layers),
         model_path: path.clone(),
         profile: profile.clone(),
@@ -81,9 +89,7 @@ pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
         template: Arc::new(template),
         model_id,
         api_key: config.api_key.clone(),
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started_unix: state::unix_now(),
         dashboard: Default::default(),
         events_closing: tokio::sync::watch::Sender::new(false),
     }))
@@ -92,7 +98,7 @@ pub fn load(config: &ServeConfig) -> Result<Arc<api::AppState>> {
 /// Serves the API on an already bound listener until `shutdown` resolves (tests bind
 /// `127.0.0.1:0` and pass the listener in).
 pub async fn serve(
-    state: Arc<api::AppState>,
+    state: Arc<state::AppState>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {

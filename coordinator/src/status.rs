@@ -1,11 +1,13 @@
-//! `coordinator status`: the cluster as `/health` describes it, as tables in a terminal.
+//! `coordinator status`: the cluster as `/health` describes it (a [`ClusterSnapshot`], read
+//! back with the type that wrote it), as tables in a terminal.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
+
+use crate::snapshot::ClusterSnapshot;
 
 /// How long `status` waits for the coordinator.
 pub const STATUS_TIMEOUT_MS: u64 = 5_000;
@@ -13,7 +15,7 @@ pub const STATUS_TIMEOUT_MS: u64 = 5_000;
 pub const HEALTH_BYTES_MAX: u64 = 4 << 20;
 
 /// GETs `/health` from the coordinator at `url` (`http://HOST:PORT` or `HOST:PORT`).
-pub fn fetch_health(url: &str) -> Result<Value> {
+pub fn fetch_health(url: &str) -> Result<ClusterSnapshot> {
     let authority = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
     if authority.contains('/') || url.starts_with("https://") {
         bail!("give the coordinator as http://HOST:PORT (got {url:?})");
@@ -34,40 +36,40 @@ pub fn fetch_health(url: &str) -> Result<Value> {
     if !head.starts_with("HTTP/1.1 200") {
         bail!("{address} answered /health with {:?}", head.lines().next().unwrap_or(""));
     }
-    serde_json::from_str(body).with_context(|| format!("{address}'s /health is not JSON (is it a potluck coordinator?)"))
+    serde_json::from_str(body)
+        .with_context(|| format!("{address}'s /health is not a cluster snapshot (is it a potluck coordinator?)"))
 }
 
 /// The cluster picture: model, plan, stages, nodes.
-pub fn render(health: &Value) -> String {
+pub fn render(health: &ClusterSnapshot) -> String {
     let mut out = String::new();
-    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
-    let _ = writeln!(out, "model      {}", text(&health["model"]));
-    let cluster = &health["cluster"];
-    if !text(&cluster["node_id"]).is_empty() {
-        let _ = writeln!(out, "cluster    {} (node {})", text(&cluster["listen"]), text(&cluster["node_id"]));
-        let _ = writeln!(out, "join with  {}", text(&cluster["join_command"]));
+    let _ = writeln!(out, "model      {}", health.model);
+    let cluster = &health.cluster;
+    if !cluster.node_id.is_empty() {
+        let _ = writeln!(out, "cluster    {} (node {})", cluster.listen, cluster.node_id);
+        let _ = writeln!(out, "join with  {}", cluster.join_command);
     } else {
         let _ = writeln!(out, "cluster    off (--no-cluster)");
     }
-    if let Some(tps) = cluster["predicted_tokens_per_s"].as_f64() {
+    if let Some(tps) = cluster.predicted_tokens_per_s {
         let _ = writeln!(out, "predicted  {tps:.1} tokens/s for one sequence at full context");
     }
     let _ = writeln!(out, "\nstages (pipeline order)");
     let _ = writeln!(out, "  {:<3} {:<20} {:<9} {:>12} {:>9}", "#", "node", "layers", "predicted ms", "hop ms");
-    for (i, stage) in health["stages"].as_array().into_iter().flatten().enumerate() {
-        let layers = format!("{}..{}", stage["layers"][0], stage["layers"][1]);
-        let ms = |v: &Value| v.as_f64().map_or_else(|| "-".to_string(), |x| format!("{x:.2}"));
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.2}"));
+    for (i, stage) in health.stages.iter().enumerate() {
+        let layers = format!("{}..{}", stage.layers[0], stage.layers[1]);
         let _ = writeln!(
             out,
             "  {:<3} {:<20} {:<9} {:>12} {:>9}",
             i,
-            text(&stage["name"]),
+            stage.name,
             layers,
-            ms(&stage["predicted_ms"]),
-            ms(&stage["predicted_hop_ms"])
+            ms(stage.predicted_ms),
+            ms(stage.predicted_hop_ms)
         );
     }
-    let nodes = health["nodes"].as_array().cloned().unwrap_or_default();
+    let nodes = &health.nodes;
     let _ = writeln!(out, "\nworkers ({})", nodes.len());
     if !nodes.is_empty() {
         let _ = writeln!(
@@ -76,26 +78,25 @@ pub fn render(health: &Value) -> String {
             "name", "state", "address", "budget", "last seen", "steps", "ms per step"
         );
     }
-    for node in &nodes {
-        let steps = node["steps"].as_u64().unwrap_or(0);
-        let per_step = if steps == 0 {
+    for node in nodes {
+        let per_step = if node.steps == 0 {
             "-".to_string()
         } else {
-            format!("{:.2}", node["busy_us"].as_u64().unwrap_or(0) as f64 / steps as f64 / 1000.0)
+            format!("{:.2}", node.busy_us as f64 / node.steps as f64 / 1000.0)
         };
         let _ = writeln!(
             out,
             "  {:<20} {:<14} {:<22} {:>10} {:>10} {:>10} {:>12}",
-            text(&node["name"]),
-            text(&node["state"]),
-            text(&node["address"]),
-            format!("{:.0} MiB", node["memory_budget_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64),
-            format!("{:.1} s", node["last_seen_age_ms"].as_f64().unwrap_or(0.0) / 1000.0),
-            steps,
+            node.name,
+            node.state,
+            node.address,
+            format!("{:.0} MiB", node.memory_budget_bytes as f64 / (1u64 << 20) as f64),
+            format!("{:.1} s", node.last_seen_age_ms as f64 / 1000.0),
+            node.steps,
             per_step
         );
     }
-    if let Some(plan) = cluster["plan"].as_str() {
+    if let Some(plan) = &cluster.plan {
         let _ = writeln!(out, "\nplan\n{plan}");
     }
     out
@@ -119,6 +120,7 @@ mod tests {
             "cluster": {"node_id": "c", "listen": "0.0.0.0:7070", "join_command": "worker join --token t --coordinator 10.0.0.1:7070",
                         "predicted_tokens_per_s": 103.0, "weight_bytes_sent": 0, "plan": "2 stages"}
         });
+        let health: ClusterSnapshot = serde_json::from_value(health).expect("the fixture reads as a snapshot");
         let text = render(&health);
         for needle in ["laptop", "0..17", "17..30", "4.06", "0.29", "ready", "120 MiB", "3.32", "worker join --token t", "103.0 tokens/s", "2 stages"] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");

@@ -1,0 +1,308 @@
+//! Request bodies as the two generation endpoints accept them, their checks, and the limits
+//! that bound a request before any work is done for it.
+//!
+//! Every check returns an [`ApiError`] naming the offending parameter (a 400, as OpenAI
+//! answers); nothing a client sends can panic. Limits on the generated text itself (stop
+//! strings) are [`crate::text`]'s, on log-probabilities the wire protocol's (every stage
+//! checks them too), on the generation loop [`crate::generation`]'s.
+
+use potluck_engine::chat_template::ChatMessage;
+use potluck_engine::sampler::SamplingParams;
+use potluck_protocol::limits::{PROMPT_LOGPROBS_TOKENS_MAX, TOP_LOGPROBS_MAX};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::ApiError;
+use crate::generation::GenerateRequest;
+use crate::state::AppState;
+use crate::text::{STOP_STRINGS_MAX, STOP_STRING_BYTES_MAX};
+
+/// Largest request body accepted; bigger ones get a 413. A prompt longer than the context is
+/// refused after tokenizing anyway; this bounds the work before that.
+pub const REQUEST_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Messages per chat request at most.
+pub const CHAT_MESSAGES_MAX: usize = 1024;
+/// Tokens a completions request generates when it names no `max_tokens`: OpenAI's default
+/// for that endpoint (chat's default is the rest of the context).
+pub const COMPLETION_MAX_TOKENS_DEFAULT: usize = 16;
+
+/// Sampling and length fields shared by both endpoints.
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct CommonParams {
+    /// Accepted and ignored: any model name serves the loaded model.
+    #[allow(dead_code)]
+    model: Option<String>,
+    pub(super) max_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<StopField>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    #[serde(alias = "repeat_penalty")]
+    repetition_penalty: Option<f32>,
+    ignore_eos: Option<bool>,
+    n: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ChatRequest {
+    messages: Vec<ChatMessageIn>,
+    pub(super) max_completion_tokens: Option<u64>,
+    pub(super) logprobs: Option<bool>,
+    top_logprobs: Option<u64>,
+    #[serde(flatten)]
+    pub(super) common: CommonParams,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessageIn {
+    role: String,
+    #[serde(default)]
+    content: Option<MessageContent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct CompletionRequest {
+    prompt: Value,
+    /// Put the prompt before the completion in `text` (and, with `logprobs`, its tokens'
+    /// log-probabilities before the completion's: the first token has none).
+    pub(super) echo: Option<bool>,
+    /// Log-probabilities of each token and of this many alternatives (0..=20).
+    logprobs: Option<u64>,
+    #[serde(flatten)]
+    pub(super) common: CommonParams,
+}
+
+/// What both endpoints hand to [`super::responses::run_generation`] once the request is
+/// understood.
+pub(super) struct Prepared {
+    pub(super) prompt: Vec<u32>,
+    pub(super) generate: GenerateRequest,
+    pub(super) stops: Vec<String>,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
+    pub(super) want_logprobs: bool,
+    /// Completions' `echo`: the prompt comes first in the text.
+    pub(super) echo: bool,
+}
+
+impl CommonParams {
+    pub(super) fn prepare(
+        &self,
+        prompt: Vec<u32>,
+        max_tokens: Option<u64>,
+        default_max_tokens: Option<usize>,
+        (want_logprobs, top_logprobs): (bool, usize),
+        state: &AppState,
+    ) -> Result<Prepared, ApiError> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::bad_request("only n = 1 is supported").param("n"));
+            }
+        }
+        let context = state.service.context_length();
+        if prompt.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
+        }
+        if prompt.len() >= context {
+            return Err(ApiError::bad_request(format!(
+                "the prompt is {} tokens long; this model's context holds {context} tokens (prompt and completion together)",
+                prompt.len()
+            ))
+            .code("context_length_exceeded"));
+        }
+        if let Some(vocab_bad) = prompt.iter().find(|&&t| t as usize >= state.tokenizer.vocab_size()) {
+            return Err(ApiError::bad_request(format!("token id {vocab_bad} is outside the vocabulary")).param("prompt"));
+        }
+        let room = context - prompt.len();
+        let max_tokens = match max_tokens {
+            Some(m) => (m.min(usize::MAX as u64) as usize).min(room),
+            None => default_max_tokens.unwrap_or(room).min(room),
+        };
+        // What a field left out means: the engine's defaults (llama.cpp's), defined once there.
+        let defaults = SamplingParams::default();
+        let temperature = self.temperature.unwrap_or(defaults.temperature);
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(ApiError::bad_request("temperature must be a number ≥ 0").param("temperature"));
+        }
+        let top_p = self.top_p.unwrap_or(defaults.top_p);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad_request("top_p must be in (0, 1]").param("top_p"));
+        }
+        let min_p = self.min_p.unwrap_or(defaults.min_p);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::bad_request("min_p must be in [0, 1]").param("min_p"));
+        }
+        for (value, name) in [(self.presence_penalty, "presence_penalty"), (self.frequency_penalty, "frequency_penalty")] {
+            if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return Err(ApiError::bad_request(format!("{name} must be in [-2, 2]")).param(name));
+            }
+        }
+        let repetition_penalty = self.repetition_penalty.unwrap_or(defaults.repetition_penalty);
+        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+            return Err(ApiError::bad_request("repetition_penalty must be > 0").param("repetition_penalty"));
+        }
+        let stops = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        if stops.len() > STOP_STRINGS_MAX || stops.iter().any(|s| s.len() > STOP_STRING_BYTES_MAX) {
+            return Err(ApiError::bad_request(format!(
+                "at most {STOP_STRINGS_MAX} stop strings of at most {STOP_STRING_BYTES_MAX} bytes each"
+            ))
+            .param("stop"));
+        }
+        let sampling = SamplingParams {
+            temperature,
+            top_k: self.top_k.map_or(defaults.top_k, |k| k.clamp(0, u32::MAX as i64) as u32),
+            top_p,
+            min_p,
+            repetition_penalty,
+            frequency_penalty: self.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
+            seed: self.seed.map(|s| s as u64),
+            ..defaults
+        };
+        Ok(Prepared {
+            generate: GenerateRequest {
+                prompt: prompt.clone(),
+                max_tokens,
+                sampling,
+                ignore_eos: self.ignore_eos.unwrap_or(false),
+                logprobs: want_logprobs,
+                top_logprobs,
+                prompt_logprobs: false,
+            },
+            prompt,
+            stops,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            want_logprobs,
+            echo: false,
+        })
+    }
+}
+
+impl ChatRequest {
+    /// The messages as the chat template takes them: 1 to [`CHAT_MESSAGES_MAX`] of them,
+    /// content as a string or as text parts (other part types are refused).
+    pub(super) fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() || self.messages.len() > CHAT_MESSAGES_MAX {
+            return Err(ApiError::bad_request(format!("messages must hold 1 to {CHAT_MESSAGES_MAX} messages")).param("messages"));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for m in &self.messages {
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        if part.kind != "text" {
+                            return Err(ApiError::bad_request(format!("content parts of type `{}` are not supported (text only)", part.kind)).param("messages"));
+                        }
+                        text.push_str(part.text.as_deref().unwrap_or(""));
+                    }
+                    text
+                }
+            };
+            messages.push(ChatMessage { role: m.role.clone(), content });
+        }
+        Ok(messages)
+    }
+
+    /// Alternatives per token: `top_logprobs` when `logprobs` is on, else none.
+    pub(super) fn top_logprobs(&self) -> Result<usize, ApiError> {
+        match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (_, Some(n)) if n > u64::from(TOP_LOGPROBS_MAX) => Err(ApiError::bad_request(format!(
+                "top_logprobs must be at most {TOP_LOGPROBS_MAX}"
+            ))
+            .param("top_logprobs")),
+            (true, n) => Ok(n.unwrap_or(0) as usize),
+            (false, _) => Ok(0),
+        }
+    }
+}
+
+/// A completions prompt: text to tokenize, or token ids as they are.
+pub(super) enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl CompletionRequest {
+    /// The one prompt: a string, token ids, or a batch of exactly one of either.
+    pub(super) fn prompt_input(&self) -> Result<PromptInput, ApiError> {
+        Ok(match &self.prompt {
+            Value::String(s) => PromptInput::Text(s.clone()),
+            Value::Array(items) if items.len() == 1 && items[0].is_string() => PromptInput::Text(items[0].as_str().unwrap_or_default().to_owned()),
+            Value::Array(items) if items.len() == 1 && items[0].is_array() => PromptInput::Ids(token_ids(&items[0])?),
+            Value::Array(items) if items.iter().all(Value::is_number) => PromptInput::Ids(token_ids(&self.prompt)?),
+            Value::Array(_) => return Err(ApiError::bad_request("batched prompts are not supported: send one prompt per request").param("prompt")),
+            _ => return Err(ApiError::bad_request("prompt must be a string or an array of token ids").param("prompt")),
+        })
+    }
+
+    /// `logprobs`: alternatives per token, when log-probabilities are asked for.
+    pub(super) fn top_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match self.logprobs {
+            Some(n) if n > u64::from(TOP_LOGPROBS_MAX) => {
+                Err(ApiError::bad_request(format!("logprobs must be at most {TOP_LOGPROBS_MAX}")).param("logprobs"))
+            }
+            n => Ok(n.map(|n| n as usize)),
+        }
+    }
+}
+
+/// Echo with log-probabilities computes one per prompt token: at most
+/// [`PROMPT_LOGPROBS_TOKENS_MAX`] of them.
+pub(super) fn check_prompt_logprobs_length(prompt_tokens: usize) -> Result<(), ApiError> {
+    if prompt_tokens > PROMPT_LOGPROBS_TOKENS_MAX as usize {
+        return Err(ApiError::bad_request(format!(
+            "log-probabilities of a prompt are computed for at most {PROMPT_LOGPROBS_TOKENS_MAX} tokens"
+        ))
+        .param("prompt"));
+    }
+    Ok(())
+}
+
+fn token_ids(value: &Value) -> Result<Vec<u32>, ApiError> {
+    let items = value.as_array().ok_or_else(|| ApiError::bad_request("prompt must be an array of token ids").param("prompt"))?;
+    items
+        .iter()
+        .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| ApiError::bad_request("token ids must be non-negative integers").param("prompt"))
+}

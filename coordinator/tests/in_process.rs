@@ -1,0 +1,224 @@
+//! In-process tests with the real model: the HTTP API served by [`potluck_coordinator::serve`]
+//! on a listener bound to `127.0.0.1:0`, and the generation loop ([`GenerationService`])
+//! driven through the real single-machine pipeline ([`LocalPipeline`] over a
+//! [`StageRunner`]). No child processes: each test runs in this one, so a failure points at
+//! the library rather than at process plumbing (the end-to-end tests cover that).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use potluck_coordinator::generation::{
+    FinishReason, GenerateEvent, GenerateRequest, GenerationService, ACTIVE_SEQUENCES_MAX,
+};
+use potluck_coordinator::pipeline::LocalPipeline;
+use potluck_coordinator::ServeConfig;
+use potluck_engine::arch::ModelSlice;
+use potluck_engine::backend::Backend;
+use potluck_engine::profile::ModelProfile;
+use potluck_engine::sampler::SamplingParams;
+use potluck_engine::tokenizer::Tokenizer;
+use potluck_node::stage::StageRunner;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Every wait in these tests is bounded by this.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Context per sequence: enough for the prompts here, small enough to keep KV caches tiny.
+const CONTEXT_TOKENS: usize = 256;
+/// An HTTP answer larger than this is not one these tests expect.
+const RESPONSE_BYTES_MAX: u64 = 1 << 20;
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("POTLUCK_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.exists(), "model missing at {}: run `coordinator fetch-model` or set POTLUCK_MODEL", path.display());
+    path
+}
+
+// ---------------------------------------------------------------------------------------
+// The API, served in-process
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`, so the answer ends with
+/// the connection): the status code and the body.
+async fn http(address: std::net::SocketAddr, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connecting to the server");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("sending the request");
+    let mut response = Vec::new();
+    stream.take(RESPONSE_BYTES_MAX).read_to_end(&mut response).await.expect("reading the answer");
+    let response = String::from_utf8(response).expect("a UTF-8 answer");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "a JSON answer has a length: {head}");
+    (status, body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_in_process_and_stops_on_shutdown() {
+    let config = ServeConfig { model: Some(model_path()), threads: 1, api_key: None, context_length: CONTEXT_TOKENS };
+    let state = tokio::task::spawn_blocking(move || potluck_coordinator::load(&config)).await.unwrap().expect("loading the model");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(potluck_coordinator::serve(state, listener, async {
+        let _ = stopped.await;
+    }));
+
+    // llama.cpp's answers for this model (tests/fixtures), recorded by llama-server.
+    let reference: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/smollm2-q4_1-llamacpp.json")).unwrap();
+    let chat_reference = &reference["chat_template_render"];
+    let request = serde_json::json!({
+        "model": "any",
+        "messages": chat_reference["messages"],
+        "temperature": 0,
+        "max_tokens": 24,
+    });
+    let (status, body) = tokio::time::timeout(WAIT_TIMEOUT, http(address, "POST", "/v1/chat/completions", Some(&request)))
+        .await
+        .expect("an answer in time");
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("a JSON answer");
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant", "{answer}");
+    let content = answer["choices"][0]["message"]["content"].as_str().expect("a message");
+    assert!(!content.trim().is_empty(), "an answer: {answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "24 tokens, greedy, no end of turn: {answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 24, "{answer}");
+    let prompt_ids = chat_reference["ids"].as_array().unwrap().len();
+    assert_eq!(answer["usage"]["prompt_tokens"], prompt_ids, "the chat template renders as llama.cpp's: {answer}");
+
+    // A greedy completion is llama.cpp's, token for token.
+    let greedy = &reference["greedy"][0];
+    let request = serde_json::json!({"prompt": greedy["prompt"], "temperature": 0, "max_tokens": greedy["request"]["n_predict"]});
+    let (status, body) = http(address, "POST", "/v1/completions", Some(&request)).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["choices"][0]["text"], greedy["generated_text"], "{answer}");
+    assert!(answer["choices"][0]["text"].as_str().unwrap().starts_with(" Paris"));
+
+    // The cluster snapshot reads back as the type that wrote it.
+    let (status, body) = http(address, "GET", "/health", None).await;
+    assert_eq!(status, 200);
+    let health: potluck_coordinator::snapshot::ClusterSnapshot = serde_json::from_str(&body).expect("/health is a ClusterSnapshot");
+    assert_eq!(health.status, "ok");
+    assert_eq!(health.stages.len(), 1, "one stage, this machine: {health:?}");
+    assert_eq!(health.recent_requests.len(), 2, "both requests are listed: {health:?}");
+    assert_eq!(health.recent_requests[1].endpoint, "chat", "oldest last: {health:?}");
+
+    // An open dashboard stream must not hold up the shutdown.
+    let mut events = tokio::net::TcpStream::connect(address).await.unwrap();
+    events.write_all(format!("GET /events HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut first = [0u8; 64];
+    let n = tokio::time::timeout(WAIT_TIMEOUT, events.read(&mut first)).await.expect("the stream opens").unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), server).await.expect("the server stops after shutdown");
+    result.expect("the server task did not panic").expect("the server ended cleanly");
+    assert!(tokio::net::TcpStream::connect(address).await.is_err(), "nothing listens after shutdown");
+}
+
+// ---------------------------------------------------------------------------------------
+// The generation loop over the real local pipeline
+
+struct Model {
+    profile: ModelProfile,
+    tokenizer: Tokenizer,
+}
+
+fn open_model() -> Model {
+    let (profile, content) = ModelProfile::from_path(&model_path()).expect("reading the GGUF header");
+    let tokenizer = Tokenizer::from_gguf(&content).expect("the tokenizer");
+    Model { profile, tokenizer }
+}
+
+/// A generation service over every layer of the model on this thread's machine, whose one
+/// stage holds `sequences_max` sequences at most.
+fn local_service(model: &Model, sequences_max: usize) -> GenerationService {
+    let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
+    let runner = StageRunner::new(slice, CONTEXT_TOKENS, sequences_max, potluck_protocol::Dtype::F32);
+    GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec())
+}
+
+fn request(model: &Model, prompt: &str, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
+    let mut ids: Vec<u32> = Vec::new();
+    if model.tokenizer.add_bos() {
+        ids.extend(model.tokenizer.bos_id());
+    }
+    ids.extend(model.tokenizer.encode(prompt, true));
+    GenerateRequest {
+        prompt: ids,
+        max_tokens,
+        sampling,
+        ignore_eos: true,
+        logprobs: false,
+        top_logprobs: 0,
+        prompt_logprobs: false,
+    }
+}
+
+/// Every token of one request, and how it finished.
+async fn tokens_of(mut events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) -> (Vec<u32>, FinishReason) {
+    let mut tokens = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await.expect("the request ends in time") {
+            Some(GenerateEvent::Token { id, .. }) => tokens.push(id),
+            Some(GenerateEvent::Finished { reason, completion_tokens, .. }) => {
+                assert_eq!(completion_tokens, tokens.len());
+                return (tokens, reason);
+            }
+            Some(other) => panic!("unexpected event {other:?}"),
+            None => panic!("the service dropped the request"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sequences_batched_together_sample_what_each_samples_alone() {
+    let model = open_model();
+    let service = local_service(&model, ACTIVE_SEQUENCES_MAX);
+    let greedy = request(&model, "The capital of France is", 12, SamplingParams::greedy());
+    // A drawn sequence (temperature, top-p) with a fixed seed draws the same way each time.
+    let seeded = SamplingParams { temperature: 0.9, seed: Some(42), ..SamplingParams::default() };
+    let drawn = request(&model, "Once upon a time, in a small village,", 12, seeded);
+
+    let greedy_alone = tokens_of(service.submit(greedy.clone()).unwrap()).await;
+    let drawn_alone = tokens_of(service.submit(drawn.clone()).unwrap()).await;
+    assert_eq!((greedy_alone.0.len(), greedy_alone.1), (12, FinishReason::Length));
+
+    // Both at once: their rows share steps (one prompt is longer, so prefill and decode mix).
+    let (a, b) = (service.submit(greedy).unwrap(), service.submit(drawn).unwrap());
+    let (greedy_together, drawn_together) = tokio::join!(tokens_of(a), tokens_of(b));
+    assert_eq!(greedy_together, greedy_alone, "the greedy sequence, batched vs alone");
+    assert_eq!(drawn_together, drawn_alone, "the seeded sequence, batched vs alone");
+    assert!(service.stats().steps.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+#[tokio::test]
+async fn a_cancelled_request_releases_its_sequence() {
+    let model = open_model();
+    // One sequence at most on the stage: the next request can only start if the cancelled
+    // one's KV cache was freed there.
+    let service = local_service(&model, 1);
+    let long = request(&model, "Count from one to one hundred:", 200, SamplingParams::greedy());
+    let mut events = service.submit(long).unwrap();
+    let first = tokio::time::timeout(WAIT_TIMEOUT, events.recv()).await.expect("a first token in time");
+    assert!(matches!(first, Some(GenerateEvent::Token { .. })), "{first:?}");
+    drop(events); // the client goes away
+
+    let stats = service.stats();
+    let deadline = Instant::now() + WAIT_TIMEOUT;
+    while stats.active.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+        assert!(Instant::now() < deadline, "the cancelled sequence is still active");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let next = request(&model, "The capital of France is", 4, SamplingParams::greedy());
+    let (tokens, reason) = tokens_of(service.submit(next).unwrap()).await;
+    assert_eq!((tokens.len(), reason), (4, FinishReason::Length), "the stage had room again");
+    assert_eq!(stats.requests_finished.load(std::sync::atomic::Ordering::Relaxed), 1, "only the second request finished");
+}
