@@ -35,10 +35,12 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// heartbeats (a GC pause, a Wi-Fi hiccup) without flapping.
 pub const PEER_SILENCE_TIMEOUT_MS: u64 = 3_000;
 
-/// Most nodes that may be members at once (Joining, Loading or Ready). Bounds the planner's
-/// input (its search grows with the node count) and this module's memory; a home cluster has
-/// a handful of machines, so 32 leaves room for a GPU node and a CPU node per machine.
-pub const NODES_MAX: usize = 32;
+/// Most nodes that may be members at once (Joining, Loading or Ready): the planner's own bound
+/// less one, for the coordinator, which the planner sees as a node too. It bounds the
+/// planner's input (its search grows with the node count) and this module's memory; a home
+/// cluster has a handful of machines, so 31 leaves room for a GPU node and a CPU node per
+/// machine.
+pub const NODES_MAX: usize = potluck_shard_planner::limits::NODES_MAX - 1;
 
 /// Gone nodes kept for the dashboard ("laptop: gone, silent for 3 s") beyond the members;
 /// the oldest are forgotten first, so churn cannot grow the table without bound.
