@@ -830,12 +830,11 @@ impl Driver {
             let Some((_, connection)) = member(&stage.node_id) else {
                 return tracing::error!(node = %stage.node_id, "a planned node has no connection");
             };
-            let upstream_id = if i == 0 {
-                self.node_id.clone()
-            } else if stages[i - 1].node_id == COORDINATOR_NODE {
-                self.node_id.clone()
-            } else {
-                stages[i - 1].node_id.clone()
+            // Stage 0's input comes from the coordinator, and so does a stage after the
+            // coordinator's own.
+            let upstream_id = match i.checked_sub(1).map(|previous| &stages[previous].node_id) {
+                Some(previous) if previous != COORDINATOR_NODE => previous.clone(),
+                _ => self.node_id.clone(),
             };
             let (next_stage, next_stage_id) = match stages.get(i + 1) {
                 Some(next) => match member(&next.node_id) {
