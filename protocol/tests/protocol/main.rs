@@ -5,6 +5,7 @@
 //! - `fuzz_smoke`: the fuzz target's checks over seeded random and mutated buffers, for
 //!   machines without nightly.
 
+mod close_codes_doc;
 mod common;
 mod fuzz_check;
 mod fuzz_smoke;
