@@ -36,10 +36,11 @@ def engine_bench(bin_dir, model, threads):
     return {"engine prefill": summary["prefill_tok_s"], "engine decode": summary["decode_tok_s"]}
 
 
-def cluster_bench(bin_dir, model, threads, rounds, tokens):
+def cluster_bench(bin_dir, model, threads, rounds, tokens, dtype):
     env = {**os.environ, "POTLUCK_BIN_DIR": bin_dir}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "bench_cluster.py"), "--model", model,
-                          "--rounds", str(rounds), "--tokens", str(tokens), "--threads", str(threads)],
+                          "--rounds", str(rounds), "--tokens", str(tokens), "--threads", str(threads),
+                          "--dtype", dtype],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"bench_cluster.py failed with {bin_dir}:\n{out.stdout}\n{out.stderr}")
@@ -80,6 +81,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="bench_cluster.py rounds per arm")
     ap.add_argument("--tokens", type=int, default=64, help="bench_cluster.py tokens per request")
+    ap.add_argument("--dtype", default="f32", help="activations between stages (both builds must accept it)")
     args = ap.parse_args()
     arms = {"old": os.path.abspath(args.old), "new": os.path.abspath(args.new), "old'": os.path.abspath(args.old)}
     order = list(arms)
@@ -88,7 +90,7 @@ def main():
         rotated = order[it % 3:] + order[:it % 3]
         for arm in rotated:
             figures = engine_bench(arms[arm], args.model, args.threads)
-            figures.update(cluster_bench(arms[arm], args.model, args.threads, args.rounds, args.tokens))
+            figures.update(cluster_bench(arms[arm], args.model, args.threads, args.rounds, args.tokens, args.dtype))
             results[arm].append(figures)
             print(f"iteration {it + 1} {arm:4}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()),
                   file=sys.stderr, flush=True)

@@ -123,7 +123,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="f16")
+    ap.add_argument("--dtype", default="f32", help="activations between stages (the product default is f32)")
     ap.add_argument("--model")
     args = ap.parse_args()
     if not args.model:

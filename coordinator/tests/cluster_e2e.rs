@@ -205,7 +205,8 @@ fn run_python(script: &str, base_url: &str) {
 fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     let dir = temp_dir("two-workers");
     // The coordinator keeps no layers and splits by memory, so each worker holds half.
-    let coordinator = start_coordinator(&dir, &["--workers", "2", "--no-local-layers", "--planner", "proportional", "--activation-dtype", "f32"]);
+    // The default activation type: what this test proves must hold with defaults.
+    let coordinator = start_coordinator(&dir, &["--workers", "2", "--no-local-layers", "--planner", "proportional"]);
     let _w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
     let _w2 = start_worker(&dir, "w2", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
     let health = wait_for_stages(&coordinator, 2, Duration::from_secs(180));
