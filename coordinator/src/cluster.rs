@@ -234,6 +234,7 @@ pub async fn start(
     profile: ModelProfile,
     service: GenerationService,
     status: ClusterStatus,
+    whole_model_local: bool,
 ) -> Result<Cluster> {
     tls::install_crypto_provider();
     let endpoint = tls::endpoint(&config.identity, config.listen)
@@ -304,7 +305,8 @@ pub async fn start(
         rollout: Rollout::new(),
         ready_owed: BTreeMap::new(),
         node_id: node_id.clone(),
-        whole_model_local: true,
+        whole_model_local,
+        first_split_done: false,
         plan_connections: BTreeMap::new(),
         link_bandwidth: BTreeMap::new(),
     };
@@ -509,6 +511,8 @@ struct Driver {
     node_id: String,
     /// The generation service still runs the whole model loaded at start-up.
     whole_model_local: bool,
+    /// A split has been activated once: `--workers N` holds back only the first.
+    first_split_done: bool,
     /// Each worker stage's connection when the plan in force was rolled out: a stage back
     /// on another connection restarted and lost its state.
     plan_connections: BTreeMap<String, ConnectionId>,
@@ -689,13 +693,14 @@ impl Driver {
         }
         // `--workers N` holds back the first split only; after that the cluster re-plans
         // over whoever is left.
-        let waiting_for_first = self.whole_model_local && members.len() < self.config.min_workers;
+        let waiting_for_first = !self.first_split_done && members.len() < self.config.min_workers;
         let nobody = members.is_empty() && !self.config.local_layers;
         if waiting_for_first || nobody {
             tracing::info!(%reason, workers = members.len(), needed = self.config.min_workers, "waiting for more workers before planning");
-            if self.plan.is_none() && !self.whole_model_local {
+            if self.plan.is_none() && !self.whole_model_local && self.first_split_done {
                 // The cluster broke and cannot be re-planned yet: fail requests clearly
-                // instead of leaving them hanging.
+                // instead of leaving them hanging. (Before the first split the pipeline is
+                // already unavailable, with the reason `load` gave.)
                 let message = "the cluster lost its workers and this coordinator keeps no layers (--no-local-layers); \
                                waiting for a worker to join"
                     .to_string();
@@ -944,6 +949,7 @@ impl Driver {
                 self.plan = Some(plan);
                 self.plan_connections = connections;
                 self.whole_model_local = false;
+                self.first_split_done = true;
             }
             Err(e) => tracing::error!(error = format!("{e:#}"), "cannot start the cluster pipeline"),
         }

@@ -39,6 +39,7 @@ use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
 use potluck_engine::tokenizer::Tokenizer;
+use potluck_shard_planner::format_bytes;
 
 /// Default context per sequence when `--ctx-size` is not given: enough for chat, and small
 /// enough that 16 concurrent sequences' KV caches stay modest on a laptop.
@@ -51,6 +52,34 @@ pub struct ServeConfig {
     pub threads: usize,
     pub api_key: Option<String>,
     pub context_length: usize,
+    /// Whether this machine runs the layers itself until workers take them.
+    pub local: LocalLayers,
+}
+
+/// Whether `load` puts every layer on this machine. The plan comes before the loading: a
+/// model that does not fit is never loaded here (a 42 GB model on a 16 GB coordinator would
+/// be killed before any worker could join); the API and the dashboard serve at once, and
+/// `/v1/*` answers 503 `model_unavailable`, saying what is missing, until workers join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalLayers {
+    /// Every layer here when the weights and the KV cache (context × sequences) fit this
+    /// machine's memory budget; otherwise none until workers join.
+    IfFits { memory_budget_bytes: u64 },
+    /// Never (`--no-local-layers`): the model serves once workers hold it.
+    Never,
+}
+
+/// Bytes the whole model needs on one machine: every layer's weights, the embedding and the
+/// head, and the KV cache of [`generation::ACTIVE_SEQUENCES_MAX`] sequences of
+/// `context_length` positions. The planner's own formula (`stage_memory_bytes`),
+/// so this check and the plan never disagree.
+pub fn whole_model_bytes(profile: &ModelProfile, context_length: usize) -> u64 {
+    let model = potluck_node::planner_model(profile, "model");
+    let workload = potluck_shard_planner::Workload {
+        context_tokens: context_length as u32,
+        sequences: generation::ACTIVE_SEQUENCES_MAX as u32,
+    };
+    potluck_shard_planner::stage_memory_bytes(&model, 0..profile.n_layers, workload)
 }
 
 /// Everything loaded and ready to answer: the API state.
@@ -60,27 +89,51 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
     let (profile, content) = ModelProfile::from_path(&path).with_context(|| format!("cannot load the model {}", path.display()))?;
     let tokenizer = Tokenizer::from_gguf(&content).context("cannot build the tokenizer from the GGUF")?;
     let template = ChatTemplate::from_gguf(&content, &tokenizer).context("cannot load the chat template from the GGUF")?;
-    let model = ModelSlice::load(&path, 0..profile.n_layers, Backend::cpu(config.threads)).with_context(|| format!("cannot load the model {}", path.display()))?;
-    tracing::info!(
-        model = %path.display(),
-        layers = profile.n_layers,
-        weights_mib = model.size_in_bytes() as f64 / (1 << 20) as f64,
-        load_ms = started.elapsed().as_millis() as u64,
-        "model loaded; running every layer on this machine (no workers)"
-    );
     let context_length = config.context_length.min(profile.context_length);
-    let runner = potluck_node::stage::StageRunner::new(
-        model,
-        context_length,
-        generation::ACTIVE_SEQUENCES_MAX,
-        potluck_protocol::Dtype::F32,
-    );
-    let service = generation::GenerationService::start(
-        Box::new(pipeline::LocalPipeline::new(runner)),
-        context_length,
-        tokenizer.stop_ids().to_vec(),
-    );
+    let needed = whole_model_bytes(&profile, context_length);
+    let unavailable = match config.local {
+        LocalLayers::IfFits { memory_budget_bytes } if needed > memory_budget_bytes => Some(format!(
+            "the model needs {} (weights and the KV cache of {} sequences × {context_length} positions) and this machine lends {}: \
+             {} missing. Add a machine: run `worker join` with the join line `coordinator serve` printed",
+            format_bytes(needed),
+            generation::ACTIVE_SEQUENCES_MAX,
+            format_bytes(memory_budget_bytes),
+            format_bytes(needed - memory_budget_bytes),
+        )),
+        LocalLayers::IfFits { .. } => None,
+        LocalLayers::Never => Some(
+            "this coordinator keeps no layers (--no-local-layers) and no worker holds the model yet: \
+             run `worker join` with the join line `coordinator serve` printed"
+                .to_string(),
+        ),
+    };
+    let pipeline: Box<dyn pipeline::Pipeline> = match &unavailable {
+        Some(message) => {
+            tracing::warn!(needed_mib = needed >> 20, "{message}");
+            Box::new(pipeline::UnavailablePipeline::new(message.clone()))
+        }
+        None => {
+            let model = ModelSlice::load(&path, 0..profile.n_layers, Backend::cpu(config.threads))
+                .with_context(|| format!("cannot load the model {}", path.display()))?;
+            tracing::info!(
+                model = %path.display(),
+                layers = profile.n_layers,
+                weights_mib = model.size_in_bytes() as f64 / (1 << 20) as f64,
+                load_ms = started.elapsed().as_millis() as u64,
+                "model loaded; running every layer on this machine (no workers)"
+            );
+            let runner = potluck_node::stage::StageRunner::new(
+                model,
+                context_length,
+                generation::ACTIVE_SEQUENCES_MAX,
+                potluck_protocol::Dtype::F32,
+            );
+            Box::new(pipeline::LocalPipeline::new(runner))
+        }
+    };
+    let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec());
     Ok(Arc::new(state::AppState {
+        whole_model_local: unavailable.is_none(),
         cluster: cluster::ClusterStatus::local(profile.n_layers),
         model_path: path.clone(),
         profile: profile.clone(),

@@ -80,7 +80,8 @@ struct ServeArgs {
     #[arg(long, value_name = "f32|f16", default_value = "f32", value_parser = parse_dtype)]
     activation_dtype: potluck_protocol::Dtype,
     /// Memory this machine lends to the model, e.g. 4GiB (default: available memory minus a
-    /// reserve). Used by the planner when this machine holds layers.
+    /// reserve). Decides whether the model is loaded here at all (weights and KV cache must
+    /// fit it), and bounds the layers the planner gives this machine.
     #[arg(long, value_name = "SIZE", value_parser = potluck_engine::device::parse_size)]
     memory_limit: Option<u64>,
     /// Compute threads. Default: all cores. On a busy machine fewer threads can be faster.
@@ -165,11 +166,23 @@ fn serve(args: ServeArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
+    // Measure before loading: whether the model fits this machine decides whether it is
+    // loaded here at all (see `LocalLayers`).
+    let cluster_config = if args.no_cluster { None } else { Some(cluster_config(&args, threads)?) };
+    let local = match &cluster_config {
+        Some(c) if !c.local_layers => potluck_coordinator::LocalLayers::Never,
+        Some(c) => potluck_coordinator::LocalLayers::IfFits { memory_budget_bytes: c.local_device.memory_budget_bytes },
+        None => potluck_coordinator::LocalLayers::IfFits {
+            memory_budget_bytes: potluck_engine::device::measure_memory_budget_bytes(args.memory_limit)
+                .context("reading this machine's memory")?,
+        },
+    };
     let config = potluck_coordinator::ServeConfig {
         model: args.model.clone(),
         threads,
         api_key: args.api_key.clone(),
         context_length: args.ctx_size.max(16),
+        local,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The HTTP side is light; compute threads are the engine's own pool.
@@ -189,20 +202,19 @@ fn serve(args: ServeArgs) -> Result<()> {
             "  try: curl http://{address}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}]}}'",
             state.model_id
         );
-        let cluster = if args.no_cluster {
-            None
-        } else {
-            let cluster_config = cluster_config(&args, threads)?;
-            Some(
+        let cluster = match cluster_config {
+            None => None,
+            Some(cluster_config) => Some(
                 potluck_coordinator::cluster::start(
                     cluster_config,
                     state.model_path.clone(),
                     state.profile.clone(),
                     state.service.clone(),
                     state.cluster.clone(),
+                    state.whole_model_local,
                 )
                 .await?,
-            )
+            ),
         };
         let _cluster = cluster;
         potluck_coordinator::serve(state, listener, async {

@@ -17,6 +17,9 @@ use crate::generation::GenerationService;
 
 pub struct AppState {
     pub service: GenerationService,
+    /// Every layer was loaded on this machine at start (the model fit its budget); false
+    /// when the model waits for workers (`lib::LocalLayers`).
+    pub whole_model_local: bool,
     /// What `/health` (and the dashboard) show of the cluster: nodes, stages, the plan.
     pub cluster: ClusterStatus,
     /// The model file and its header (the cluster serves weights from it).

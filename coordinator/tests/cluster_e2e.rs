@@ -605,3 +605,62 @@ fn sixty_four_streaming_clients_for_two_minutes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+
+/// A memory figure of a process from /proc/PID/status (`VmRSS`, `VmHWM`), in bytes.
+fn resident_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Plan before loading: a coordinator whose memory budget cannot hold the model never loads
+/// it. It serves the API and the dashboard at once, answers `/v1/*` with 503
+/// `model_unavailable` saying how much is missing and how to add a machine, and answers as
+/// one machine does (f32 activations, the default) once a worker has joined.
+#[test]
+fn a_model_too_big_for_the_coordinator_waits_for_workers_without_loading() {
+    let dir = temp_dir("too-big");
+    let (single, single_http) = start_single(&dir);
+    let prompt = r#"{"model":"x","prompt":"The capital of France is","max_tokens":12,"temperature":0}"#;
+    let (status, expected) = post(&single_http, "/v1/completions", prompt);
+    assert_eq!(status, 200, "{expected}");
+    drop(single);
+
+    // 182 MiB with the KV cache of 16 sequences × 256 tokens (see the test above) > 64 MiB.
+    let coordinator = start_coordinator(&dir, &["--memory-limit", "64MiB", "--ctx-size", "256"]);
+    assert!(!get_json(&coordinator.http, "/health")["model"].is_null(), "/health serves at once");
+    let (status, response) = post(&coordinator.http, "/v1/completions", prompt);
+    assert_eq!(status, 503, "{response}");
+    for needle in ["model_unavailable", "missing", "worker join"] {
+        assert!(response.contains(needle), "the refusal should say {needle:?}: {response}");
+    }
+    let model_bytes = std::fs::metadata(model_path()).unwrap().len();
+    // Resident now, not the peak: measuring the device at start streams through a buffer of
+    // up to 256 MiB (`device::STREAM_BYTES_MAX`), freed before the model is considered.
+    let pid = coordinator.process.child.id();
+    let resident = resident_bytes(pid, "VmRSS:");
+    println!(
+        "coordinator before any worker: {} MiB resident, {} MiB peak (model file {} MiB)",
+        resident >> 20,
+        resident_bytes(pid, "VmHWM:") >> 20,
+        model_bytes >> 20
+    );
+    assert!(resident < model_bytes / 2, "the coordinator holds the model anyway: {resident} bytes resident, model {model_bytes}");
+
+    let _worker = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let answer = loop {
+        let (status, response) = post(&coordinator.http, "/v1/completions", prompt);
+        if status == 200 {
+            break response;
+        }
+        assert!(Instant::now() < deadline, "no answer after a worker joined: {status} {response}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let text = |response: &str| {
+        let body = response.split_once("\r\n\r\n").map_or(response, |(_, body)| body);
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(text(&answer), text(&expected), "the cluster must answer as one machine does");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,7 +11,7 @@ use potluck_coordinator::generation::{
     FinishReason, GenerateEvent, GenerateRequest, GenerationService, ACTIVE_SEQUENCES_MAX,
 };
 use potluck_coordinator::pipeline::LocalPipeline;
-use potluck_coordinator::ServeConfig;
+use potluck_coordinator::{LocalLayers, ServeConfig};
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
@@ -59,7 +59,13 @@ async fn http(address: std::net::SocketAddr, method: &str, path: &str, body: Opt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_answers_in_process_and_stops_on_shutdown() {
-    let config = ServeConfig { model: Some(model_path()), threads: 1, api_key: None, context_length: CONTEXT_TOKENS };
+    let config = ServeConfig {
+        model: Some(model_path()),
+        threads: 1,
+        api_key: None,
+        context_length: CONTEXT_TOKENS,
+        local: LocalLayers::IfFits { memory_budget_bytes: u64::MAX },
+    };
     let state = tokio::task::spawn_blocking(move || potluck_coordinator::load(&config)).await.unwrap().expect("loading the model");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

@@ -291,6 +291,13 @@ pub fn parse_cpu_model(cpuinfo: &str) -> Option<String> {
     })
 }
 
+/// This machine's memory budget (available memory less the reserve, capped by
+/// `memory_limit_bytes`), read without running the benchmarks: what a server that computes
+/// alone needs to decide whether a model fits before it loads a byte of it.
+pub fn measure_memory_budget_bytes(memory_limit_bytes: Option<u64>) -> Result<u64, DeviceError> {
+    Ok(memory_budget_bytes(read_memory()?, memory_limit_bytes))
+}
+
 #[cfg(target_os = "linux")]
 fn read_memory() -> Result<MemInfo, DeviceError> {
     const PATH: &str = "/proc/meminfo";

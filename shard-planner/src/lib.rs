@@ -356,6 +356,15 @@ pub fn proportional_plan(request: &PlanRequest) -> Result<Plan, PlanError> {
     ))
 }
 
+/// Bytes a stage holding `layers` of `model` needs under `workload`: its weights (with the
+/// embedding on the first stage and the head on the last) and its KV cache. The planner's
+/// own memory check, for callers that decide before planning (a coordinator deciding whether
+/// to load a model at all).
+pub fn stage_memory_bytes(model: &ModelProfile, layers: Range<u32>, workload: Workload) -> u64 {
+    let links = LinkMatrix::uniform(0, LinkProfile { rtt_us: 0, bandwidth_bytes_per_s: 1 });
+    cost::CostModel::new(model, &[], &links, workload).stage_memory_bytes(layers.start, layers.end)
+}
+
 /// Prices a given layout: `(node id, layer range)` per stage in pipeline order. The stages
 /// must tile `0..n_layers`, each non-empty, each node at most once. The result may not fit.
 pub fn evaluate(request: &PlanRequest, stages: &[(&str, Range<u32>)]) -> Result<Plan, PlanError> {
