@@ -93,6 +93,8 @@ pub struct ClusterConfig {
     /// Advertise the cluster on the LAN by mDNS.
     pub mdns: bool,
     pub threads: usize,
+    /// Where the weight server keeps tensor hashes across restarts (next to the identity).
+    pub hash_store: Option<PathBuf>,
 }
 
 /// What the driver publishes of the cluster: the parts of a
@@ -255,7 +257,14 @@ pub async fn start(
     let weights = Arc::new(
         tokio::task::spawn_blocking({
             let path = model_path.clone();
-            move || WeightServer::open(&path)
+            let store = config.hash_store.clone();
+            move || {
+                let server = WeightServer::open(&path)?;
+                anyhow::Ok(match store {
+                    Some(dir) => server.with_hash_store(&dir),
+                    None => server,
+                })
+            }
         })
         .await??,
     );

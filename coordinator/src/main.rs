@@ -158,6 +158,7 @@ fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinato
         min_workers: args.workers,
         mdns: !args.no_mdns && !args.cluster_listen.ip().is_loopback(),
         threads,
+        hash_store: identity_path.parent().map(|dir| dir.join("tensor-hashes")),
     })
 }
 

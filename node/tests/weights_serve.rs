@@ -496,3 +496,38 @@ fn the_server_is_shared_across_tasks_and_the_fetch_can_be_spawned() {
     );
     send(&future);
 }
+
+/// A coordinator restarting on the same file hashes nothing it already knows: the hashes of
+/// the first run come back from the store, and the refs are the same. A file that changed
+/// (here: rewritten with other weights, so its modification time moved) is hashed again.
+#[test]
+fn a_restart_hashes_nothing_it_already_knows() {
+    let fixture = Fixture::new("hash-store");
+    let store = fixture.root.join("tensor-hashes");
+    let first = WeightServer::open(&fixture.path).unwrap().with_hash_store(&store);
+    let refs = first.slice_refs(&fixture.profile, 0..N_LAYERS).unwrap();
+    // The tied embedding is sent twice (embedding and head) but hashed once.
+    let distinct = refs.iter().map(|t| &t.name).collect::<std::collections::HashSet<_>>().len() as u64;
+    assert_eq!(first.tensors_hashed(), distinct, "a first run hashes every tensor it sends");
+
+    let restarted = WeightServer::open(&fixture.path).unwrap().with_hash_store(&store);
+    assert_eq!(restarted.slice_refs(&fixture.profile, 0..N_LAYERS).unwrap(), refs);
+    assert_eq!(restarted.tensors_hashed(), 0, "a restart on the same file hashes nothing");
+
+    // Other weights under the same header: same model hash, so the same store file, but the
+    // file's identity changed and every hash is computed again.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write_tiny_gguf(&fixture.path, 2, true);
+    let changed = WeightServer::open(&fixture.path).unwrap().with_hash_store(&store);
+    assert_eq!(changed.model_hash(), first.model_hash());
+    let changed_refs = changed.slice_refs(&fixture.profile, 0..N_LAYERS).unwrap();
+    assert_eq!(changed.tensors_hashed(), distinct);
+    assert!(changed_refs.iter().zip(&refs).all(|(a, b)| a.sha256 != b.sha256), "new weights, new hashes");
+
+    // A corrupt store is ignored, not trusted.
+    let file = std::fs::read_dir(&store).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&file, b"{ not json").unwrap();
+    let after_corruption = WeightServer::open(&fixture.path).unwrap().with_hash_store(&store);
+    assert_eq!(after_corruption.slice_refs(&fixture.profile, 0..N_LAYERS).unwrap(), changed_refs);
+    assert_eq!(after_corruption.tensors_hashed(), distinct);
+}

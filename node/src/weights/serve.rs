@@ -16,6 +16,12 @@
 //! so serving a 1 GB embedding costs [`WEIGHT_CHUNK_BYTES`] of buffer (twice: the read and
 //! the encoded frame).
 //!
+//! **Restarts:** with [`WeightServer::with_hash_store`], each tensor hash is also kept on disk
+//! (`<store>/<model hash>.json`, with the file's length and modification time), so a
+//! coordinator that restarts on the same file hashes nothing it already knows: hashing a
+//! 40 GB model at ~1 GB/s would otherwise delay the first worker by most of a minute at every
+//! start. A file whose length or modification time changed starts from an empty store.
+//!
 //! The file is assumed not to change while it is served. A changed length is refused at the
 //! start of every fetch; changed bytes are caught by the worker, whose whole-tensor hash then
 //! fails (it retries, then gives up naming the tensor).
@@ -62,6 +68,25 @@ pub const FETCH_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const CHUNK_SEND_TIMEOUT_MS: u64 = 60_000;
 
 
+/// A file's length and modification time (ns since the Unix epoch): what says the file a
+/// stored hash describes is still the file on disk.
+fn file_identity(path: &Path) -> std::io::Result<(u64, u128)> {
+    let metadata = std::fs::metadata(path)?;
+    let modified = metadata.modified()?.duration_since(std::time::UNIX_EPOCH).map_err(std::io::Error::other)?;
+    Ok((metadata.len(), modified.as_nanos()))
+}
+
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// One tensor as the GGUF header describes it.
 #[derive(Debug, Clone)]
 struct FileTensor {
@@ -89,8 +114,23 @@ pub struct WeightServer {
     /// SHA-256 of each tensor's data, computed on first request: hashing a whole model at
     /// start-up would cost a second per GB before the API could answer.
     tensor_hashes: Mutex<HashMap<String, [u8; 32]>>,
+    /// Where the hashes persist across restarts (see the module docs), if anywhere.
+    hash_store: Option<PathBuf>,
+    /// Tensors hashed by reading the file since this server opened (not found in memory or
+    /// in the store): what a restart should keep at zero.
+    tensors_hashed: AtomicU64,
     bytes_sent: AtomicU64,
     chunk_bytes: usize,
+}
+
+/// What the hash store keeps for one model file.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StoredHashes {
+    file_bytes: u64,
+    /// Nanoseconds since the Unix epoch of the file's last modification.
+    modified_unix_ns: u128,
+    /// Tensor name → SHA-256 as 64 hex digits.
+    tensors: std::collections::BTreeMap<String, String>,
 }
 
 impl WeightServer {
@@ -150,6 +190,8 @@ impl WeightServer {
             model_hash,
             tensors,
             tensor_hashes: Mutex::new(HashMap::new()),
+            hash_store: None,
+            tensors_hashed: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             chunk_bytes: WEIGHT_CHUNK_BYTES,
         })
@@ -161,6 +203,68 @@ impl WeightServer {
     pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
         self.chunk_bytes = chunk_bytes.clamp(1, WEIGHT_CHUNK_BYTES_MAX as usize);
         self
+    }
+
+    /// The same server keeping its tensor hashes in `dir` across restarts (created if
+    /// missing): the hashes already stored for this file are loaded now. A store that cannot
+    /// be read, or that belongs to another version of the file, is ignored (logged): hashing
+    /// again is always correct, only slower.
+    pub fn with_hash_store(mut self, dir: &Path) -> Self {
+        let path = dir.join(format!("{}.json", super::slice_cache::hex(&self.model_hash)));
+        if let Some(stored) = self.read_store(&path) {
+            let mut loaded = HashMap::with_capacity(stored.tensors.len());
+            for (name, digest) in stored.tensors {
+                if let Some(hash) = parse_hex32(&digest).filter(|_| self.tensors.contains_key(&name)) {
+                    loaded.insert(name, hash);
+                }
+            }
+            tracing::info!(store = %path.display(), tensors = loaded.len(), "tensor hashes loaded from the previous run");
+            *self.hashes() = loaded;
+        }
+        self.hash_store = Some(path);
+        self
+    }
+
+    /// The store at `path` if it exists and describes this file as it is now.
+    fn read_store(&self, path: &Path) -> Option<StoredHashes> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(store = %path.display(), error = %e, "cannot read the tensor-hash store; hashing again");
+                return None;
+            }
+        };
+        let stored: StoredHashes = serde_json::from_str(&text)
+            .map_err(|e| tracing::warn!(store = %path.display(), error = %e, "the tensor-hash store is corrupt; hashing again"))
+            .ok()?;
+        let (file_bytes, modified) = file_identity(&self.path).ok()?;
+        (stored.file_bytes == file_bytes && stored.modified_unix_ns == modified).then_some(stored)
+    }
+
+    /// Writes every hash known so far to the store (a temporary file renamed into place, so
+    /// a crash leaves the old store or the new one, never half of one).
+    fn write_store(&self) {
+        let Some(path) = &self.hash_store else { return };
+        let Ok((file_bytes, modified_unix_ns)) = file_identity(&self.path) else { return };
+        let tensors = self.hashes().iter().map(|(name, hash)| (name.clone(), super::slice_cache::hex(hash))).collect();
+        let stored = StoredHashes { file_bytes, modified_unix_ns, tensors };
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let partial = path.with_extension("json.partial");
+            std::fs::write(&partial, serde_json::to_vec(&stored).map_err(std::io::Error::other)?)?;
+            std::fs::rename(&partial, path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(store = %path.display(), error = %e, "cannot write the tensor-hash store; the next start hashes again");
+        }
+    }
+
+    /// Tensors hashed by reading the model file since this server opened.
+    pub fn tensors_hashed(&self) -> u64 {
+        self.tensors_hashed.load(Ordering::Relaxed)
     }
 
     pub fn path(&self) -> &Path {
@@ -195,7 +299,8 @@ impl WeightServer {
                 names.len()
             );
         }
-        names
+        let hashed_before = self.tensors_hashed();
+        let refs = names
             .into_iter()
             .map(|name| {
                 let tensor = self.tensors.get(&name).ok_or_else(|| {
@@ -216,7 +321,11 @@ impl WeightServer {
                     sha256,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>();
+        if self.tensors_hashed() != hashed_before {
+            self.write_store();
+        }
+        refs
     }
 
     /// The tensor's SHA-256, memoised. Two callers may hash the same tensor at once; both get
@@ -242,6 +351,7 @@ impl WeightServer {
         }
         let hash: [u8; 32] = hasher.finalize().into();
         self.hashes().insert(name.to_owned(), hash);
+        self.tensors_hashed.fetch_add(1, Ordering::Relaxed);
         Ok(hash)
     }
 

@@ -584,7 +584,7 @@ pub fn escape_tensor_name(name: &str) -> Result<String> {
     Ok(stem)
 }
 
-fn hex(bytes: &[u8; 32]) -> String {
+pub(crate) fn hex(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
