@@ -11,6 +11,8 @@ use potluck_shard_planner::{Backend, NodeProfile};
 // The wire's bound on a model's blocks is the planner's: neither crate may depend on the
 // other, so the one crate that sees both holds them together.
 const _: () = assert!(potluck_protocol::limits::LAYERS_MAX == potluck_shard_planner::limits::LAYERS_MAX);
+// The planner's built-in model specs size the KV cache as the engine keeps it.
+const _: () = assert!(potluck_engine::profile::KV_ELEMENT_BYTES == potluck_shard_planner::specs::KV_ELEMENT_BYTES_DEFAULT);
 
 /// Compute threads when `--threads` is not given: every core the OS lets us use.
 pub fn default_threads() -> usize {

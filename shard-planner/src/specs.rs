@@ -22,9 +22,10 @@
 
 use crate::model::{head_flops_per_token, ModelProfile};
 
-/// Bytes per KV-cache element for built-in specs: the engine keeps its cache in f32
-/// (`KV_ELEMENT_BYTES` in engine/src/profile.rs), twice llama.cpp's default f16.
-pub const KV_ELEMENT_BYTES_DEFAULT: u64 = 4;
+/// Bytes per KV-cache element for built-in specs: the engine keeps its cache in f16
+/// (`KV_ELEMENT_BYTES` in engine/src/profile.rs; `potluck-node`, which sees both crates,
+/// asserts at compile time that they agree), as llama.cpp does by default.
+pub const KV_ELEMENT_BYTES_DEFAULT: u64 = 2;
 
 /// Bytes per element of the activation row a hop carries (f32, as the engine sends it).
 pub const ACTIVATION_ELEMENT_BYTES: u64 = 4;
@@ -245,7 +246,7 @@ fn q4_k_m_layer(a: &Architecture, layer_idx: u64) -> (u64, u64, u64) {
 
 impl BuiltinModel {
     /// The cost-model profile of this model in Q4_K_M, with a KV cache of `kv_element_bytes`
-    /// per element ([`KV_ELEMENT_BYTES_DEFAULT`] for the engine's f32 cache).
+    /// per element ([`KV_ELEMENT_BYTES_DEFAULT`] for the engine's f16 cache).
     pub fn profile(&self, kv_element_bytes: u64) -> ModelProfile {
         let a = &self.architecture;
         let mut layer_weight_bytes = Vec::with_capacity(a.n_layers as usize);

@@ -144,7 +144,8 @@ fn a_cluster_too_small_gets_the_missing_bytes() {
         },
     );
     let error = plan(&PlanRequest::new(&model, &nodes, &links, CONTEXT_4K)).unwrap_err();
-    let kv = 80 * 4096 * 8192;
+    // 80 layers × 4096 positions × K and V of 8 heads × 128, at the engine's element size.
+    let kv = 80 * 4096 * 2 * 8 * 128 * KV_ELEMENT_BYTES_DEFAULT;
     // Split across nodes: every block, the embedding on the first stage, the head on the last.
     let required = model.layers_weight_bytes() + model.embedding_bytes + model.head_bytes + kv;
     let PlanError::ModelDoesNotFit {

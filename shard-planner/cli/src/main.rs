@@ -78,7 +78,7 @@ struct ScenarioArgs {
     /// The node that must be stage 0 (the coordinator); overrides the file's `first_node`.
     #[arg(long)]
     first: Option<String>,
-    /// KV-cache bytes per element for a built-in spec (the engine's cache is f32: 4).
+    /// KV-cache bytes per element for a built-in spec (the engine's cache is f16: 2; f32: 4).
     #[arg(long, default_value_t = KV_ELEMENT_BYTES_DEFAULT)]
     kv_element_bytes: u64,
     /// Plan for many sequences at once: minimise the slowest stage or hop rather than one
@@ -298,7 +298,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!(
-                "(Q4_K_M sizes from the architecture; KV cache in f32 as the engine keeps it)"
+                "(Q4_K_M sizes from the architecture; KV cache in f16 as the engine keeps it)"
             );
         }
     }
