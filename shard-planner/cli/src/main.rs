@@ -190,9 +190,25 @@ fn yes_no(value: bool) -> &'static str {
     }
 }
 
+/// `println!` that returns a failed write as an error instead of panicking: a reader that
+/// closes the pipe early (`shard-planner plan … | head`) is its choice, not our crash.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?;
+    }};
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             // The whole chain on one line ("planning: the model does not fit: …"), with no
             // backtrace: these are a user's errors, not the program's.
@@ -217,30 +233,31 @@ fn run(cli: Cli) -> Result<()> {
             }
             let plan = plan(&request).context("planning")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
+                out!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
-                print!("{plan}");
+                use std::io::Write as _;
+                write!(std::io::stdout(), "{plan}")?;
             }
         }
         Command::Simulate { scenario } => {
             let scenario = scenario.load()?;
             let request = scenario.request();
             if let Some(description) = &scenario.cluster.description {
-                println!("scenario: {description}\n");
+                out!("scenario: {description}\n");
             }
             let baseline = proportional_plan(&request)?;
             let ours = plan(&request);
             match &ours {
-                Ok(ours) => println!("== potluck ==\n{ours}"),
-                Err(error) => println!("== potluck ==\nno plan: {error}\n"),
+                Ok(ours) => out!("== potluck ==\n{ours}"),
+                Err(error) => out!("== potluck ==\nno plan: {error}\n"),
             }
-            println!("== memory-proportional split (exo, llama.cpp) ==\n{baseline}");
-            println!(
+            out!("== memory-proportional split (exo, llama.cpp) ==\n{baseline}");
+            out!(
                 "{:<22} {:>9} {:>10} {:>7} {:>5}",
                 "", "tokens/s", "ms/token", "stages", "fits"
             );
             if let Ok(ours) = &ours {
-                println!(
+                out!(
                     "{:<22} {:>9.2} {:>10.1} {:>7} {:>5}",
                     "potluck",
                     ours.tokens_per_s,
@@ -249,7 +266,7 @@ fn run(cli: Cli) -> Result<()> {
                     yes_no(ours.fits)
                 );
             }
-            println!(
+            out!(
                 "{:<22} {:>9.2} {:>10.1} {:>7} {:>5}",
                 "memory-proportional",
                 baseline.tokens_per_s,
@@ -258,7 +275,7 @@ fn run(cli: Cli) -> Result<()> {
                 yes_no(baseline.fits)
             );
             match &ours {
-                Ok(ours) if baseline.fits => println!(
+                Ok(ours) if baseline.fits => out!(
                     "potluck is {:.1}× the memory-proportional split's tokens/s",
                     ours.tokens_per_s / baseline.tokens_per_s
                 ),
@@ -268,7 +285,7 @@ fn run(cli: Cli) -> Result<()> {
                         .iter()
                         .map(|s| s.memory_used_bytes.saturating_sub(s.memory_budget_bytes))
                         .sum();
-                    println!(
+                    out!(
                         "the memory-proportional split does not fit ({} over budget): it would \
                          not run; its tokens/s are what it would predict if it did",
                         format_bytes(over)
@@ -281,13 +298,13 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Models => {
-            println!(
+            out!(
                 "{:<24} {:>7} {:>12} {:>14}",
                 "model", "layers", "weights", "KV per token"
             );
             for model in BUILTIN_MODELS {
                 let profile = model.profile(KV_ELEMENT_BYTES_DEFAULT);
-                println!(
+                out!(
                     "{:<24} {:>7} {:>12} {:>14}",
                     model.id,
                     profile.n_layers,
@@ -297,7 +314,7 @@ fn run(cli: Cli) -> Result<()> {
                     ),
                 );
             }
-            println!(
+            out!(
                 "(Q4_K_M sizes from the architecture; KV cache in f16 as the engine keeps it)"
             );
         }

@@ -163,3 +163,24 @@ fn models_lists_the_built_in_specs() {
         assert!(stdout.contains(id), "{stdout}");
     }
 }
+
+/// A reader that stops early (`shard-planner simulate … | head -1`) closes the pipe; the
+/// program exits quietly instead of panicking with "failed printing to stdout".
+#[test]
+fn a_closed_pipe_is_not_a_crash() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shard-planner"))
+        .args(["simulate", "--cluster", "examples/clusters/home-ethernet.toml", "--model", "llama-3.1-70b-q4_k_m"])
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the program has written anything (it is still reading its cluster
+    // file), so its output meets a closed pipe.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "exit {:?}: {stderr}", output.status);
+}
