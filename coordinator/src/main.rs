@@ -96,12 +96,7 @@ struct ServeArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    potluck_node::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Command::FetchModel => {

@@ -634,6 +634,12 @@ fn a_model_too_big_for_the_coordinator_waits_for_workers_without_loading() {
     for needle in ["model_unavailable", "missing", "worker join"] {
         assert!(response.contains(needle), "the refusal should say {needle:?}: {response}");
     }
+    // Its logs go to a pipe here, as into a file or journald: no colour escape codes.
+    coordinator.process.wait_for_line("missing", Duration::from_secs(10));
+    assert!(
+        !coordinator.process.output.lock().unwrap().iter().any(|l| l.contains('\u{1b}')),
+        "log lines carry ANSI escape codes into a pipe"
+    );
     let model_bytes = std::fs::metadata(model_path()).unwrap().len();
     // Resident now, not the peak: measuring the device at start streams through a buffer of
     // up to 256 MiB (`device::STREAM_BYTES_MAX`), freed before the model is considered.

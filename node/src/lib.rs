@@ -18,11 +18,13 @@
 //! * [`model`] — model resolution: `--model` (a path, or the default model fetched on
 //!   first use) to a file on this machine.
 //! * [`planner_glue`] — this device and this model as the shard planner sees them.
+//! * [`logging`] — the binaries' log set-up (stderr, `RUST_LOG`, colours only on a terminal).
 //!
 //! **Architecture Invariant:** `node`, `worker` and `coordinator` are the only crates with
 //! sockets; nothing here knows OpenAI JSON or HTML, and nothing here depends on the `worker`
 //! or `coordinator` crates (both depend on this one).
 
+pub mod logging;
 pub mod model;
 pub mod net;
 pub mod planner_glue;

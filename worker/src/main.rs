@@ -189,12 +189,7 @@ fn join(
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    potluck_node::logging::init();
     match Cli::parse().command {
         Command::Join { coordinator, token, name, threads, memory_limit, listen, cache_dir, identity } => {
             join(coordinator, token, name, threads, memory_limit, listen, cache_dir, identity)
