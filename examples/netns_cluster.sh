@@ -328,7 +328,7 @@ demo() {
   mkdir -p "$state/coord"
   # shellcheck disable=SC2086 # PLK_COORD_ARGS is a list of words
   ip netns exec "$(ns_of coord)" env POTLUCK_CONFIG_DIR="$state/coord" \
-    "$bin/coordinator" serve --model "$model" --listen "$COORD_IP:$HTTP_PORT" \
+    "$bin/coordinator" serve --model "$model" --listen "$COORD_IP:$HTTP_PORT" --allow-open \
     --cluster-listen "0.0.0.0:$CLUSTER_PORT" --token "$token" --workers "${#DEMO_WORKERS[@]}" \
     $COORD_ARGS >"$state/coord/log" 2>&1 &
   DEMO_PIDS+=($!)

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -90,6 +90,10 @@ struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1/* requests.
     #[arg(long, value_name = "KEY", env = "POTLUCK_API_KEY")]
     api_key: Option<String>,
+    /// Serve a --listen address other machines can reach without --api-key (anyone who can
+    /// reach it may then use the model). Without this flag such a start is refused.
+    #[arg(long)]
+    allow_open: bool,
     /// Tokens per sequence (prompt + completion), at most the model's trained context.
     #[arg(long, value_name = "N", default_value_t = potluck_coordinator::CONTEXT_LENGTH_DEFAULT)]
     ctx_size: usize,
@@ -158,6 +162,14 @@ fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinato
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if !args.listen.ip().is_loopback() && args.api_key.is_none() && !args.allow_open {
+        bail!(
+            "--listen {} can be reached from other machines, and without an API key anyone who reaches it can use \
+             this server: set --api-key KEY (or POTLUCK_API_KEY), listen on 127.0.0.1, or pass --allow-open to serve \
+             without a key",
+            args.listen
+        );
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
