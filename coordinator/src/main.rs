@@ -161,6 +161,35 @@ fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinato
     })
 }
 
+/// How long a drain (after SIGTERM or Ctrl-C) may take before the server stops anyway:
+/// service managers escalate to SIGKILL after their own timeout (systemd: 90 s by default),
+/// so finishing inside it is what lets open answers end cleanly.
+const DRAIN_TIMEOUT_MS: u64 = 60_000;
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C drains");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     if !args.listen.ip().is_loopback() && args.api_key.is_none() && !args.allow_open {
         bail!(
@@ -225,10 +254,31 @@ fn serve(args: ServeArgs) -> Result<()> {
             ),
         };
         let _cluster = cluster;
-        potluck_coordinator::serve(state, listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("potluck: shutting down");
-        })
-        .await
+        // SIGTERM (what systemd and `docker stop` send) and Ctrl-C drain: no new connections,
+        // open answers run to their end, then exit 0 — unless the drain outlasts its deadline.
+        let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = signalled.send(true);
+        });
+        let mut on_signal_too = on_signal.clone();
+        let shutdown = async move {
+            let _ = on_signal.wait_for(|s| *s).await;
+            eprintln!("potluck: draining: no new requests; open answers finish (at most {} s)", DRAIN_TIMEOUT_MS / 1000);
+        };
+        let deadline = async move {
+            let _ = on_signal_too.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_millis(DRAIN_TIMEOUT_MS)).await;
+        };
+        tokio::select! {
+            served = potluck_coordinator::serve(state, listener, shutdown) => {
+                eprintln!("potluck: stopped");
+                served
+            }
+            () = deadline => {
+                eprintln!("potluck: the drain took longer than {} s; stopping with answers still open", DRAIN_TIMEOUT_MS / 1000);
+                Ok(())
+            }
+        }
     })
 }

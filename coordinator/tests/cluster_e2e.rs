@@ -670,3 +670,32 @@ fn a_model_too_big_for_the_coordinator_waits_for_workers_without_loading() {
     assert_eq!(text(&answer), text(&expected), "the cluster must answer as one machine does");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM (what systemd sends) drains: the answer streaming when it arrives runs to its end
+/// with `[DONE]`, and the server then exits 0.
+#[test]
+fn sigterm_lets_an_open_stream_finish_then_exits_cleanly() {
+    let dir = temp_dir("sigterm");
+    let (mut single, http) = start_single(&dir);
+    let body = r#"{"model":"x","prompt":"The capital of France is","max_tokens":48,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let mut reader = BufReader::new(send_post(&http, "/v1/completions", body));
+    let mut line = String::new();
+    let mut chunks = 0;
+    while chunks < 3 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended early");
+        chunks += usize::from(line.starts_with("data: {"));
+    }
+    let status = Command::new("kill").args(["-TERM", &single.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    let streamed = rest.matches("data: {").count() + chunks;
+    assert!(rest.contains("\"finish_reason\":\"length\""), "the answer must run to its end: {rest}");
+    assert!(rest.contains("data: [DONE]"), "the stream must end with [DONE]: {rest}");
+    assert!(streamed >= 48, "only {streamed} chunks arrived");
+    let exit = single.wait_exit(Duration::from_secs(60));
+    assert!(exit.success(), "the server should exit 0 after draining: {exit:?}");
+    assert!(single.output_contains("draining"), "it should say it is draining");
+    let _ = std::fs::remove_dir_all(&dir);
+}
