@@ -538,6 +538,22 @@ impl RandomGguf {
         }
     }
 
+    /// The tiny shape with a different block format in each of its 4 layers (Q4_1; Q4_K with
+    /// a Q5_K `ffn_down`, as Q4_K_M files have; Q6_K; Q8_0), a Q8_0 embedding and a Q4_0 head:
+    /// one file that runs every weight kernel the engine has.
+    pub fn tiny_mixed(seed: u64) -> Self {
+        let mut model = Self::new(ModelShape::tiny(), GgmlDType::Q8_0, seed);
+        model.dtypes.layers = vec![
+            LayerDTypes::uniform(GgmlDType::Q4_1),
+            LayerDTypes { matrices: GgmlDType::Q4K, ffn_down: GgmlDType::Q5K },
+            LayerDTypes::uniform(GgmlDType::Q6K),
+            LayerDTypes::uniform(GgmlDType::Q8_0),
+        ];
+        model.dtypes.embedding = GgmlDType::Q8_0;
+        model.dtypes.output = GgmlDType::Q4_0;
+        model
+    }
+
     /// Adds a tokenizer and sets the vocabulary to its token count, so the embedding has a
     /// row per token.
     pub fn with_tokenizer(mut self, tokenizer: TokenizerMetadata) -> Self {
@@ -844,25 +860,13 @@ fn write_padding(out: &mut impl Write, position: u64) -> std::io::Result<u64> {
     Ok(padding)
 }
 
-/// ggml's type ids (`enum ggml_type` in ggml.h); candle keeps its own mapping private.
+/// The type's ggml id (the engine's one table, [`crate::quant::dtype::ggml_dtype_id`]);
 /// Q8_1 and Q8_K are ggml's intermediate types for dot products, never stored weights.
 fn ggml_type_id(dtype: GgmlDType) -> Result<u32> {
-    Ok(match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::BF16 => 30,
-        GgmlDType::Q8_1 | GgmlDType::Q8K => return Err(RandomGgufError::UnsupportedDType(dtype)),
-    })
+    match dtype {
+        GgmlDType::Q8_1 | GgmlDType::Q8K => Err(RandomGgufError::UnsupportedDType(dtype)),
+        _ => Ok(crate::quant::dtype::ggml_dtype_id(dtype)),
+    }
 }
 
 /// `gguf_type` in the GGUF spec.
@@ -958,19 +962,6 @@ mod tests {
         }
     }
 
-    /// The split-invariance test's mix: every kernel type, Q5K down in the Q4K layer.
-    fn tiny_mixed(seed: u64) -> RandomGguf {
-        let mut model = RandomGguf::new(ModelShape::tiny(), GgmlDType::Q8_0, seed);
-        model.dtypes.layers = vec![
-            LayerDTypes::uniform(GgmlDType::Q4_1),
-            LayerDTypes { matrices: GgmlDType::Q4K, ffn_down: GgmlDType::Q5K },
-            LayerDTypes::uniform(GgmlDType::Q6K),
-            LayerDTypes::uniform(GgmlDType::Q8_0),
-        ];
-        model.dtypes.embedding = GgmlDType::Q8_0;
-        model.dtypes.output = GgmlDType::Q4_0;
-        model
-    }
 
     /// Logits of `tokens` fed as one step through the whole model at `path`.
     fn forward(path: &Path, tokens: &[u32]) -> (Vec<f32>, usize) {
@@ -1052,9 +1043,9 @@ mod tests {
         let a = Removed(temp_path("det-a.gguf"));
         let b = Removed(temp_path("det-b.gguf"));
         let c = Removed(temp_path("det-c.gguf"));
-        tiny_mixed(7).write(&a.0).unwrap();
-        tiny_mixed(7).write_with_pool(&b.0, &ComputePool::new(2)).unwrap();
-        tiny_mixed(8).write(&c.0).unwrap();
+        RandomGguf::tiny_mixed(7).write(&a.0).unwrap();
+        RandomGguf::tiny_mixed(7).write_with_pool(&b.0, &ComputePool::new(2)).unwrap();
+        RandomGguf::tiny_mixed(8).write(&c.0).unwrap();
         let bytes_a = std::fs::read(&a.0).unwrap();
         assert!(bytes_a == std::fs::read(&b.0).unwrap(), "one thread and two threads differ");
         assert!(bytes_a != std::fs::read(&c.0).unwrap(), "another seed gave the same file");
@@ -1063,7 +1054,7 @@ mod tests {
     #[test]
     fn header_reads_back_as_the_shape() {
         let path = Removed(temp_path("header.gguf"));
-        let model = tiny_mixed(1);
+        let model = RandomGguf::tiny_mixed(1);
         let report = model.write(&path.0).unwrap();
         assert_eq!(report.file_bytes, std::fs::metadata(&path.0).unwrap().len());
         assert_eq!(report.file_bytes, model.file_bytes().unwrap());
@@ -1113,8 +1104,8 @@ mod tests {
     fn tiny_model_runs_a_forward_pass() {
         let path = Removed(temp_path("forward.gguf"));
         let other = Removed(temp_path("forward-other-seed.gguf"));
-        tiny_mixed(1).write(&path.0).unwrap();
-        tiny_mixed(2).write(&other.0).unwrap();
+        RandomGguf::tiny_mixed(1).write(&path.0).unwrap();
+        RandomGguf::tiny_mixed(2).write(&other.0).unwrap();
         let prompt = [5, 17, 300, 42, 0];
         let (logits, vocab) = forward(&path.0, &prompt);
         assert_eq!(logits.len(), prompt.len() * vocab);

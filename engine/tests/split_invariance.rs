@@ -5,12 +5,11 @@
 
 use std::path::PathBuf;
 
-use candle_core::quantized::GgmlDType;
 use potluck_engine::kv_cache::SequenceCache;
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::random_gguf::{LayerDTypes, ModelShape, RandomGguf};
+use potluck_engine::random_gguf::RandomGguf;
 
 const N_LAYERS: u32 = 4;
 const N_EMBD: usize = 256;
@@ -20,18 +19,10 @@ const VOCAB: usize = 320;
 /// is exercised (Q5K for the Q4K layer's ffn_down), with a Q8_0 embedding, a Q4_0 head and
 /// F32 norms.
 fn write_tiny_gguf(path: &std::path::Path, tied: bool) {
-    let shape = ModelShape::tiny();
+    let mut model = RandomGguf::tiny_mixed(1);
+    let shape = &model.shape;
     assert_eq!((shape.n_layers, shape.n_embd, shape.vocab_size), (N_LAYERS, N_EMBD, VOCAB));
-    let mut model = RandomGguf::new(shape, GgmlDType::Q8_0, 1);
     model.tied_embeddings = tied;
-    model.dtypes.layers = vec![
-        LayerDTypes::uniform(GgmlDType::Q4_1),
-        LayerDTypes { matrices: GgmlDType::Q4K, ffn_down: GgmlDType::Q5K },
-        LayerDTypes::uniform(GgmlDType::Q6K),
-        LayerDTypes::uniform(GgmlDType::Q8_0),
-    ];
-    model.dtypes.embedding = GgmlDType::Q8_0;
-    model.dtypes.output = GgmlDType::Q4_0;
     model.write(path).unwrap();
 }
 
