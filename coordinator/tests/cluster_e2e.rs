@@ -401,6 +401,59 @@ fn the_default_cluster_gives_one_machines_log_probabilities_bit_for_bit() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A worker with its own copy of the model reads its slice from disk: nothing crosses the
+/// network and the answers are the fixture's, bit for bit; a restart hashes nothing again.
+/// A copy with one byte of its weights changed (the same header: what a fine-tune that kept
+/// every key looks like) is caught tensor by tensor, said plainly, and the slice is fetched.
+#[test]
+fn a_worker_with_the_model_file_reads_its_slice_from_disk() {
+    let dir = temp_dir("local-model");
+    let fixture = exactness_fixture(&dir);
+    let coordinator = start_coordinator(&dir, &["--workers", "1", "--no-local-layers"]);
+    let model = model_path();
+    let model_arg = model.to_str().unwrap();
+    let mut worker = start_worker(&dir, "w1", &coordinator, TOKEN, &["--model", model_arg]);
+    wait_for_stages(&coordinator, 1, Duration::from_secs(180));
+    worker.wait_for_line("reading it from disk, nothing over the network", Duration::from_secs(10));
+    let health = get_json(&coordinator.http, "/health");
+    assert_eq!(health["cluster"]["weight_bytes_sent"], 0, "the slice came from the worker's disk: {health}");
+    exactness_script(&["check", &format!("http://{}", coordinator.http), "1 worker reading its own file"], &fixture);
+
+    // A restart: the hashes are remembered next to the worker's key, nothing is read to check.
+    let _ = worker.child.kill();
+    let _ = worker.child.wait();
+    let mut worker = start_worker(&dir, "w1", &coordinator, TOKEN, &["--model", model_arg]);
+    let line = worker.wait_for_line("reading it from disk", Duration::from_secs(120));
+    assert!(line.contains("none read to check it"), "a restart hashes nothing: {line}");
+    wait_for_stages(&coordinator, 1, Duration::from_secs(120));
+    let _ = worker.child.kill();
+    let _ = worker.child.wait();
+
+    // One byte changed in the middle of the weights, the header untouched.
+    let altered = dir.join("altered.gguf");
+    std::fs::copy(&model, &altered).unwrap();
+    let mut bytes = std::fs::read(&altered).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&altered, &bytes).unwrap();
+    drop(bytes);
+    let other = start_worker(&dir, "w2", &coordinator, TOKEN, &["--model", altered.to_str().unwrap()]);
+    let line = other.wait_for_line("--model not used for this slice", Duration::from_secs(180));
+    assert!(line.contains("has the coordinator's header but not its weights") && line.contains("SHA-256"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let health = loop {
+        let health = wait_for_stages(&coordinator, 1, Duration::from_secs(180));
+        if health["stages"][0]["name"] == "w2" {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "w2 never took the slice: {health}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(health["cluster"]["weight_bytes_sent"].as_u64().unwrap() > 50 << 20, "the slice was fetched instead: {health}");
+    run_python("cluster_client.py", &coordinator.http);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_worker_joining_mid_stream_changes_no_token_and_the_next_request_uses_it() {
     let dir = temp_dir("join");

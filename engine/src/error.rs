@@ -9,6 +9,9 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
     #[error("not a usable GGUF file: {0}")]
     BadGguf(String),
+    /// The parts of a split GGUF do not make one model (see [`crate::gguf`]).
+    #[error("not a usable split GGUF: {0}")]
+    BadSplitGguf(String),
     #[error("GGUF metadata key `{0}` is missing")]
     MissingMetadata(String),
     #[error("unsupported model architecture `{0}` (supported: llama-family GGUFs)")]

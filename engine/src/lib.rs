@@ -3,6 +3,8 @@
 //! Runs a GGUF model's layers on one machine. It knows candle and GGUF and nothing of the
 //! network: the coordinator and the workers drive it.
 //!
+//! * [`gguf`] opens a model's GGUF, one file or every part of a split (`-00001-of-0000N`), as
+//!   one model: every reader of a model file goes through [`gguf::GgufModel`].
 //! * [`profile`] reads a GGUF header into a [`profile::ModelProfile`] (dimensions, per-layer
 //!   weight bytes, KV bytes per token) without loading any tensor.
 //! * [`arch::ModelSlice`] loads only the tensors of a layer range `[a, b)` (plus the token
@@ -34,6 +36,7 @@ pub mod backend;
 pub mod chat_template;
 pub mod device;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
 pub mod ops;
 pub mod profile;

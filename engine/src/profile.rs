@@ -6,6 +6,9 @@
 //! the features that set architectures apart (RoPE layout, biases, Q/K norms, sliding
 //! windows, experts), so a module can refuse a file whose features it does not implement
 //! instead of computing something else silently.
+//!
+//! A split GGUF ([`crate::gguf`]) has one profile: the first part's metadata and every
+//! part's tensors.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,6 +17,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 
 use crate::error::{EngineError, Result};
+use crate::gguf::GgufModel;
 
 /// The architecture family: which module of [`crate::arch`] builds and runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -116,17 +120,19 @@ pub struct ModelProfile {
 }
 
 impl ModelProfile {
-    /// Reads only the header of the GGUF at `path`.
+    /// Reads only the header of the GGUF at `path` (of every part, when `path` is one part of
+    /// a split: see [`GgufModel::open`]). Also returns the first part's header, which carries
+    /// the model's metadata (tokenizer, chat template); its `tensor_infos` are the first part's
+    /// only, so tensors are read through a [`GgufModel`], never through it.
     pub fn from_path(path: &Path) -> Result<(Self, Content)> {
-        let mut file = std::fs::File::open(path)?;
-        let content = Content::read(&mut file)
-            .map_err(|e| EngineError::BadGguf(format!("{}: {e}", path.display())))?;
-        let profile = Self::from_content(&content)?;
-        Ok((profile, content))
+        let model = GgufModel::open(path)?;
+        let profile = Self::from_model(&model)?;
+        Ok((profile, model.into_first_header()))
     }
 
-    pub fn from_content(content: &Content) -> Result<Self> {
-        let md = Metadata(&content.metadata);
+    /// The profile of an opened model: its metadata, and its tensors over every part.
+    pub fn from_model(model: &GgufModel) -> Result<Self> {
+        let md = Metadata(model.metadata());
         let architecture = md.string("general.architecture")?;
         let Some(family) = Family::from_architecture(&architecture) else {
             return Err(EngineError::UnsupportedArchitecture(architecture));
@@ -167,29 +173,24 @@ impl ModelProfile {
         let rms_norm_eps = md.f32_or(&key("attention.layer_norm_rms_epsilon"), 1e-5)?;
         let context_length = md.u32_or(&key("context_length"), 2048)? as usize;
 
-        let tensor_bytes = |name: &str| -> Option<u64> {
-            content
-                .tensor_infos
-                .get(name)
-                .map(|info| tensor_size_in_bytes(info.ggml_dtype, info.shape.elem_count()))
-        };
-        let embedding_info = content
-            .tensor_infos
-            .get("token_embd.weight")
+        let tensor_bytes = |name: &str| -> Option<u64> { model.tensor(name).map(|t| t.bytes()) };
+        let has_tensor = |name: &str| model.tensor(name).is_some();
+        let embedding_info = model
+            .tensor("token_embd.weight")
             .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))?;
-        let vocab_size = embedding_info.shape.dims()[0];
+        let vocab_size = embedding_info.dims[0];
         let embedding_bytes = tensor_bytes("token_embd.weight").unwrap_or(0);
-        let tied_embeddings = !content.tensor_infos.contains_key("output.weight");
+        let tied_embeddings = !has_tensor("output.weight");
         let head_bytes = tensor_bytes("output.weight").unwrap_or(embedding_bytes)
             + tensor_bytes("output_norm.weight").unwrap_or(0);
         let mut layer_weight_bytes = vec![0u64; n_layers as usize];
         let mut layer_expert_bytes = vec![0u64; n_layers as usize];
         let mut tensor_types = BTreeMap::new();
         let mut total_weight_bytes = 0;
-        for (name, info) in &content.tensor_infos {
-            let bytes = tensor_size_in_bytes(info.ggml_dtype, info.shape.elem_count());
+        for (name, tensor) in model.tensors() {
+            let bytes = tensor.bytes();
             total_weight_bytes += bytes;
-            *tensor_types.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+            *tensor_types.entry(format!("{:?}", tensor.dtype)).or_insert(0) += 1;
             if let Some(layer_idx) = block_index(name) {
                 if let Some(slot) = layer_weight_bytes.get_mut(layer_idx) {
                     *slot += bytes;
@@ -222,10 +223,10 @@ impl ModelProfile {
             n_rot,
             rope_freq_base,
             rope_scaling,
-            has_rope_freqs: content.tensor_infos.contains_key("rope_freqs.weight"),
+            has_rope_freqs: has_tensor("rope_freqs.weight"),
             rope_type,
-            attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+            attention_bias: has_tensor("blk.0.attn_q.bias"),
+            qk_norm: has_tensor("blk.0.attn_q_norm.weight"),
             sliding_window,
             experts,
             layer_expert_bytes,
@@ -331,7 +332,8 @@ impl Metadata<'_> {
     }
 }
 
-fn value_to_u64(value: &Value) -> Option<u64> {
+/// Any GGUF integer value that is not negative, as a u64.
+pub(crate) fn value_to_u64(value: &Value) -> Option<u64> {
     match value {
         Value::U8(v) => Some(*v as u64),
         Value::U16(v) => Some(*v as u64),

@@ -870,7 +870,7 @@ fn ggml_type_id(dtype: GgmlDType) -> Result<u32> {
 }
 
 /// `gguf_type` in the GGUF spec.
-fn value_type_id(value: &Value) -> u32 {
+pub(crate) fn value_type_id(value: &Value) -> u32 {
     match value {
         Value::U8(_) => 0,
         Value::I8(_) => 1,
@@ -889,14 +889,14 @@ fn value_type_id(value: &Value) -> u32 {
 }
 
 /// A GGUF string: u64 byte length, then UTF-8 without a terminator.
-fn put_string(buf: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_string(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
     buf.extend_from_slice(s.as_bytes());
 }
 
 /// A value without its type id (the caller writes that). An array is its element type id,
 /// its u64 length, then the elements, each itself without a type id.
-fn put_value(buf: &mut Vec<u8>, key: &str, value: &Value) -> Result<()> {
+pub(crate) fn put_value(buf: &mut Vec<u8>, key: &str, value: &Value) -> Result<()> {
     match value {
         Value::U8(v) => buf.push(*v),
         Value::I8(v) => buf.extend_from_slice(&v.to_le_bytes()),

@@ -1,14 +1,11 @@
-//! Where a slice's tensors come from: a local GGUF file, or the slice cache a worker filled
-//! from the network. Every architecture loads its tensors through [`TensorSource`], checked
+//! Where a slice's tensors come from: a local GGUF (one file, or every part of a split: see
+//! [`crate::gguf`]), or the slice cache a worker filled from the network. Every architecture loads its tensors through [`TensorSource`], checked
 //! against the shapes its profile promises.
 
-use std::path::Path;
-
-use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
 
 use crate::error::{EngineError, Result};
-use crate::profile::tensor_size_in_bytes;
+use crate::gguf::GgufModel;
 use crate::quant::QMatrix;
 
 /// Where a slice's tensors come from: a local GGUF file now, bytes received from the
@@ -19,33 +16,37 @@ pub trait TensorSource {
     fn tensor(&mut self, name: &str) -> Result<Option<(GgmlDType, Vec<usize>, Vec<u8>)>>;
 }
 
-/// Reads tensors straight out of a GGUF file, seeking to each one, so a slice reads only
-/// its own bytes.
+/// Reads tensors straight out of a model's GGUF, seeking to each one, so a slice reads only
+/// its own bytes. A split model's tensors are read from the part that holds each (the
+/// offsets [`GgufModel`] gives are absolute in that part's file); every part is opened up
+/// front, so a part that cannot be opened fails the load before any tensor is read.
 pub struct GgufFileSource<'a> {
-    content: &'a Content,
-    file: std::fs::File,
+    model: &'a GgufModel,
+    /// One per part, in [`GgufModel::parts`] order.
+    files: Vec<std::fs::File>,
 }
 
 impl<'a> GgufFileSource<'a> {
-    pub fn new(content: &'a Content, path: &Path) -> Result<Self> {
-        Ok(Self { content, file: std::fs::File::open(path)? })
+    pub fn new(model: &'a GgufModel) -> Result<Self> {
+        let files = model.parts().iter().map(|part| std::fs::File::open(part.path())).collect::<std::io::Result<_>>()?;
+        Ok(Self { model, files })
     }
 }
 
 impl TensorSource for GgufFileSource<'_> {
     fn tensor(&mut self, name: &str) -> Result<Option<(GgmlDType, Vec<usize>, Vec<u8>)>> {
         use std::io::{Read, Seek, SeekFrom};
-        let Some(info) = self.content.tensor_infos.get(name) else {
+        let Some(tensor) = self.model.tensor(name) else {
             return Ok(None);
         };
-        let size = tensor_size_in_bytes(info.ggml_dtype, info.shape.elem_count());
-        let mut bytes = vec![0u8; size as usize];
-        self.file
-            .seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
-        self.file.read_exact(&mut bytes).map_err(|e| {
-            EngineError::BadGguf(format!("tensor `{name}` is truncated ({e})"))
+        let mut bytes = vec![0u8; tensor.bytes() as usize];
+        let file = &mut self.files[tensor.part];
+        file.seek(SeekFrom::Start(tensor.offset))?;
+        file.read_exact(&mut bytes).map_err(|e| {
+            let path = self.model.parts()[tensor.part].path();
+            EngineError::BadGguf(format!("tensor `{name}` in {} is truncated ({e})", path.display()))
         })?;
-        Ok(Some((info.ggml_dtype, info.shape.dims().to_vec(), bytes)))
+        Ok(Some((tensor.dtype, tensor.dims.clone(), bytes)))
     }
 }
 

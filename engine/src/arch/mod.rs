@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
+use crate::gguf::GgufModel;
 use crate::kv_cache::SequenceCache;
 use crate::profile::{Family, ModelProfile};
 use crate::source::{GgufFileSource, TensorSource};
@@ -46,10 +47,11 @@ pub fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> Vec<Str
 impl ModelSlice {
     /// Loads layers `layers` of the GGUF at `path` onto `backend` (plus the embedding if the
     /// range starts at 0 and the head if it ends at the last layer), reading only those
-    /// tensors.
+    /// tensors. `path` may be any part of a split GGUF ([`GgufModel::open`]).
     pub fn load(path: &Path, layers: Range<u32>, backend: Arc<Backend>) -> Result<Self> {
-        let (profile, content) = ModelProfile::from_path(path)?;
-        let mut source = GgufFileSource::new(&content, path)?;
+        let model = GgufModel::open(path)?;
+        let profile = ModelProfile::from_model(&model)?;
+        let mut source = GgufFileSource::new(&model)?;
         Self::from_source(profile, layers, &mut source, backend)
     }
 

@@ -1,5 +1,7 @@
 //! Serving each worker its slice of the weights straight out of the coordinator's GGUF, so a
-//! worker needs no model file of its own.
+//! worker needs no model file of its own. A split GGUF (`-00001-of-0000N`, see
+//! [`potluck_engine::gguf`]) is served as one model: each tensor is read from the part that
+//! holds it.
 //!
 //! The worker opens a stream per fetch and sends one [`FetchTensors`] naming indices into its
 //! assignment's tensors; [`WeightServer::serve_fetch`] answers with the tensors' bytes as
@@ -7,7 +9,9 @@
 //! corrupt chunk is caught on arrival. The receiving half is [`super::fetch`].
 //!
 //! **Identity:** [`WeightServer::model_hash`] is the SHA-256 of the file's length and its
-//! header (metadata and tensor infos), so start-up does not hash gigabytes. Two files with
+//! header (metadata and tensor infos), so start-up does not hash gigabytes; for a split GGUF,
+//! of every part's length and header in turn, so a one-file model's hash (which worker caches
+//! and hash stores are keyed by) is what it always was. Two files with
 //! equal headers but different weights (a fine-tune that kept every key) would share it; that
 //! is safe, because every [`TensorRef`] also carries the SHA-256 of the tensor's own bytes and
 //! the worker's cache checks a cached tensor against that, never against the model hash alone.
@@ -17,14 +21,16 @@
 //! the encoded frame).
 //!
 //! **Restarts:** with [`WeightServer::with_hash_store`], each tensor hash is also kept on disk
-//! (`<store>/<model hash>.json`, with the file's length and modification time), so a
-//! coordinator that restarts on the same file hashes nothing it already knows: hashing a
-//! 40 GB model at ~1 GB/s would otherwise delay the first worker by most of a minute at every
-//! start. A file whose length or modification time changed starts from an empty store.
+//! (`<store>/<model hash>.json`, with the file's length and modification time, and each later
+//! part's for a split GGUF), so a coordinator that restarts on the same file hashes nothing
+//! it already knows: hashing a 40 GB model at ~1 GB/s would otherwise delay the first worker
+//! by most of a minute at every start. A model whose length or modification time changed, in
+//! any part, starts from an empty store. A one-file model's store has the format it always
+//! had (the later parts' list is left out when empty).
 //!
-//! The file is assumed not to change while it is served. A changed length is refused at the
-//! start of every fetch; changed bytes are caught by the worker, whose whole-tensor hash then
-//! fails (it retries, then gives up naming the tensor).
+//! The file is assumed not to change while it is served. A changed length (of any part a
+//! fetch reads) is refused at the start of every fetch; changed bytes are caught by the
+//! worker, whose whole-tensor hash then fails (it retries, then gives up naming the tensor).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -38,7 +44,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use super::HASH_BUFFER_BYTES;
 use potluck_engine::arch::slice_tensor_names;
-use potluck_engine::profile::{tensor_size_in_bytes, ModelProfile};
+use potluck_engine::gguf::GgufModel;
+use potluck_engine::profile::ModelProfile;
 use potluck_protocol::limits::{
     NAME_BYTES_MAX, TENSORS_PER_ASSIGNMENT_MAX, TENSOR_BYTES_MAX, TENSOR_DIMS_MAX,
     WEIGHT_CHUNK_BYTES_MAX,
@@ -68,12 +75,19 @@ pub const FETCH_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const CHUNK_SEND_TIMEOUT_MS: u64 = 60_000;
 
 
-/// A file's length and modification time (ns since the Unix epoch): what says the file a
-/// stored hash describes is still the file on disk.
-fn file_identity(path: &Path) -> std::io::Result<(u64, u128)> {
+/// A file's length and modification time: what says the file a stored hash describes is
+/// still the file on disk.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct FileIdentity {
+    file_bytes: u64,
+    /// Nanoseconds since the Unix epoch of the file's last modification.
+    modified_unix_ns: u128,
+}
+
+fn file_identity(path: &Path) -> std::io::Result<FileIdentity> {
     let metadata = std::fs::metadata(path)?;
     let modified = metadata.modified()?.duration_since(std::time::UNIX_EPOCH).map_err(std::io::Error::other)?;
-    Ok((metadata.len(), modified.as_nanos()))
+    Ok(FileIdentity { file_bytes: metadata.len(), modified_unix_ns: modified.as_nanos() })
 }
 
 fn parse_hex32(text: &str) -> Option<[u8; 32]> {
@@ -90,11 +104,13 @@ fn parse_hex32(text: &str) -> Option<[u8; 32]> {
 /// One tensor as the GGUF header describes it.
 #[derive(Debug, Clone)]
 struct FileTensor {
+    /// Index into [`WeightServer::parts`]: the file that holds the tensor (0 unless split).
+    part: usize,
     /// GGML type id (`enum ggml_type`), as it goes on the wire.
     dtype: u32,
     /// GGUF's order, innermost first, as the protocol carries it (`TensorRef::dims`).
     dims: Vec<u64>,
-    /// Absolute offset of the tensor's data in the file.
+    /// Absolute offset of the tensor's data in its part's file.
     offset: u64,
     bytes: u64,
     /// Whether the element count is a whole number of the type's blocks; if not, `bytes` is
@@ -102,13 +118,22 @@ struct FileTensor {
     whole_blocks: bool,
 }
 
-/// Serves slices of one GGUF file to workers. `Send + Sync`: connection tasks share it
-/// through an `Arc`.
+/// One file of the served model (the only one unless the GGUF is split).
 #[derive(Debug)]
-pub struct WeightServer {
+struct ServedPart {
     path: PathBuf,
     /// The file's length when opened; a fetch refuses to serve from a file of another length.
     file_bytes: u64,
+}
+
+/// Serves slices of one GGUF model (one file, or every part of a split) to workers.
+/// `Send + Sync`: connection tasks share it through an `Arc`.
+#[derive(Debug)]
+pub struct WeightServer {
+    /// The model's path: its first part's, when split.
+    path: PathBuf,
+    /// Every file of the model, in `split.no` order.
+    parts: Vec<ServedPart>,
     model_hash: [u8; 32],
     tensors: HashMap<String, FileTensor>,
     /// SHA-256 of each tensor's data, computed on first request: hashing a whole model at
@@ -123,70 +148,74 @@ pub struct WeightServer {
     chunk_bytes: usize,
 }
 
-/// What the hash store keeps for one model file.
+/// What the hash store keeps for one model.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct StoredHashes {
+    /// The (first) file's length.
     file_bytes: u64,
-    /// Nanoseconds since the Unix epoch of the file's last modification.
+    /// Nanoseconds since the Unix epoch of the (first) file's last modification.
     modified_unix_ns: u128,
+    /// The identity of a split GGUF's second and later parts, in order. Absent for one file:
+    /// such a store is written and read exactly as before split GGUFs were served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    later_parts: Vec<FileIdentity>,
     /// Tensor name → SHA-256 as 64 hex digits.
     tensors: std::collections::BTreeMap<String, String>,
 }
 
 impl WeightServer {
-    /// Reads the GGUF header of `path` and computes [`Self::model_hash`]. Blocking (reads the
-    /// header, which holds the vocabulary: a few MB).
+    /// Reads the GGUF header of `path` (of every part, when `path` is one part of a split GGUF)
+    /// and computes [`Self::model_hash`]. Blocking (reads the header, which holds the
+    /// vocabulary: a few MB).
     pub fn open(path: &Path) -> Result<Self> {
-        let (_, content) = ModelProfile::from_path(path)
-            .with_context(|| format!("cannot read the GGUF header of {}", path.display()))?;
-        let mut file =
-            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let file_bytes = file
-            .metadata()
-            .with_context(|| format!("cannot stat {}", path.display()))?
-            .len();
-        let header_bytes = content.tensor_data_offset;
-        if header_bytes > file_bytes {
-            bail!("{} is truncated: its header claims {header_bytes} bytes, the file has {file_bytes}", path.display());
-        }
+        let context = || format!("cannot read the GGUF header of {}", path.display());
+        let model = GgufModel::open(path).with_context(context)?;
+        // Refused here as at load: a model the engine cannot profile is not served either.
+        ModelProfile::from_model(&model).with_context(context)?;
         let mut hasher = Sha256::new();
-        hasher.update(file_bytes.to_le_bytes());
-        let hashed = std::io::copy(&mut (&mut file).take(header_bytes), &mut hasher)
-            .with_context(|| format!("cannot read the header of {}", path.display()))?;
-        if hashed != header_bytes {
-            bail!("{} shrank while its header was read", path.display());
+        let mut parts = Vec::with_capacity(model.parts().len());
+        for part in model.parts() {
+            let path = part.path();
+            let mut file =
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            let file_bytes = file
+                .metadata()
+                .with_context(|| format!("cannot stat {}", path.display()))?
+                .len();
+            let header_bytes = part.header_bytes();
+            if header_bytes > file_bytes {
+                bail!("{} is truncated: its header claims {header_bytes} bytes, the file has {file_bytes}", path.display());
+            }
+            hasher.update(file_bytes.to_le_bytes());
+            let hashed = std::io::copy(&mut (&mut file).take(header_bytes), &mut hasher)
+                .with_context(|| format!("cannot read the header of {}", path.display()))?;
+            if hashed != header_bytes {
+                bail!("{} shrank while its header was read", path.display());
+            }
+            parts.push(ServedPart { path: path.to_owned(), file_bytes });
         }
         let model_hash: [u8; 32] = hasher.finalize().into();
 
-        let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
-        for (name, info) in &content.tensor_infos {
-            let elements = info.shape.elem_count();
-            let bytes = tensor_size_in_bytes(info.ggml_dtype, elements);
-            let offset = header_bytes
-                .checked_add(info.offset)
-                .filter(|start| {
-                    start
-                        .checked_add(bytes)
-                        .is_some_and(|end| end <= file_bytes)
-                })
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{} is truncated: tensor `{name}` ({bytes} bytes) lies past its end",
-                        path.display()
-                    )
-                })?;
-            let tensor = FileTensor {
-                dtype: ggml_dtype_id(info.ggml_dtype),
-                dims: info.shape.dims().iter().rev().map(|&d| d as u64).collect(),
-                offset,
+        let mut tensors = HashMap::with_capacity(model.tensor_count());
+        for (name, tensor) in model.tensors() {
+            let part = &parts[tensor.part];
+            let bytes = tensor.bytes();
+            if tensor.offset.checked_add(bytes).is_none_or(|end| end > part.file_bytes) {
+                bail!("{} is truncated: tensor `{name}` ({bytes} bytes) lies past its end", part.path.display());
+            }
+            let served = FileTensor {
+                part: tensor.part,
+                dtype: ggml_dtype_id(tensor.dtype),
+                dims: tensor.dims.iter().rev().map(|&d| d as u64).collect(),
+                offset: tensor.offset,
                 bytes,
-                whole_blocks: elements % info.ggml_dtype.block_size() == 0,
+                whole_blocks: tensor.elem_count() % tensor.dtype.block_size() == 0,
             };
-            tensors.insert(name.clone(), tensor);
+            tensors.insert(name.to_owned(), served);
         }
         Ok(Self {
-            path: path.to_owned(),
-            file_bytes,
+            path: model.path().to_owned(),
+            parts,
             model_hash,
             tensors,
             tensor_hashes: Mutex::new(HashMap::new()),
@@ -238,17 +267,24 @@ impl WeightServer {
         let stored: StoredHashes = serde_json::from_str(&text)
             .map_err(|e| tracing::warn!(store = %path.display(), error = %e, "the tensor-hash store is corrupt; hashing again"))
             .ok()?;
-        let (file_bytes, modified) = file_identity(&self.path).ok()?;
-        (stored.file_bytes == file_bytes && stored.modified_unix_ns == modified).then_some(stored)
+        let identity = self.identity().ok()?;
+        let first = FileIdentity { file_bytes: stored.file_bytes, modified_unix_ns: stored.modified_unix_ns };
+        (identity.first() == Some(&first) && identity[1..] == stored.later_parts[..]).then_some(stored)
+    }
+
+    /// Every part's length and modification time, in order: what the store is checked against.
+    fn identity(&self) -> std::io::Result<Vec<FileIdentity>> {
+        self.parts.iter().map(|part| file_identity(&part.path)).collect()
     }
 
     /// Writes every hash known so far to the store (a temporary file renamed into place, so
     /// a crash leaves the old store or the new one, never half of one).
     fn write_store(&self) {
         let Some(path) = &self.hash_store else { return };
-        let Ok((file_bytes, modified_unix_ns)) = file_identity(&self.path) else { return };
+        let Ok(mut identity) = self.identity() else { return };
+        let FileIdentity { file_bytes, modified_unix_ns } = identity.remove(0);
         let tensors = self.hashes().iter().map(|(name, hash)| (name.clone(), super::slice_cache::hex(hash))).collect();
-        let stored = StoredHashes { file_bytes, modified_unix_ns, tensors };
+        let stored = StoredHashes { file_bytes, modified_unix_ns, later_parts: identity, tensors };
         let write = || -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -334,10 +370,8 @@ impl WeightServer {
         if let Some(hash) = self.hashes().get(name) {
             return Ok(*hash);
         }
-        let context = || format!("cannot read tensor `{name}` of {}", self.path.display());
-        let mut file = File::open(&self.path).with_context(context)?;
-        file.seek(SeekFrom::Start(tensor.offset))
-            .with_context(context)?;
+        let context = || format!("cannot read tensor `{name}` of {}", self.parts[tensor.part].path.display());
+        let mut file = self.open_at(tensor).with_context(context)?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
         let mut left = tensor.bytes;
@@ -353,6 +387,13 @@ impl WeightServer {
         self.hashes().insert(name.to_owned(), hash);
         self.tensors_hashed.fetch_add(1, Ordering::Relaxed);
         Ok(hash)
+    }
+
+    /// The file holding `tensor` (its part's), positioned at the tensor's first byte.
+    fn open_at(&self, tensor: &FileTensor) -> std::io::Result<File> {
+        let mut file = File::open(&self.parts[tensor.part].path)?;
+        file.seek(SeekFrom::Start(tensor.offset))?;
+        Ok(file)
     }
 
     fn hashes(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
@@ -391,25 +432,31 @@ impl WeightServer {
         };
         let plan = self.plan_fetch(tensors, &request.tensor_indices)?;
 
-        let path = self.path.clone();
-        let mut file = tokio::task::spawn_blocking(move || -> Result<(File, u64)> {
-            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
-            Ok((file, len))
+        // Every part this fetch reads, opened once and checked against its length at start-up.
+        let mut needed: Vec<(usize, PathBuf, u64)> = plan
+            .iter()
+            .map(|step| (step.part, self.parts[step.part].path.clone(), self.parts[step.part].file_bytes))
+            .collect();
+        needed.sort_unstable_by_key(|(part, ..)| *part);
+        needed.dedup_by_key(|(part, ..)| *part);
+        let n_parts = self.parts.len();
+        let mut files = tokio::task::spawn_blocking(move || -> Result<Vec<Option<File>>> {
+            let mut files: Vec<Option<File>> = (0..n_parts).map(|_| None).collect();
+            for (part, path, file_bytes) in needed {
+                let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
+                if len != file_bytes {
+                    bail!(
+                        "{} changed since the coordinator started ({file_bytes} bytes then, {len} now): restart the coordinator",
+                        path.display()
+                    );
+                }
+                files[part] = Some(file);
+            }
+            Ok(files)
         })
         .await
-        .context("the file-opening task failed")?
-        .and_then(|(file, len)| {
-            if len == self.file_bytes {
-                Ok(file)
-            } else {
-                Err(anyhow!(
-                    "{} changed since the coordinator started ({} bytes then, {len} now): restart the coordinator",
-                    self.path.display(),
-                    self.file_bytes
-                ))
-            }
-        })?;
+        .context("the file-opening task failed")??;
 
         let send_timeout = Duration::from_millis(CHUNK_SEND_TIMEOUT_MS);
         let mut sent = 0u64;
@@ -419,6 +466,7 @@ impl WeightServer {
                 // At most `chunk_bytes`, so the cast back to usize cannot truncate.
                 let len = (step.bytes - offset).min(self.chunk_bytes as u64) as usize;
                 let at = step.file_offset + offset;
+                let file = files[step.part].take().expect("every part the plan reads was opened above");
                 let (returned, data, sha256) =
                     tokio::task::spawn_blocking(move || read_chunk(file, at, len))
                         .await
@@ -427,10 +475,10 @@ impl WeightServer {
                             format!(
                                 "cannot read tensor `{}` of {}",
                                 step.name,
-                                self.path.display()
+                                self.parts[step.part].path.display()
                             )
                         })?;
-                file = returned;
+                files[step.part] = Some(returned);
                 let chunk = Message::WeightChunk(WeightChunk {
                     tensor_index: step.index,
                     offset,
@@ -494,6 +542,7 @@ impl WeightServer {
                 Ok(FetchStep {
                     index,
                     name: &tensor.name,
+                    part: file_tensor.part,
                     file_offset: file_tensor.offset,
                     bytes: tensor.bytes,
                 })
@@ -506,12 +555,28 @@ impl WeightServer {
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
     }
+
+    /// One tensor's bytes, whole, read from the file that holds it: how a worker loads a
+    /// slice from its own copy of the model ([`super::local`]) once [`Self::slice_refs`] has
+    /// matched the coordinator's. Blocking. The engine takes each tensor whole to repack
+    /// it, so this holds one tensor at a time, as loading from the slice cache does.
+    pub fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        let tensor = self.tensors.get(name).ok_or_else(|| anyhow!("{} has no tensor `{name}`", self.path.display()))?;
+        let context = || format!("cannot read tensor `{name}` of {}", self.parts[tensor.part].path.display());
+        let bytes = usize::try_from(tensor.bytes).with_context(context)?;
+        let mut file = self.open_at(tensor).with_context(context)?;
+        let mut data = vec![0u8; bytes];
+        file.read_exact(&mut data).with_context(context)?;
+        Ok(data)
+    }
 }
 
 /// One tensor of a checked fetch.
 struct FetchStep<'t> {
     index: u32,
     name: &'t str,
+    /// Index into [`WeightServer::parts`]; `file_offset` is in that part's file.
+    part: usize,
     file_offset: u64,
     bytes: u64,
 }
@@ -561,6 +626,7 @@ mod tests {
 
     fn tensor(dims: Vec<u64>, bytes: u64, whole_blocks: bool) -> FileTensor {
         FileTensor {
+            part: 0,
             dtype: 0,
             dims,
             offset: 0,
@@ -597,6 +663,161 @@ mod tests {
             format!("{error:#}").contains("cannot read the GGUF header"),
             "{error:#}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // ---- Split GGUFs --------------------------------------------------------------------
+
+    use candle_core::quantized::gguf_file::Content;
+    use potluck_engine::gguf::write_split;
+    use potluck_engine::random_gguf::RandomGguf;
+    use potluck_protocol::FetchTensors;
+
+    /// A fresh directory holding the tiny mixed-type model `whole.gguf`.
+    fn tiny_model(test: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("potluck-weights-unit-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("whole.gguf");
+        RandomGguf::tiny_mixed(1).write(&path).unwrap();
+        (dir, path)
+    }
+
+    /// What the model hash was before split GGUFs: SHA-256(length as u64 LE ‖ header bytes),
+    /// here over each of `paths` in turn.
+    fn length_and_header_hash(paths: &[PathBuf]) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        for path in paths {
+            let bytes = std::fs::read(path).unwrap();
+            let header_bytes = Content::read(&mut File::open(path).unwrap()).unwrap().tensor_data_offset as usize;
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(&bytes[..header_bytes]);
+        }
+        hasher.finalize().into()
+    }
+
+    /// Serves one fetch of every tensor of `refs` over in-memory pipes; returns what the server
+    /// said and each tensor's bytes as received (every chunk checked against its SHA-256).
+    async fn fetch_all(server: &WeightServer, refs: &[TensorRef]) -> (Result<u64>, Vec<Vec<u8>>) {
+        let (worker_send, server_receive) = tokio::io::duplex(1 << 16);
+        let (server_send, worker_receive) = tokio::io::duplex(1 << 16);
+        let serve = async {
+            let mut reader = FrameReader::new(server_receive);
+            let mut writer = FrameWriter::new(server_send);
+            // Dropping the writer at the end finishes the stream, as the caller's finish does.
+            server.serve_fetch(refs, &mut reader, &mut writer).await
+        };
+        let receive = async {
+            let mut writer = FrameWriter::new(worker_send);
+            let mut reader = FrameReader::new(worker_receive);
+            let request = FetchTensors { tensor_indices: (0..refs.len() as u32).collect() };
+            writer.send(&Message::FetchTensors(request)).await.unwrap();
+            let mut received = vec![Vec::new(); refs.len()];
+            while let Ok(Some(message)) = reader.recv().await {
+                let Message::WeightChunk(chunk) = message else { panic!("{:?} on a weight stream", message.kind()) };
+                let data = &mut received[chunk.tensor_index as usize];
+                assert_eq!(chunk.offset, data.len() as u64, "chunks arrive in order");
+                assert_eq!(<[u8; 32]>::from(Sha256::digest(&chunk.data)), chunk.sha256);
+                data.extend_from_slice(&chunk.data);
+            }
+            received
+        };
+        tokio::join!(serve, receive)
+    }
+
+    #[test]
+    fn a_single_file_s_model_hash_and_store_are_what_they_were() {
+        let (dir, path) = tiny_model("single");
+        let server = WeightServer::open(&path).unwrap();
+        assert_eq!(server.model_hash(), length_and_header_hash(std::slice::from_ref(&path)));
+        assert_eq!(server.parts.len(), 1);
+
+        // The store keeps the keys it always had, so stores written before still match.
+        let (profile, _) = ModelProfile::from_path(&path).unwrap();
+        let server = server.with_hash_store(&dir.join("store"));
+        server.slice_refs(&profile, 0..1).unwrap();
+        let store = dir.join("store").join(format!("{}.json", super::super::slice_cache::hex(&server.model_hash())));
+        let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&store).unwrap()).unwrap();
+        let keys: Vec<&String> = stored.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["file_bytes", "modified_unix_ns", "tensors"]);
+        let restarted = WeightServer::open(&path).unwrap().with_hash_store(&dir.join("store"));
+        restarted.slice_refs(&profile, 0..1).unwrap();
+        assert_eq!(restarted.tensors_hashed(), 0, "the store written is read back");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_split_model_is_served_as_the_whole_file() {
+        let (dir, whole_path) = tiny_model("split");
+        let parts = write_split(&whole_path, &dir.join("model"), 3).unwrap();
+        let (profile, _) = ModelProfile::from_path(&whole_path).unwrap();
+        let whole = WeightServer::open(&whole_path).unwrap();
+        // Any part names the model; small chunks so that tensors span several.
+        let split = WeightServer::open(&parts[1]).unwrap().with_chunk_bytes(1000);
+        assert_eq!(split.path(), parts[0]);
+        let mut parts_used: Vec<usize> = split.tensors.values().map(|t| t.part).collect();
+        parts_used.sort_unstable();
+        parts_used.dedup();
+        assert_eq!(parts_used, [0, 1, 2], "every part holds tensors");
+
+        // The hash covers every part's length and header, in order.
+        assert_eq!(split.model_hash(), length_and_header_hash(&parts));
+        assert_ne!(split.model_hash(), whole.model_hash());
+
+        // The same refs as the unsplit file: names, types, dims, sizes and SHA-256s.
+        let n = profile.n_layers;
+        for layers in [0..1, 1..n - 1, n - 1..n, 0..n] {
+            assert_eq!(
+                split.slice_refs(&profile, layers.clone()).unwrap(),
+                whole.slice_refs(&profile, layers.clone()).unwrap(),
+                "layers {layers:?}"
+            );
+        }
+
+        // Served from the right parts: every tensor's bytes are the unsplit file's.
+        let refs = split.slice_refs(&profile, 0..n).unwrap();
+        let (sent, received) = fetch_all(&split, &refs).await;
+        assert_eq!(sent.unwrap(), refs.iter().map(|t| t.bytes).sum::<u64>());
+        for (tensor, data) in refs.iter().zip(&received) {
+            assert_eq!(<[u8; 32]>::from(Sha256::digest(data)), tensor.sha256, "`{}`", tensor.name);
+        }
+
+        // A part that changed length is refused before anything is sent.
+        let mut last = std::fs::OpenOptions::new().append(true).open(&parts[2]).unwrap();
+        std::io::Write::write_all(&mut last, &[0u8; 32]).unwrap();
+        drop(last);
+        let (sent, received) = fetch_all(&split, &refs).await;
+        let error = format!("{:#}", sent.unwrap_err());
+        assert!(error.contains("model-00003-of-00003.gguf changed since the coordinator started"), "{error}");
+        assert!(received.iter().all(Vec::is_empty));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_split_model_s_hash_store_covers_every_part() {
+        let (dir, whole_path) = tiny_model("split-store");
+        let parts = write_split(&whole_path, &dir.join("model"), 3).unwrap();
+        let (profile, _) = ModelProfile::from_path(&parts[0]).unwrap();
+        let store = dir.join("store");
+        let open = || WeightServer::open(&parts[0]).unwrap().with_hash_store(&store);
+
+        let first = open();
+        first.slice_refs(&profile, 0..profile.n_layers).unwrap();
+        assert!(first.tensors_hashed() > 0);
+        let stored = store.join(format!("{}.json", super::super::slice_cache::hex(&first.model_hash())));
+        let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+        assert_eq!(stored["later_parts"].as_array().map(Vec::len), Some(2));
+
+        let restarted = open();
+        restarted.slice_refs(&profile, 0..profile.n_layers).unwrap();
+        assert_eq!(restarted.tensors_hashed(), 0, "nothing hashed again");
+
+        // The last part touched (same length, another modification time): hashed anew.
+        let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+        File::options().write(true).open(&parts[2]).unwrap().set_modified(later).unwrap();
+        let touched = open();
+        touched.slice_refs(&profile, 0..profile.n_layers).unwrap();
+        assert!(touched.tensors_hashed() > 0, "a changed part is not trusted to the store");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

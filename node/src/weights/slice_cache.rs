@@ -510,19 +510,25 @@ impl TensorSource for CachedSliceSource {
             };
             EngineError::Io(std::io::Error::new(kind, e))
         };
-        let dtype = ggml_dtype(tensor).map_err(to_engine)?;
-        // The protocol carries GGUF's order (innermost first); candle and the engine use
-        // outermost first (candle's gguf_file reverses them the same way on read).
-        let dims = tensor
-            .dims
-            .iter()
-            .rev()
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<Vec<usize>, _>>()
-            .map_err(|_| to_engine(shape_mismatch(tensor)))?;
+        let (dtype, dims) = engine_shape(tensor).map_err(to_engine)?;
         let bytes = self.cache.read_verified(&self.model_hash, tensor, true).map_err(to_engine)?;
         Ok(Some((dtype, dims, bytes)))
     }
+}
+
+/// A tensor's type and dims as the engine takes them. The protocol carries GGUF's order
+/// (innermost first); candle and the engine use outermost first (candle's gguf_file reverses
+/// them the same way on read).
+pub(crate) fn engine_shape(tensor: &TensorRef) -> Result<(GgmlDType, Vec<usize>)> {
+    let dtype = ggml_dtype(tensor)?;
+    let dims = tensor
+        .dims
+        .iter()
+        .rev()
+        .map(|&d| usize::try_from(d))
+        .collect::<std::result::Result<Vec<usize>, _>>()
+        .map_err(|_| shape_mismatch(tensor))?;
+    Ok((dtype, dims))
 }
 
 fn ggml_dtype(tensor: &TensorRef) -> Result<GgmlDType> {
@@ -627,6 +633,7 @@ mod tests {
     use potluck_engine::kv_cache::SequenceCache;
     use potluck_engine::arch::{slice_tensor_names, ModelSlice};
     use potluck_engine::backend::Backend;
+    use potluck_engine::gguf::GgufModel;
     use potluck_engine::profile::ModelProfile;
     use potluck_engine::quant::dtype::ggml_dtype_id;
     use potluck_engine::random_gguf::{LayerDTypes, ModelShape, RandomGguf};
@@ -923,10 +930,11 @@ mod tests {
         let root = temp_root("gguf");
         let path = root.join("tiny.gguf");
         write_tiny_gguf(&path);
-        let (profile, content) = ModelProfile::from_path(&path).unwrap();
+        let model = GgufModel::open(&path).unwrap();
+        let profile = ModelProfile::from_model(&model).unwrap();
         // What the coordinator would send: each tensor of the slice, with GGUF's dims order.
         let names = slice_tensor_names(&profile, 0..N_LAYERS);
-        let mut file_source = GgufFileSource::new(&content, &path).unwrap();
+        let mut file_source = GgufFileSource::new(&model).unwrap();
         let cache = SliceCache::open(root.join("cache")).unwrap();
         let model_hash = sha(&fs::read(&path).unwrap());
         let mut descriptors = Vec::new();
