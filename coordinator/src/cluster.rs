@@ -1051,6 +1051,8 @@ impl Driver {
                         weight_bytes: stage.and_then(|s| s.weight_bytes).unwrap_or(0),
                         layers: stage.map(|s| s.layers),
                         hop_rtt_us: n.stats.as_ref().map(|s| s.next_hop_rtt_us).filter(|&us| us > 0),
+                        resident_bytes: n.stats.as_ref().map(|s| s.resident_bytes).filter(|&b| b > 0),
+                        peak_resident_bytes: n.stats.as_ref().map(|s| s.peak_resident_bytes).filter(|&b| b > 0),
                         ..NodeView::default()
                     }
                 })

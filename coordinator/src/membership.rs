@@ -352,7 +352,7 @@ mod tests {
     }
 
     fn stats(steps: u64) -> StageStats {
-        StageStats { steps, rows: steps, busy_us: 10 * steps, kv_bytes: 0, next_hop_rtt_us: 0 }
+        StageStats { steps, rows: steps, busy_us: 10 * steps, kv_bytes: 0, next_hop_rtt_us: 0, resident_bytes: 0, peak_resident_bytes: 0 }
     }
 
     fn drain(m: &mut Membership) -> Vec<Action> {
@@ -451,7 +451,7 @@ mod tests {
     fn step_time_is_measured_between_heartbeats_and_survives_idling() {
         let mut m = Membership::new();
         join(&mut m, 0, 1, "a");
-        let beat = |steps, busy_us| StageStats { steps, rows: steps, busy_us, kv_bytes: 0, next_hop_rtt_us: 0 };
+        let beat = |steps, busy_us| StageStats { steps, rows: steps, busy_us, kv_bytes: 0, next_hop_rtt_us: 0, resident_bytes: 0, peak_resident_bytes: 0 };
         m.handle_heartbeat(100, 1, beat(0, 0));
         assert_eq!(m.snapshot(100)[0].step_ms, None, "no steps yet");
         m.handle_heartbeat(200, 1, beat(10, 30_000));

@@ -54,6 +54,10 @@ pub struct ClusterInfo {
     pub predicted_tokens_per_s: Option<f64>,
     /// Bytes of weights the coordinator has streamed to workers.
     pub weight_bytes_sent: u64,
+    /// The coordinator process's resident memory now and at its peak (filled in when a
+    /// snapshot is taken; `None` where the system does not say).
+    pub coordinator_resident_bytes: Option<u64>,
+    pub coordinator_peak_resident_bytes: Option<u64>,
 }
 
 /// One worker as membership knows it.
@@ -87,6 +91,11 @@ pub struct NodeView {
     pub layers: Option<[u32; 2]>,
     /// QUIC's round-trip estimate of its link to the next node, once it has sent on it.
     pub hop_rtt_us: Option<u64>,
+    /// What the worker process really holds, now and at its peak (VmRSS, VmHWM; from its
+    /// latest heartbeat; `None` before one or where its system does not say): shown beside
+    /// its budget and its planned weights and KV cache.
+    pub resident_bytes: Option<u64>,
+    pub peak_resident_bytes: Option<u64>,
 }
 
 /// One stage of the pipeline in force: what the plan predicted and what was measured.
@@ -173,7 +182,10 @@ impl ClusterSnapshot {
     /// Gathers the picture now: the cluster's shared view, the service's counters, and the
     /// dashboard's live rates (taking a rate sample; see `dashboard::Dashboard::rates`).
     pub fn capture(state: &AppState) -> Self {
-        let ClusterView { info, mut nodes, mut stages } = state.cluster.snapshot();
+        let ClusterView { mut info, mut nodes, mut stages } = state.cluster.snapshot();
+        let resident = potluck_node::resident::resident();
+        info.coordinator_resident_bytes = resident.map(|r| r.now_bytes);
+        info.coordinator_peak_resident_bytes = resident.map(|r| r.peak_bytes);
         let stats = state.service.stats();
         let rates = state.dashboard.rates(state);
         let local_rtt_us = stats.local_hop_rtt_us.load(Relaxed);

@@ -74,8 +74,8 @@ pub fn render(health: &ClusterSnapshot) -> String {
     if !nodes.is_empty() {
         let _ = writeln!(
             out,
-            "  {:<20} {:<14} {:<22} {:>10} {:>10} {:>10} {:>12}",
-            "name", "state", "address", "budget", "last seen", "steps", "ms per step"
+            "  {:<20} {:<14} {:<22} {:>10} {:>10} {:>10} {:>10} {:>12}",
+            "name", "state", "address", "budget", "holds", "last seen", "steps", "ms per step"
         );
     }
     for node in nodes {
@@ -86,11 +86,12 @@ pub fn render(health: &ClusterSnapshot) -> String {
         };
         let _ = writeln!(
             out,
-            "  {:<20} {:<14} {:<22} {:>10} {:>10} {:>10} {:>12}",
+            "  {:<20} {:<14} {:<22} {:>10} {:>10} {:>10} {:>10} {:>12}",
             node.name,
             node.state,
             node.address,
             format!("{:.0} MiB", node.memory_budget_bytes as f64 / (1u64 << 20) as f64),
+            node.resident_bytes.map_or_else(|| "-".to_string(), |b| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)),
             format!("{:.1} s", node.last_seen_age_ms as f64 / 1000.0),
             node.steps,
             per_step

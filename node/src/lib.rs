@@ -18,6 +18,7 @@
 //! * [`model`] — model resolution: `--model` (a path, or the default model fetched on
 //!   first use) to a file on this machine.
 //! * [`planner_glue`] — this device and this model as the shard planner sees them.
+//! * [`resident`] — this process's resident memory now and at its peak (VmRSS, VmHWM).
 //! * [`logging`] — the binaries' log set-up (stderr, `RUST_LOG`, colours only on a terminal).
 //!
 //! **Architecture Invariant:** `node`, `worker` and `coordinator` are the only crates with
@@ -28,6 +29,7 @@ pub mod logging;
 pub mod model;
 pub mod net;
 pub mod planner_glue;
+pub mod resident;
 pub mod stage;
 pub mod weights;
 

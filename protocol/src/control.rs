@@ -194,6 +194,11 @@ pub struct StageStats {
     /// QUIC's smoothed round-trip estimate of the stage's link to the next node (the next
     /// stage, or the coordinator after the last), in microseconds; 0 before one exists.
     pub next_hop_rtt_us: u64,
+    /// The worker process's resident memory now and its peak since it started (Linux's
+    /// VmRSS and VmHWM), so budget, plan and what is really held can be shown side by side;
+    /// 0 where the system does not say.
+    pub resident_bytes: u64,
+    pub peak_resident_bytes: u64,
 }
 
 /// The sequence is finished or cancelled: every stage drops its KV cache.

@@ -355,15 +355,16 @@ mod tests {
     fn wire_format_is_pinned() {
         let heartbeat = Message::Heartbeat(Heartbeat {
             now_ms: 1,
-            stats: StageStats { steps: 2, rows: 3, busy_us: 4, kv_bytes: 5, next_hop_rtt_us: 6 },
+            stats: StageStats { steps: 2, rows: 3, busy_us: 4, kv_bytes: 5, next_hop_rtt_us: 6, resident_bytes: 7, peak_resident_bytes: 8 },
         });
         #[rustfmt::skip]
         let expected = [
-            b'P', b'L', b'C', b'K', 3, 0, 7, 0, 48, 0, 0, 0,   // header: magic, v3, Heartbeat, flags, 48-byte body
+            b'P', b'L', b'C', b'K', 4, 0, 7, 0, 64, 0, 0, 0,   // header: magic, v4, Heartbeat, flags, 64-byte body
             1, 0, 0, 0, 0, 0, 0, 0,                            // now_ms
             2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,    // steps, rows
             4, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,    // busy_us, kv_bytes
             6, 0, 0, 0, 0, 0, 0, 0,                            // next_hop_rtt_us
+            7, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0,    // resident_bytes, peak_resident_bytes
         ];
         assert_eq!(encode(&heartbeat).unwrap(), expected);
 
@@ -374,7 +375,7 @@ mod tests {
         });
         #[rustfmt::skip]
         let expected = [
-            b'P', b'L', b'C', b'K', 3, 0, 12, 0, 49, 0, 0, 0,  // header: StepTokens, 49-byte body
+            b'P', b'L', b'C', b'K', 4, 0, 12, 0, 49, 0, 0, 0,  // header: StepTokens, 49-byte body
             9, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 1, // segment: sequence_id, first_position, n_rows, sample
             100, 0, 0, 0, 101, 0, 0, 0,                        // tokens
             7, 0, 0, 0, 0, 0, 0, 0,                            // root: step,
@@ -401,7 +402,7 @@ mod tests {
     fn decoder_reports_the_bytes_it_still_needs() {
         let frame = encode(&Message::Heartbeat(Heartbeat {
             now_ms: 1,
-            stats: StageStats { steps: 0, rows: 0, busy_us: 0, kv_bytes: 0, next_hop_rtt_us: 0 },
+            stats: StageStats { steps: 0, rows: 0, busy_us: 0, kv_bytes: 0, next_hop_rtt_us: 0, resident_bytes: 0, peak_resident_bytes: 0 },
         }))
         .unwrap();
         let mut decoder = FrameDecoder::new();

@@ -43,4 +43,4 @@ pub use message::{Kind, Message};
 /// Version of the node-to-node protocol, carried in every frame header and in [`Hello`].
 /// Bumped on any incompatible change to the wire format (a field, a kind, a limit); peers
 /// with a different version are refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;

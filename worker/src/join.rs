@@ -249,12 +249,15 @@ struct SharedCounters {
 
 impl SharedCounters {
     fn stats(&self) -> StageStats {
+        let resident = potluck_node::resident::resident().unwrap_or_default();
         StageStats {
             steps: self.steps.load(Ordering::Relaxed),
             rows: self.rows.load(Ordering::Relaxed),
             busy_us: self.busy_us.load(Ordering::Relaxed),
             kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
             next_hop_rtt_us: self.next_hop_rtt_us.load(Ordering::Relaxed),
+            resident_bytes: resident.now_bytes,
+            peak_resident_bytes: resident.peak_bytes,
         }
     }
 

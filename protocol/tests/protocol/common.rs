@@ -124,7 +124,7 @@ pub fn one_of_each() -> Vec<Message> {
         Message::Ready,
         Message::Heartbeat(Heartbeat {
             now_ms: 123_456,
-            stats: StageStats { steps: 10, rows: 300, busy_us: 5_000_000, kv_bytes: 1 << 20, next_hop_rtt_us: 180 },
+            stats: StageStats { steps: 10, rows: 300, busy_us: 5_000_000, kv_bytes: 1 << 20, next_hop_rtt_us: 180, resident_bytes: 300 << 20, peak_resident_bytes: 310 << 20 },
         }),
         Message::ReleaseSequence(ReleaseSequence { sequence_id: 5 }),
         Message::Shutdown,

@@ -236,12 +236,14 @@ pub fn message_strategy() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(a, b)| Message::LoadProgress(LoadProgress { bytes_done: a.min(b), bytes_total: a.max(b) })),
         Just(Message::Ready),
-        (any::<u64>(), any::<[u64; 5]>()).prop_map(|(now_ms, [steps, rows, busy_us, kv_bytes, next_hop_rtt_us])| {
-            Message::Heartbeat(Heartbeat {
-                now_ms,
-                stats: StageStats { steps, rows, busy_us, kv_bytes, next_hop_rtt_us },
-            })
-        }),
+        (any::<u64>(), any::<[u64; 7]>()).prop_map(
+            |(now_ms, [steps, rows, busy_us, kv_bytes, next_hop_rtt_us, resident_bytes, peak_resident_bytes])| {
+                Message::Heartbeat(Heartbeat {
+                    now_ms,
+                    stats: StageStats { steps, rows, busy_us, kv_bytes, next_hop_rtt_us, resident_bytes, peak_resident_bytes },
+                })
+            }
+        ),
         any::<u64>().prop_map(|sequence_id| Message::ReleaseSequence(ReleaseSequence { sequence_id })),
         Just(Message::Shutdown),
         weight_chunk_strategy().prop_map(Message::WeightChunk),
