@@ -249,6 +249,13 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     }
     // And /metrics, for Prometheus: two stages, two ready workers, their steps.
     std::thread::sleep(Duration::from_millis(1500)); // a heartbeat after the requests above
+    // What each worker really holds, beside its budget and its plan (VmRSS ≤ VmHWM).
+    let health = get_json(&coordinator.http, "/health");
+    for node in health["nodes"].as_array().unwrap() {
+        let (now, peak) = (node["resident_bytes"].as_u64().unwrap_or(0), node["peak_resident_bytes"].as_u64().unwrap_or(0));
+        assert!(now > node["weight_bytes"].as_u64().unwrap() / 2 && peak >= now, "resident memory from the heartbeat: {node}");
+    }
+    assert!(health["cluster"]["coordinator_peak_resident_bytes"].as_u64().unwrap_or(0) > 0, "{health}");
     let metrics = get_text(&coordinator.http, "/metrics");
     for needle in [
         "potluck_nodes 2\n",

@@ -7,7 +7,10 @@
 //!   shared multi-threaded runtime, whose worker threads drive the endpoints, so every frame
 //!   crosses threads on the way out and in.
 //!
-//!   cargo run --release -p potluck-node --example hop_latency [ROUNDS] [HIDDEN] [COMPUTE_US] [ct|mt]
+//!   cargo run --release -p potluck-node --example hop_latency [ROUNDS] [HIDDEN] [COMPUTE_US] [ct|mt] [ROWS] [f16|f32]
+//!
+//! ROWS (default 1, a decode step; up to a 512-row prefill chunk) rows of HIDDEN values of
+//! that type (default f16) in one frame.
 //!
 //! COMPUTE_US spins that long on each side before it answers, as a stage computing its
 //! layers would (idle CPUs take longer to wake); it is subtracted from the round trip.
@@ -32,6 +35,12 @@ fn main() -> anyhow::Result<()> {
     let hidden: u32 = args.next().map_or(Ok(576), |s| s.parse())?;
     let compute_us: u64 = args.next().map_or(Ok(0), |s| s.parse())?;
     let mode = args.next().unwrap_or_else(|| "ct".into());
+    let rows: u32 = args.next().map_or(Ok(1), |s| s.parse())?;
+    let (dtype, element_bytes) = match args.next().as_deref() {
+        None | Some("f16") => (Dtype::F16, 2),
+        Some("f32") => (Dtype::F32, 4),
+        Some(other) => anyhow::bail!("the activation type must be f16 or f32, not {other:?}"),
+    };
     let shared = match mode.as_str() {
         "ct" => None,
         "mt" => Some(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?),
@@ -92,10 +101,10 @@ fn main() -> anyhow::Result<()> {
     let (mut w, mut r, _connection) = streams.expect("connected");
     let message = Message::Activations(Activations {
         step: 1,
-        segments: vec![Segment { sequence_id: 1, first_position: 0, n_rows: 1, sample: true }],
-        dtype: Dtype::F16,
+        segments: vec![Segment { sequence_id: 1, first_position: 0, n_rows: rows, sample: true }],
+        dtype,
         hidden,
-        payload: vec![0; hidden as usize * 2],
+        payload: vec![0; hidden as usize * rows as usize * element_bytes],
     });
     let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
@@ -118,9 +127,9 @@ fn main() -> anyhow::Result<()> {
     times.sort_by(f64::total_cmp);
     let pct = |p: f64| times[((times.len() - 1) as f64 * p) as usize];
     println!(
-        "{mode}: round trip of a {}-byte activation frame over QUIC on loopback, {rounds} rounds, {compute_us} µs compute per side: \
+        "{mode}: round trip of a {}-byte activation frame ({rows} row(s) × {hidden}) over QUIC on loopback, {rounds} rounds, {compute_us} µs compute per side: \
          p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs",
-        hidden * 2,
+        hidden as usize * rows as usize * element_bytes,
         pct(0.5),
         pct(0.9),
         pct(0.99)
