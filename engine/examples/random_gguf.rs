@@ -2,12 +2,14 @@
 //! it took: the models for scale tests and benchmarks that no one has to download.
 //!
 //! `cargo run --release -p potluck-engine --example random_gguf -- --out FILE
-//! [--preset tiny|llama3-8b|llama3-70b] [--layers N] [--dtype q4_0] [--seed N] [--tied]
+//! [--preset tiny|llama3-8b|llama3-70b] [--layers N] [--dtype q4_0|q4_k_m|...] [--seed N] [--tied]
 //! [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]`
 //!
 //! `--layers` replaces the preset's layer count (tiny 4, 8B 32, 70B 80). Types: f32, f16,
 //! bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k (every matrix, the embedding
-//! and the head; norms stay f32). The tokenizer is copied from the donor GGUF, by default the
+//! and the head; norms stay f32), or q4_k_m: llama.cpp's Q4_K_M mix (Q4_K, with Q6_K for the
+//! head and for `attn_v` and `ffn_down` of the layers llama.cpp gives more bits; see
+//! `DTypeChoice::q4_k_m`), written directly rather than requantized. The tokenizer is copied from the donor GGUF, by default the
 //! coordinator's SmolLM2 download (`coordinator fetch-model`; `$POTLUCK_MODEL` overrides),
 //! and the vocabulary takes its size; `--no-tokenizer` keeps the preset's vocabulary and
 //! writes no tokenizer (the engine's slices run without one, a server does not).
@@ -35,6 +37,8 @@ enum Donor {
 struct Args {
     shape: ModelShape,
     dtype: GgmlDType,
+    /// `--dtype q4_k_m`: the mix rather than one type.
+    q4_k_m: bool,
     seed: u64,
     tied: bool,
     threads: usize,
@@ -46,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
     let mut preset = "tiny".to_string();
     let mut layers = None;
     let mut dtype = GgmlDType::Q4_0;
+    let mut q4_k_m = false;
     let mut seed = 1;
     let mut tied = false;
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -63,7 +68,10 @@ fn parse_args() -> Result<Args, String> {
                 match flag.as_str() {
                     "--preset" => preset = value.clone(),
                     "--layers" => layers = Some(u32::try_from(number("--layers")?).map_err(|e| format!("--layers: {e}"))?),
-                    "--dtype" => dtype = random_gguf::parse_dtype(&value).map_err(|e| e.to_string())?,
+                    "--dtype" if matches!(value.to_ascii_lowercase().replace('_', "").as_str(), "q4km") => {
+                        (dtype, q4_k_m) = (GgmlDType::Q4K, true)
+                    }
+                    "--dtype" => (dtype, q4_k_m) = (random_gguf::parse_dtype(&value).map_err(|e| e.to_string())?, false),
                     "--seed" => seed = number("--seed")?,
                     "--threads" => threads = number("--threads")?.max(1) as usize,
                     "--tokenizer-from" => donor = Donor::Path(PathBuf::from(value)),
@@ -75,7 +83,7 @@ fn parse_args() -> Result<Args, String> {
     }
     let shape = ModelShape::preset(&preset, layers).map_err(|e| e.to_string())?;
     let out = out.ok_or_else(|| format!("--out is required\n{USAGE}"))?;
-    Ok(Args { shape, dtype, seed, tied, threads, donor, out })
+    Ok(Args { shape, dtype, q4_k_m, seed, tied, threads, donor, out })
 }
 
 fn main() {
@@ -95,6 +103,9 @@ fn main() {
 fn run(args: Args) -> Result<(), EngineError> {
     let mut model = RandomGguf::new(args.shape, args.dtype, args.seed);
     model.tied_embeddings = args.tied;
+    if args.q4_k_m {
+        model.dtypes = random_gguf::DTypeChoice::q4_k_m(model.shape.n_layers);
+    }
     let donor = match args.donor {
         Donor::Path(path) => Some(path),
         Donor::None => None,
@@ -112,14 +123,14 @@ fn run(args: Args) -> Result<(), EngineError> {
     let expected_bytes = model.file_bytes()?;
     let pool = ComputePool::new(args.threads);
     println!(
-        "writing {} ({} layers, hidden {}, FFN {}, vocab {}, {:?}, seed {}, tokenizer {}): {:.1} MB on {} threads, \
+        "writing {} ({} layers, hidden {}, FFN {}, vocab {}, {}, seed {}, tokenizer {}): {:.1} MB on {} threads, \
          at most {:.1} MB of buffers",
         args.out.display(),
         model.shape.n_layers,
         model.shape.n_embd,
         model.shape.n_ff,
         model.shape.vocab_size,
-        args.dtype,
+        if args.q4_k_m { "Q4_K_M".to_string() } else { format!("{:?}", args.dtype) },
         args.seed,
         donor.as_ref().map_or("none".into(), |p| p.display().to_string()),
         expected_bytes as f64 / 1e6,

@@ -273,6 +273,8 @@ enum TensorRole {
     LayerMatrix { layer_idx: usize },
     /// `ffn_down` of layer `layer_idx`: llama.cpp's mixes often give it more bits.
     FfnDown { layer_idx: usize },
+    /// `attn_v` of layer `layer_idx`: so does Q4_K_M.
+    AttnV { layer_idx: usize },
 }
 
 /// How a tensor's values are drawn.
@@ -323,7 +325,7 @@ fn llama_tensors(shape: &ModelShape, tied_embeddings: bool) -> Vec<TensorSpec> {
         tensors.push(norm(blk("attn_norm"), LAYER_NORM_SPREAD));
         tensors.push(matrix(blk("attn_q"), n_q, n_embd, role, 2.0 * w));
         tensors.push(matrix(blk("attn_k"), n_kv, n_embd, role, 2.0 * w));
-        tensors.push(matrix(blk("attn_v"), n_kv, n_embd, role, w));
+        tensors.push(matrix(blk("attn_v"), n_kv, n_embd, TensorRole::AttnV { layer_idx }, w));
         tensors.push(matrix(blk("attn_output"), n_embd, n_q, role, w));
         tensors.push(norm(blk("ffn_norm"), LAYER_NORM_SPREAD));
         tensors.push(matrix(blk("ffn_gate"), shape.n_ff, n_embd, role, w));
@@ -361,14 +363,15 @@ fn llama_metadata(shape: &ModelShape) -> Vec<(String, Value)> {
 /// Types of one layer's matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerDTypes {
-    /// Attention Q/K/V/output and FFN gate/up.
+    /// Attention Q/K/output and FFN gate/up.
     pub matrices: GgmlDType,
+    pub attn_v: GgmlDType,
     pub ffn_down: GgmlDType,
 }
 
 impl LayerDTypes {
     pub fn uniform(dtype: GgmlDType) -> Self {
-        Self { matrices: dtype, ffn_down: dtype }
+        Self { matrices: dtype, attn_v: dtype, ffn_down: dtype }
     }
 }
 
@@ -399,7 +402,26 @@ impl DTypeChoice {
             TensorRole::Norm => self.norm,
             TensorRole::LayerMatrix { layer_idx } => self.layers.get(layer_idx).map_or(self.default, |l| l.matrices),
             TensorRole::FfnDown { layer_idx } => self.layers.get(layer_idx).map_or(self.default, |l| l.ffn_down),
+            TensorRole::AttnV { layer_idx } => self.layers.get(layer_idx).map_or(self.default, |l| l.attn_v),
         }
+    }
+
+    /// llama.cpp's Q4_K_M mix for `n_layers` layers (`llama_tensor_get_type` in
+    /// llama-quant.cpp): Q4_K everywhere, but Q6_K for the head and for `attn_v` and
+    /// `ffn_down` of the layers `use_more_bits` picks (the first and last eighth, and every
+    /// third layer between), norms F32. Its per-model refinements (e.g. a Q5_K `attn_v` for
+    /// 70B models) are left out: the sizes stay within a few percent of a real Q4_K_M file,
+    /// and every kernel a real one needs (Q4_K, Q6_K) is exercised.
+    pub fn q4_k_m(n_layers: u32) -> Self {
+        let n = n_layers as usize;
+        let use_more_bits = |i: usize| i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2);
+        let layers = (0..n)
+            .map(|i| {
+                let more = if use_more_bits(i) { GgmlDType::Q6K } else { GgmlDType::Q4K };
+                LayerDTypes { matrices: GgmlDType::Q4K, attn_v: more, ffn_down: more }
+            })
+            .collect();
+        Self { default: GgmlDType::Q4K, layers, embedding: GgmlDType::Q4K, output: GgmlDType::Q6K, norm: GgmlDType::F32 }
     }
 }
 
@@ -545,7 +567,7 @@ impl RandomGguf {
         let mut model = Self::new(ModelShape::tiny(), GgmlDType::Q8_0, seed);
         model.dtypes.layers = vec![
             LayerDTypes::uniform(GgmlDType::Q4_1),
-            LayerDTypes { matrices: GgmlDType::Q4K, ffn_down: GgmlDType::Q5K },
+            LayerDTypes { matrices: GgmlDType::Q4K, attn_v: GgmlDType::Q4K, ffn_down: GgmlDType::Q5K },
             LayerDTypes::uniform(GgmlDType::Q6K),
             LayerDTypes::uniform(GgmlDType::Q8_0),
         ];
@@ -1049,6 +1071,29 @@ mod tests {
         let bytes_a = std::fs::read(&a.0).unwrap();
         assert!(bytes_a == std::fs::read(&b.0).unwrap(), "one thread and two threads differ");
         assert!(bytes_a != std::fs::read(&c.0).unwrap(), "another seed gave the same file");
+    }
+
+    /// llama.cpp's `use_more_bits` for 8 layers picks layers 0 (first eighth), 7 (last
+    /// eighth), 3 and 6 (every third between): those get Q6_K `attn_v` and `ffn_down`.
+    #[test]
+    fn the_q4_k_m_mix_is_llama_cpps_and_loads() {
+        let path = Removed(temp_path("q4km.gguf"));
+        let mut model = RandomGguf::new(ModelShape::preset("tiny", Some(8)).unwrap(), GgmlDType::Q4K, 3);
+        model.dtypes = DTypeChoice::q4_k_m(8);
+        model.write(&path.0).unwrap();
+        let (_, content) = ModelProfile::from_path(&path.0).unwrap();
+        let dtype = |name: &str| content.tensor_infos[name].ggml_dtype;
+        for layer in 0..8 {
+            let more = if [0, 3, 6, 7].contains(&layer) { GgmlDType::Q6K } else { GgmlDType::Q4K };
+            assert_eq!(dtype(&format!("blk.{layer}.attn_v.weight")), more, "layer {layer}");
+            assert_eq!(dtype(&format!("blk.{layer}.ffn_down.weight")), more, "layer {layer}");
+            assert_eq!(dtype(&format!("blk.{layer}.attn_q.weight")), GgmlDType::Q4K);
+            assert_eq!(dtype(&format!("blk.{layer}.ffn_up.weight")), GgmlDType::Q4K);
+        }
+        assert_eq!((dtype("token_embd.weight"), dtype("output.weight")), (GgmlDType::Q4K, GgmlDType::Q6K));
+        assert_eq!(dtype("output_norm.weight"), GgmlDType::F32);
+        let slice = crate::arch::ModelSlice::load(&path.0, 0..8, crate::backend::Backend::cpu(1)).unwrap();
+        assert_eq!(slice.profile().n_layers, 8);
     }
 
     #[test]
