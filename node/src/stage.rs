@@ -24,7 +24,7 @@ use potluck_engine::arch::ModelSlice;
 use potluck_engine::sampler::{log_softmax_at, top_logprobs, Sampler, SamplingParams};
 use potluck_protocol::limits::TOP_LOGPROBS_MAX;
 use potluck_protocol::{
-    payload_to_rows, rows_to_payload, Activations, Dtype, Message, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
+    payload_to_rows, rows_to_payload, Activations, Dtype, LogitBiasEntry, Message, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
     TokenLogprob,
 };
 
@@ -342,8 +342,7 @@ pub fn sampling_params(w: &SamplingWire) -> SamplingParams {
         presence_penalty: w.presence_penalty,
         penalty_last_n: w.penalty_last_n as usize,
         seed: Some(w.seed),
-        // The wire carries no logit bias yet.
-        logit_bias: Vec::new(),
+        logit_bias: w.logit_bias.iter().map(|e| (e.token, e.bias)).collect(),
     }
 }
 
@@ -360,6 +359,20 @@ pub fn sampling_wire(params: &SamplingParams) -> SamplingWire {
         presence_penalty: params.presence_penalty,
         penalty_last_n: params.penalty_last_n.min(potluck_protocol::limits::PENALTY_WINDOW_TOKENS_MAX as usize) as u32,
         seed: params.seed.unwrap_or_else(rand::random),
+        logit_bias: params.logit_bias.iter().map(|&(token, bias)| LogitBiasEntry { token, bias }).collect(),
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wire_carries_the_logit_bias_and_bounds_it_as_the_engine_does() {
+        assert_eq!(potluck_protocol::limits::LOGIT_BIAS_ABS_MAX, potluck_engine::sampler::LOGIT_BIAS_MAX);
+        let params = SamplingParams { logit_bias: vec![(3, -100.0), (5, f32::NEG_INFINITY), (8, 2.5)], seed: Some(9), ..SamplingParams::greedy() };
+        let back = sampling_params(&sampling_wire(&params));
+        assert_eq!((back.logit_bias, back.seed), (params.logit_bias, Some(9)));
+    }
+}

@@ -55,6 +55,7 @@ fn greedy(seed: u64) -> SamplingWire {
         presence_penalty: 0.0,
         penalty_last_n: 64,
         seed,
+        logit_bias: Vec::new(),
     }
 }
 

@@ -11,7 +11,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::check::check_len;
 use crate::limits::{
-    ACTIVATION_ROWS_MAX, HIDDEN_DIM_MAX, PENALTY_WINDOW_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
+    ACTIVATION_ROWS_MAX, HIDDEN_DIM_MAX, LOGIT_BIAS_ABS_MAX, LOGIT_BIAS_TOKENS_MAX, PENALTY_WINDOW_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
     SEQUENCE_POSITIONS_MAX, TENSORS_PER_ASSIGNMENT_MAX, TENSOR_BYTES_MAX, TOP_LOGPROBS_MAX, WEIGHT_CHUNK_BYTES_MAX,
 };
 use crate::ProtocolError;
@@ -52,6 +52,17 @@ pub struct SamplingWire {
     /// Seed of the draw. Always concrete on the wire: the coordinator picks one when the
     /// request has none, so a retried or re-routed sequence draws the same tokens.
     pub seed: u64,
+    /// Added to these tokens' logits before the penalties (OpenAI's `logit_bias`); at most
+    /// [`LOGIT_BIAS_TOKENS_MAX`], each finite within ±100 or −∞ (a ban). The sampling stage
+    /// checks the tokens against its vocabulary.
+    pub logit_bias: Vec<LogitBiasEntry>,
+}
+
+/// One token's logit bias.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct LogitBiasEntry {
+    pub token: u32,
+    pub bias: f32,
 }
 
 /// A new sequence, sent to the last stage (the one that samples) before its first step.
@@ -222,7 +233,12 @@ impl SamplingWire {
         if !self.presence_penalty.is_finite() {
             return invalid("presence_penalty", "must be finite");
         }
-        check_len("penalty_last_n", self.penalty_last_n as usize, PENALTY_WINDOW_TOKENS_MAX)
+        check_len("penalty_last_n", self.penalty_last_n as usize, PENALTY_WINDOW_TOKENS_MAX)?;
+        check_len("logit_bias", self.logit_bias.len(), LOGIT_BIAS_TOKENS_MAX)?;
+        if self.logit_bias.iter().any(|e| !(e.bias == f32::NEG_INFINITY || (e.bias.is_finite() && e.bias.abs() <= LOGIT_BIAS_ABS_MAX))) {
+            return invalid("logit_bias", "each bias must be within [-100, 100] or -inf");
+        }
+        Ok(())
     }
 }
 

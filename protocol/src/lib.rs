@@ -31,6 +31,7 @@ pub use control::{
     TensorRef, Welcome, JOIN_CHALLENGE_LABEL,
 };
 pub use data::{
+    LogitBiasEntry,
     payload_to_rows, rows_to_payload, Activations, Dtype, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment,
     SequenceStart, StepTokens, TokenLogprob, WeightChunk,
 };

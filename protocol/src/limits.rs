@@ -71,6 +71,15 @@ pub const PROMPT_LOGPROBS_TOKENS_MAX: u32 = 64 * 1024;
 /// Largest penalty window, and so the most history tokens a [`crate::SequenceStart`] carries.
 pub const PENALTY_WINDOW_TOKENS_MAX: u32 = 64 * 1024;
 
+/// Most tokens one request may bias (`SamplingWire::logit_bias`). OpenAI documents no bound;
+/// 1024 is far above what applications send (a few banned or favoured tokens, a few hundred
+/// for a vocabulary restriction) and keeps a `SequenceStart` under 8 KiB of biases.
+pub const LOGIT_BIAS_TOKENS_MAX: u32 = 1024;
+
+/// Largest magnitude of a finite logit bias: OpenAI's documented range (the engine's
+/// `sampler::LOGIT_BIAS_MAX`; the node crate's tests hold the two equal).
+pub const LOGIT_BIAS_ABS_MAX: f32 = 100.0;
+
 /// Longest node id, node name, backend name or tensor name, in bytes (GGUF tensor names
 /// are at most 63 bytes in ggml).
 pub const NAME_BYTES_MAX: u32 = 256;

@@ -191,6 +191,48 @@ try:
     check(False, "empty messages must fail")
 except openai.BadRequestError:
     check(True, "the client sees a BadRequestError for empty messages")
+
+# /tokenize and /detokenize in llama-server's shapes.
+status, body = http("POST", "/tokenize", json.dumps({"content": " Paris"}))
+check(status == 200 and len(body["tokens"]) == 1, f"/tokenize: ' Paris' is one token: {body}")
+paris = body["tokens"][0]
+status, body = http("POST", "/detokenize", json.dumps({"tokens": [paris]}))
+check(status == 200 and body["content"] == " Paris", f"/detokenize gives the text back: {body}")
+status, body = http("POST", "/detokenize", json.dumps({"tokens": [10 ** 9]}))
+check(status == 400 and body["error"]["param"] == "tokens", "/detokenize refuses an id outside the vocabulary")
+
+# logit_bias: greedy decoding answers ' Paris'; banning that token changes the answer, and
+# the sampling stage (the last worker, in a cluster) is the one that must apply it.
+plain = client.completions.create(model="x", prompt="The capital of France is", max_tokens=1, temperature=0)
+check(plain.choices[0].text == " Paris", f"greedy answers ' Paris': {plain.choices[0].text!r}")
+banned = client.completions.create(model="x", prompt="The capital of France is", max_tokens=1, temperature=0,
+                                   logit_bias={str(paris): -100})
+check(banned.choices[0].text not in ("", " Paris"), f"logit_bias -100 bans ' Paris': {banned.choices[0].text!r}")
+forced = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Say hello."}], max_tokens=3,
+                                        temperature=0, logit_bias={str(paris): 100})
+check(forced.choices[0].message.content == " Paris" * 3, f"logit_bias +100 forces it: {forced.choices[0].message.content!r}")
+for bias, what in [({"x": 1}, "a key that is not a token id"), ({"3": 500}, "a bias past 100"),
+                   ({str(10 ** 9): 1}, "a token outside the vocabulary")]:
+    status, body = http("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1, "logit_bias": bias}))
+    check(status == 400 and body["error"]["param"] == "logit_bias", f"logit_bias with {what} is a 400: {body}")
+
+# What we cannot honour yet is refused by name, never answered as if honoured; what changes
+# nothing here is accepted.
+for extra, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+                     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+                     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                     ({"tool_choice": "required"}, "tool_choice")]:
+    status, body = http("POST", "/v1/chat/completions",
+                        json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra}))
+    check(status == 400 and body["error"]["param"] == param and body["error"]["code"] == "unsupported_parameter",
+          f"{param} is refused by name: {body}")
+status, body = http("POST", "/v1/completions", json.dumps({"prompt": "def f(", "suffix": "return 1", "max_tokens": 1}))
+check(status == 400 and body["error"]["param"] == "suffix", f"suffix is refused by name: {body}")
+status, body = http("POST", "/v1/chat/completions", json.dumps({
+    "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "response_format": {"type": "text"},
+    "tools": [], "tool_choice": "none", "user": "u1", "store": False, "metadata": {"k": "v"}, "parallel_tool_calls": True}))
+check(status == 200, f"neutral values and fields that change nothing are accepted: {body}")
+
 status, body = http("GET", "/health")
 check(status == 200 and body["status"] == "ok", "still healthy after the bad requests")
 spec = json.loads(urllib.request.urlopen(base_url + "/openapi.json", timeout=30).read())

@@ -45,6 +45,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .merge(v1)
@@ -185,6 +187,56 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
         "object": "list",
         "data": [{"id": state.model_id, "object": "model", "created": state.started_unix, "owned_by": "potluck"}]
     }))
+}
+
+/// Most tokens `/detokenize` takes, and `/tokenize` returns: a context's worth is far below.
+pub const TOKENIZE_TOKENS_MAX: usize = 1 << 20;
+
+/// llama-server's `/tokenize`: `{"content", "add_special"}` → `{"tokens"}`. Control tokens
+/// written in the text become their ids, as llama-server parses them; `add_special` adds
+/// the BOS token where the model adds one.
+async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct TokenizeRequest {
+        content: String,
+        #[serde(default)]
+        add_special: bool,
+    }
+    let request: TokenizeRequest = parse_json(&body?)?;
+    let tokenizer = state.tokenizer.clone();
+    let tokens = tokio::task::spawn_blocking(move || {
+        let mut ids = Vec::new();
+        if request.add_special && tokenizer.add_bos() {
+            ids.extend(tokenizer.bos_id());
+        }
+        ids.extend(tokenizer.encode(&request.content, true));
+        ids
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?;
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+/// llama-server's `/detokenize`: `{"tokens"}` → `{"content"}`; an id outside the vocabulary
+/// is a 400 naming it.
+async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct DetokenizeRequest {
+        tokens: Vec<u32>,
+    }
+    let request: DetokenizeRequest = parse_json(&body?)?;
+    if request.tokens.len() > TOKENIZE_TOKENS_MAX {
+        return Err(ApiError::bad_request(format!("at most {TOKENIZE_TOKENS_MAX} tokens")).param("tokens"));
+    }
+    let vocab = state.tokenizer.vocab_size();
+    if let Some(bad) = request.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {vocab} tokens")).param("tokens"));
+    }
+    let tokenizer = state.tokenizer.clone();
+    let content = tokio::task::spawn_blocking(move || tokenizer.decode(&request.tokens, true))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?;
+    Ok(Json(json!({ "content": content })))
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {

@@ -8,7 +8,7 @@
 
 use potluck_engine::chat_template::ChatMessage;
 use potluck_engine::sampler::SamplingParams;
-use potluck_protocol::limits::{PROMPT_LOGPROBS_TOKENS_MAX, TOP_LOGPROBS_MAX};
+use potluck_protocol::limits::{LOGIT_BIAS_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, TOP_LOGPROBS_MAX};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -47,6 +47,18 @@ pub(super) struct CommonParams {
     repetition_penalty: Option<f32>,
     ignore_eos: Option<bool>,
     n: Option<u64>,
+    /// OpenAI's `logit_bias`: token id (a string key) → bias within [-100, 100]; -100 bans.
+    logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Fields whose meaning we cannot honour yet: refused with a 400 that names them, never
+    /// answered as if they had been (`Self::refuse_unsupported`). Fields that change nothing
+    /// here (`user`, `store`, `metadata`, `parallel_tool_calls`) are accepted and ignored, as
+    /// serde ignores every field not named.
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    suffix: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +130,61 @@ pub(super) struct Prepared {
 }
 
 impl CommonParams {
+    /// A 400 naming the first field set to something this server cannot do yet. Empty or
+    /// neutral values (`"type": "text"`, no tools, `tool_choice: "none"`, an empty suffix)
+    /// ask for nothing and pass.
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        let unsupported = |param: &'static str, what: &str| {
+            Err(ApiError::bad_request(format!("{param} is not supported by this server yet: {what}")).param(param).code("unsupported_parameter"))
+        };
+        let set = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::String(s)) => !s.is_empty() && s != "none",
+            Some(_) => true,
+        };
+        if let Some(format) = self.response_format.as_ref().filter(|f| !f.is_null()) {
+            if format.get("type").and_then(Value::as_str) != Some("text") {
+                return unsupported("response_format", "only {\"type\": \"text\"}; JSON mode and JSON schemas (structured outputs) are not implemented");
+            }
+        }
+        for (value, param) in [(&self.tools, "tools"), (&self.tool_choice, "tool_choice"), (&self.functions, "functions"), (&self.function_call, "function_call")] {
+            if set(value) {
+                return unsupported(param, "tool and function calls are not implemented");
+            }
+        }
+        if set(&self.suffix) {
+            return unsupported("suffix", "fill-in-the-middle is not implemented");
+        }
+        Ok(())
+    }
+
+    /// `logit_bias` as the engine takes it: each key a token id of the vocabulary, each value
+    /// within ±[`LOGIT_BIAS_MAX`](potluck_engine::sampler::LOGIT_BIAS_MAX), at most
+    /// [`LOGIT_BIAS_TOKENS_MAX`] of them.
+    fn logit_bias(&self, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(map) = &self.logit_bias else { return Ok(Vec::new()) };
+        let bad = |message: String| Err(ApiError::bad_request(message).param("logit_bias"));
+        if map.len() > LOGIT_BIAS_TOKENS_MAX as usize {
+            return bad(format!("logit_bias may name at most {LOGIT_BIAS_TOKENS_MAX} tokens"));
+        }
+        let mut biases = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            let Ok(token) = key.trim().parse::<u32>() else {
+                return bad(format!("logit_bias keys are token ids; {key:?} is not one"));
+            };
+            let Some(bias) = value.as_f64() else {
+                return bad(format!("the logit bias of token {token} is not a number"));
+            };
+            biases.push((token, bias as f32));
+        }
+        let params = SamplingParams { logit_bias: biases, ..SamplingParams::default() };
+        match params.validate(vocab) {
+            Ok(()) => Ok(params.logit_bias),
+            Err(e) => bad(e.to_string()),
+        }
+    }
+
     pub(super) fn prepare(
         &self,
         prompt: Vec<u32>,
@@ -126,6 +193,7 @@ impl CommonParams {
         (want_logprobs, top_logprobs): (bool, usize),
         state: &AppState,
     ) -> Result<Prepared, ApiError> {
+        self.refuse_unsupported()?;
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::bad_request("only n = 1 is supported").param("n"));
@@ -193,6 +261,7 @@ impl CommonParams {
             frequency_penalty: self.frequency_penalty.unwrap_or(defaults.frequency_penalty),
             presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
             seed: self.seed.map(|s| s as u64),
+            logit_bias: self.logit_bias(state.tokenizer.vocab_size())?,
             ..defaults
         };
         Ok(Prepared {

@@ -63,6 +63,7 @@ pub fn sampling() -> SamplingWire {
         presence_penalty: 0.0,
         penalty_last_n: 64,
         seed: 42,
+        logit_bias: vec![LogitBiasEntry { token: 7, bias: -100.0 }, LogitBiasEntry { token: 9, bias: f32::NEG_INFINITY }],
     }
 }
 

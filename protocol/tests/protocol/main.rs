@@ -9,5 +9,6 @@ mod close_codes_doc;
 mod common;
 mod fuzz_check;
 mod fuzz_smoke;
+mod limits_doc;
 mod rejections;
 mod round_trip;

@@ -93,11 +93,13 @@ fn sampling_strategy() -> impl Strategy<Value = SamplingWire> {
     (
         (0.0..4.0f32, any::<u32>(), 0.0..=1.0f32, 0.0..=1.0f32),
         (0.01..4.0f32, -2.0..2.0f32, -2.0..2.0f32, 0..=PENALTY_WINDOW_TOKENS_MAX, any::<u64>()),
+        proptest::collection::vec((any::<u32>(), -100.0..=100.0f32), 0..8),
     )
         .prop_map(
             |(
                 (temperature, top_k, top_p, min_p),
                 (repetition_penalty, frequency_penalty, presence_penalty, penalty_last_n, seed),
+                biases,
             )| SamplingWire {
                 temperature,
                 top_k,
@@ -108,6 +110,7 @@ fn sampling_strategy() -> impl Strategy<Value = SamplingWire> {
                 presence_penalty,
                 penalty_last_n,
                 seed,
+                logit_bias: biases.into_iter().map(|(token, bias)| LogitBiasEntry { token, bias }).collect(),
             },
         )
 }
