@@ -166,30 +166,6 @@ fn cluster_config(args: &ServeArgs, threads: usize) -> Result<potluck_coordinato
 /// so finishing inside it is what lets open answers end cleanly.
 const DRAIN_TIMEOUT_MS: u64 = 60_000;
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C drains");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 fn serve(args: ServeArgs) -> Result<()> {
     if !args.listen.ip().is_loopback() && args.api_key.is_none() && !args.allow_open {
         bail!(
@@ -258,7 +234,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         // open answers run to their end, then exit 0 — unless the drain outlasts its deadline.
         let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            shutdown_signal().await;
+            potluck_node::signal::shutdown_signal().await;
             let _ = signalled.send(true);
         });
         let mut on_signal_too = on_signal.clone();

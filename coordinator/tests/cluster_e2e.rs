@@ -458,6 +458,23 @@ fn a_worker_with_the_model_file_reads_its_slice_from_disk() {
     };
     assert!(health["cluster"]["weight_bytes_sent"].as_u64().unwrap() > 50 << 20, "the slice was fetched instead: {health}");
     run_python("cluster_client.py", &coordinator.http);
+
+    // SIGTERM (a service manager stopping the worker) is a clean leave: the worker exits 0
+    // and the coordinator sees it gone at once, not after the 3 s of silence a crash takes.
+    let mut other = other;
+    let status = Command::new("kill").args(["-TERM", &other.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert!(other.wait_exit(Duration::from_secs(20)).success(), "a worker stopped by SIGTERM exits 0");
+    let stopped = Instant::now();
+    assert!(other.output_contains("left the cluster"), "the worker says it left");
+    loop {
+        let health = get_json(&coordinator.http, "/health");
+        if health["nodes"].as_array().unwrap().iter().any(|n| n["name"] == "w2" && n["state"].as_str().unwrap().starts_with("gone")) {
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_millis(2500), "the coordinator did not see the clean leave at once: {health}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -19,6 +19,7 @@
 //!   first use) to a file on this machine.
 //! * [`planner_glue`] — this device and this model as the shard planner sees them.
 //! * [`resident`] — this process's resident memory now and at its peak (VmRSS, VmHWM).
+//! * [`signal`] — SIGTERM and Ctrl-C, which both binaries treat as a clean stop.
 //! * [`logging`] — the binaries' log set-up (stderr, `RUST_LOG`, colours only on a terminal).
 //!
 //! **Architecture Invariant:** `node`, `worker` and `coordinator` are the only crates with
@@ -30,6 +31,7 @@ pub mod model;
 pub mod net;
 pub mod planner_glue;
 pub mod resident;
+pub mod signal;
 pub mod stage;
 pub mod weights;
 

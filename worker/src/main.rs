@@ -162,7 +162,9 @@ fn join(
     runtime.block_on(async move {
         let (interrupt_tx, interrupt) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            // SIGTERM (a service manager stopping it) and Ctrl-C: leave cleanly, so the
+            // coordinator re-plans at once rather than after the silence timeout.
+            potluck_node::signal::shutdown_signal().await;
             let _ = interrupt_tx.send(true);
         });
         let interrupted = || {
