@@ -17,6 +17,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` or `json` (one object per line, for a log collector).
+    #[arg(long, global = true, value_name = "FORMAT", env = "POTLUCK_LOG_FORMAT", default_value = "text")]
+    log_format: potluck_node::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -100,8 +103,8 @@ struct ServeArgs {
 }
 
 fn main() -> Result<()> {
-    potluck_node::logging::init();
     let cli = Cli::parse();
+    potluck_node::logging::init(cli.log_format);
     match cli.command {
         Command::FetchModel => {
             let path = potluck_node::model::ensure_default_model()?;

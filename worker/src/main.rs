@@ -30,6 +30,9 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` or `json` (one object per line, for a log collector).
+    #[arg(long, global = true, value_name = "FORMAT", env = "POTLUCK_LOG_FORMAT", default_value = "text")]
+    log_format: potluck_node::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -211,8 +214,9 @@ fn join(
 }
 
 fn main() -> Result<()> {
-    potluck_node::logging::init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    potluck_node::logging::init(cli.log_format);
+    match cli.command {
         Command::Join { coordinator, token, name, threads, memory_limit, listen, cache_dir, identity, model } => {
             join(coordinator, token, name, threads, memory_limit, listen, cache_dir, identity, model)
         }
