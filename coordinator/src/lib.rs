@@ -21,6 +21,7 @@ pub mod api;
 pub mod cluster;
 pub mod dashboard;
 pub mod generation;
+pub mod http;
 pub mod membership;
 pub mod pipeline;
 pub mod rollout;
@@ -161,8 +162,6 @@ pub async fn serve(
         // Open dashboards end their event streams, or the graceful shutdown would wait on them.
         closing.send_replace(true);
     };
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("the HTTP server failed")
+    http::serve(listener, api::router(state), shutdown).await;
+    Ok(())
 }
