@@ -25,7 +25,7 @@ use axum::Router;
 use futures::FutureExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -43,7 +43,8 @@ pub const DESCRIPTORS_RESERVED: u64 = 256;
 /// Wait after a failed accept (out of descriptors, most likely) before the next.
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
 
-/// How long the 503 past the cap may take to write before the socket is dropped anyway.
+/// How long refusing a connection past the cap may take (the 503 written, the client's
+/// request read) before the socket is dropped anyway.
 const REFUSAL_WRITE_TIMEOUT_MS: u64 = 1_000;
 
 /// Raises this process's soft descriptor limit to its hard limit; returns the soft limit in
@@ -143,7 +144,16 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 2\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_millis(REFUSAL_WRITE_TIMEOUT_MS), stream.write_all(response.as_bytes())).await;
+    // Write, end our side, then read what the client sent until it closes: a socket closed
+    // with unread bytes sends a reset, and the client would see that instead of the 503.
+    let _ = tokio::time::timeout(Duration::from_millis(REFUSAL_WRITE_TIMEOUT_MS), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }
 
 #[cfg(test)]
