@@ -355,6 +355,10 @@ impl Generator {
     }
 
     fn admit(&mut self, job: Job, active: &mut Vec<Sequence>) {
+        // A pipeline offered before this request was submitted serves it: the cluster shows
+        // itself ready only after offering the pipeline, so a client that saw it ready and
+        // then asked must not meet the one before (the idle wait above sleeps on the jobs).
+        self.take_new_pipeline(active);
         let context_length = self.context_length;
         let Job { request, events } = job;
         if request.prompt.is_empty() || request.prompt.len() >= context_length {

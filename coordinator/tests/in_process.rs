@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use potluck_coordinator::generation::{
     FinishReason, GenerateEvent, GenerateRequest, GenerationService, ACTIVE_SEQUENCES_MAX,
 };
-use potluck_coordinator::pipeline::LocalPipeline;
+use potluck_coordinator::pipeline::{LocalPipeline, UnavailablePipeline};
 use potluck_coordinator::{LocalLayers, ServeConfig};
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
@@ -227,4 +227,28 @@ async fn a_cancelled_request_releases_its_sequence() {
     let (tokens, reason) = tokens_of(service.submit(next).unwrap()).await;
     assert_eq!((tokens.len(), reason), (4, FinishReason::Length), "the stage had room again");
     assert_eq!(stats.requests_finished.load(std::sync::atomic::Ordering::Relaxed), 1, "only the second request finished");
+}
+
+/// A request submitted after a pipeline was offered runs on it, even when the generation
+/// loop sat idle on the one before: the cluster publishes a new pipeline as ready right after
+/// offering it, and a client that then asks must not get the old pipeline's refusal.
+#[tokio::test]
+async fn a_request_after_a_new_pipeline_runs_on_it() {
+    let model = open_model();
+    let service = GenerationService::start(
+        Box::new(UnavailablePipeline::new("no worker yet".into())),
+        CONTEXT_TOKENS,
+        model.tokenizer.stop_ids().to_vec(),
+    );
+    let mut refused = service.submit(request(&model, "Hi", 2, SamplingParams::greedy())).unwrap();
+    let first = tokio::time::timeout(WAIT_TIMEOUT, refused.recv()).await.expect("an answer in time");
+    assert!(matches!(first, Some(GenerateEvent::Unavailable(_))), "{first:?}");
+    // Let the loop settle into its idle wait on the jobs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
+    let runner = StageRunner::new(slice, CONTEXT_TOKENS, 1, potluck_protocol::Dtype::F32);
+    service.replace_pipeline(Box::new(LocalPipeline::new(runner))).unwrap();
+    let next = request(&model, "The capital of France is", 4, SamplingParams::greedy());
+    let (tokens, reason) = tokens_of(service.submit(next).unwrap()).await;
+    assert_eq!((tokens.len(), reason), (4, FinishReason::Length));
 }
