@@ -1,10 +1,11 @@
-//! Writes a seeded random-weight llama GGUF of a preset shape, printing its size and the time
+//! Writes a seeded random-weight GGUF (llama, qwen2 or qwen3) of a preset shape, printing its size and the time
 //! it took: the models for scale tests and benchmarks that no one has to download.
 //!
 //! `cargo run --release -p potluck-engine --example random_gguf -- --out FILE
-//! [--preset tiny|llama3-8b|llama3-70b] [--layers N] [--dtype q4_0|q4_k_m|...] [--seed N] [--tied]
-//! [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]`
+//! [--preset tiny|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b] [--arch llama|qwen2|qwen3] [--layers N]
+//! [--dtype q4_0|q4_k_m|...] [--seed N] [--tied] [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]`
 //!
+//! `--arch` defaults to the preset's family (qwen3-8b: qwen3, qwen2.5-72b: qwen2, else llama).
 //! `--layers` replaces the preset's layer count (tiny 4, 8B 32, 70B 80). Types: f32, f16,
 //! bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k (every matrix, the embedding
 //! and the head; norms stay f32), or q4_k_m: llama.cpp's Q4_K_M mix (Q4_K, with Q6_K for the
@@ -20,11 +21,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::quantized::GgmlDType;
-use potluck_engine::random_gguf::{self, ModelShape, RandomGguf, TokenizerMetadata};
+use potluck_engine::random_gguf::{self, Architecture, ModelShape, RandomGguf, TokenizerMetadata};
 use potluck_engine::threads::ComputePool;
 use potluck_engine::EngineError;
 
-const USAGE: &str = "usage: random_gguf --out FILE [--preset tiny|llama3-8b|llama3-70b] [--layers N] \
+const USAGE: &str = "usage: random_gguf --out FILE [--preset tiny|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b] \
+[--arch llama|qwen2|qwen3] [--layers N] \
 [--dtype q4_0] [--seed N] [--tied] [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]";
 
 /// Where the tokenizer comes from.
@@ -36,6 +38,7 @@ enum Donor {
 
 struct Args {
     shape: ModelShape,
+    architecture: Architecture,
     dtype: GgmlDType,
     /// `--dtype q4_k_m`: the mix rather than one type.
     q4_k_m: bool,
@@ -49,6 +52,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut preset = "tiny".to_string();
     let mut layers = None;
+    let mut architecture = None;
     let mut dtype = GgmlDType::Q4_0;
     let mut q4_k_m = false;
     let mut seed = 1;
@@ -67,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
                 let number = |what: &str| value.parse::<u64>().map_err(|e| format!("{what} `{value}`: {e}"));
                 match flag.as_str() {
                     "--preset" => preset = value.clone(),
+                    "--arch" => architecture = Some(Architecture::from_name(&value).map_err(|e| e.to_string())?),
                     "--layers" => layers = Some(u32::try_from(number("--layers")?).map_err(|e| format!("--layers: {e}"))?),
                     "--dtype" if matches!(value.to_ascii_lowercase().replace('_', "").as_str(), "q4km") => {
                         (dtype, q4_k_m) = (GgmlDType::Q4K, true)
@@ -83,7 +88,14 @@ fn parse_args() -> Result<Args, String> {
     }
     let shape = ModelShape::preset(&preset, layers).map_err(|e| e.to_string())?;
     let out = out.ok_or_else(|| format!("--out is required\n{USAGE}"))?;
-    Ok(Args { shape, dtype, q4_k_m, seed, tied, threads, donor, out })
+    let architecture = architecture.unwrap_or(if preset.starts_with("qwen3") {
+        Architecture::Qwen3
+    } else if preset.starts_with("qwen2") {
+        Architecture::Qwen2
+    } else {
+        Architecture::Llama
+    });
+    Ok(Args { shape, architecture, dtype, q4_k_m, seed, tied, threads, donor, out })
 }
 
 fn main() {
@@ -102,6 +114,7 @@ fn main() {
 
 fn run(args: Args) -> Result<(), EngineError> {
     let mut model = RandomGguf::new(args.shape, args.dtype, args.seed);
+    model.architecture = args.architecture;
     model.tied_embeddings = args.tied;
     if args.q4_k_m {
         model.dtypes = random_gguf::DTypeChoice::q4_k_m(model.shape.n_layers);
@@ -123,9 +136,10 @@ fn run(args: Args) -> Result<(), EngineError> {
     let expected_bytes = model.file_bytes()?;
     let pool = ComputePool::new(args.threads);
     println!(
-        "writing {} ({} layers, hidden {}, FFN {}, vocab {}, {}, seed {}, tokenizer {}): {:.1} MB on {} threads, \
+        "writing {} ({}, {} layers, hidden {}, FFN {}, vocab {}, {}, seed {}, tokenizer {}): {:.1} MB on {} threads, \
          at most {:.1} MB of buffers",
         args.out.display(),
+        model.architecture.gguf_name(),
         model.shape.n_layers,
         model.shape.n_embd,
         model.shape.n_ff,

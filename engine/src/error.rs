@@ -14,9 +14,9 @@ pub enum EngineError {
     BadSplitGguf(String),
     #[error("GGUF metadata key `{0}` is missing")]
     MissingMetadata(String),
-    #[error("unsupported model architecture `{0}` (supported: llama-family GGUFs)")]
+    #[error("unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]
     UnsupportedArchitecture(String),
-    #[error("this `{architecture}` model uses {feature}, which the engine's {architecture} module does not implement yet")]
+    #[error("this `{architecture}` model uses {feature}, which the engine does not implement yet")]
     UnsupportedFeature { architecture: String, feature: &'static str },
     #[error("unsupported tensor type {dtype} for `{tensor}` (supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")]
     UnsupportedTensorType { tensor: String, dtype: String },

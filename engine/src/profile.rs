@@ -23,15 +23,19 @@ use crate::gguf::GgufModel;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
-    /// `llama`, `mistral`: [`crate::arch::llama`].
+    /// The dense decoders of [`crate::arch::llama`]: `llama`, `mistral`, `qwen2` (Q/K/V
+    /// biases, NEOX RoPE), `qwen3` (per-head Q/K norms, NEOX RoPE).
     Llama,
 }
+
+/// The `general.architecture` values the engine runs.
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 impl Family {
     /// The family of a GGUF's `general.architecture`, if the engine runs it.
     pub fn from_architecture(architecture: &str) -> Option<Family> {
         match architecture {
-            "llama" | "mistral" => Some(Family::Llama),
+            "llama" | "mistral" | "qwen2" | "qwen3" => Some(Family::Llama),
             _ => None,
         }
     }
@@ -137,8 +141,11 @@ impl ModelProfile {
         let Some(family) = Family::from_architecture(&architecture) else {
             return Err(EngineError::UnsupportedArchitecture(architecture));
         };
-        let rope_type = match family {
-            Family::Llama => RopeType::Adjacent,
+        // llama.cpp's `llama_model_rope_type()`: convert_hf_to_gguf.py permutes llama's and
+        // mistral's Q/K rows into adjacent pairs, not Qwen's.
+        let rope_type = match architecture.as_str() {
+            "qwen2" | "qwen3" => RopeType::Neox,
+            _ => RopeType::Adjacent,
         };
         let key = |k: &str| format!("{architecture}.{k}");
         let n_layers = md.u32(&key("block_count"))?;
@@ -168,7 +175,21 @@ impl ModelProfile {
                     RopeScaling::None
                 }
             }
-            _ => RopeScaling::None,
+            None | Some("none") => RopeScaling::None,
+            Some(other) => {
+                // YaRN, LongRoPE: a different rotation than the one the engine computes.
+                // Refused rather than run as if unscaled (only when it actually scales).
+                let factor = md.f32_or(&key("rope.scaling.factor"), 1.0)?;
+                if factor > 1.0 {
+                    let feature = match other {
+                        "yarn" => "YaRN RoPE scaling",
+                        "longrope" => "LongRoPE scaling",
+                        _ => "a RoPE scaling type other than linear",
+                    };
+                    return Err(EngineError::UnsupportedFeature { architecture, feature });
+                }
+                RopeScaling::None
+            }
         };
         let rms_norm_eps = md.f32_or(&key("attention.layer_norm_rms_epsilon"), 1e-5)?;
         let context_length = md.u32_or(&key("context_length"), 2048)? as usize;

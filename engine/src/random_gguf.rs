@@ -90,7 +90,7 @@ const OUTPUT_NORM_SPREAD: f32 = 0.1;
 pub const DEFAULT_DONOR_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// The preset names [`ModelShape::preset`] knows (`_` works for `-` too).
-pub const PRESET_NAMES: [&str; 3] = ["tiny", "llama3-8b", "llama3-70b"];
+pub const PRESET_NAMES: [&str; 5] = ["tiny", "llama3-8b", "llama3-70b", "qwen3-8b", "qwen2.5-72b"];
 
 /// What can go wrong writing a random model. Nothing here panics on a bad shape, a bad name
 /// or a bad tokenizer source.
@@ -98,8 +98,10 @@ pub const PRESET_NAMES: [&str; 3] = ["tiny", "llama3-8b", "llama3-70b"];
 pub enum RandomGgufError {
     #[error("cannot write the model file {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("unknown model preset `{0}` (known: tiny, llama3-8b, llama3-70b)")]
+    #[error("unknown model preset `{0}` (known: tiny, llama3-8b, llama3-70b, qwen3-8b, qwen2.5-72b)")]
     UnknownPreset(String),
+    #[error("unknown architecture `{0}` (known: llama, qwen2, qwen3)")]
+    UnknownArchitecture(String),
     #[error("unknown weight type `{0}` (known: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k)")]
     UnknownDType(String),
     #[error("bad model shape: {0}")]
@@ -137,6 +139,9 @@ pub struct ModelShape {
     pub context_length: usize,
     pub rope_freq_base: f32,
     pub rms_norm_eps: f32,
+    /// Per-head dimension when it is not `n_embd / n_head` (Qwen3 0.6B: 128 with hidden
+    /// 1024 and 16 heads); written as `attention.key_length` / `value_length`.
+    pub key_length: Option<usize>,
 }
 
 impl ModelShape {
@@ -153,6 +158,7 @@ impl ModelShape {
             context_length: 8192,
             rope_freq_base: 500_000.0,
             rms_norm_eps: 1e-5,
+            key_length: None,
         }
     }
 
@@ -160,6 +166,42 @@ impl ModelShape {
     /// 128, vocabulary 128256), with `n_layers` layers instead of 32.
     pub fn llama3_8b(n_layers: u32) -> Self {
         Self { n_embd: 4096, n_ff: 14336, n_head: 32, ..Self::llama3_70b(n_layers) }
+    }
+
+    /// Qwen3 8B's layer shape (hidden 4096, FFN 12288, 32 query heads and 8 KV heads of
+    /// 128, vocabulary 151936, RoPE base 1000000, RMS epsilon 1e-6), with `n_layers` layers
+    /// instead of 36.
+    pub fn qwen3_8b(n_layers: u32) -> Self {
+        Self {
+            n_layers,
+            n_embd: 4096,
+            n_ff: 12288,
+            n_head: 32,
+            n_head_kv: 8,
+            vocab_size: 151_936,
+            context_length: 40_960,
+            rope_freq_base: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            key_length: Some(128),
+        }
+    }
+
+    /// Qwen2.5 72B's layer shape (hidden 8192, FFN 29568, 64 query heads and 8 KV heads of
+    /// 128, vocabulary 152064, RoPE base 1000000, RMS epsilon 1e-6), with `n_layers` layers
+    /// instead of 80.
+    pub fn qwen2_5_72b(n_layers: u32) -> Self {
+        Self {
+            n_layers,
+            n_embd: 8192,
+            n_ff: 29568,
+            n_head: 64,
+            n_head_kv: 8,
+            vocab_size: 152_064,
+            context_length: 32_768,
+            rope_freq_base: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            key_length: None,
+        }
     }
 
     /// The tiny model of the engine's split-invariance tests: 4 layers, hidden 256, FFN 512,
@@ -176,6 +218,7 @@ impl ModelShape {
             context_length: 256,
             rope_freq_base: 10_000.0,
             rms_norm_eps: 1e-5,
+            key_length: None,
         }
     }
 
@@ -187,13 +230,15 @@ impl ModelShape {
             "tiny" => Self::tiny(),
             "llama3-8b" => Self::llama3_8b(32),
             "llama3-70b" => Self::llama3_70b(80),
+            "qwen3-8b" => Self::qwen3_8b(36),
+            "qwen2.5-72b" => Self::qwen2_5_72b(80),
             _ => return Err(RandomGgufError::UnknownPreset(name.into())),
         };
         Ok(Self { n_layers: n_layers.unwrap_or(shape.n_layers), ..shape })
     }
 
     pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head.max(1)
+        self.key_length.unwrap_or(self.n_embd / self.n_head.max(1))
     }
 
     /// Checks what the engine's loader would otherwise reject later, or what would make the
@@ -212,7 +257,7 @@ impl ModelShape {
         if self.n_head == 0 || self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!("head counts {} / {} are not a grouped-query layout", self.n_head, self.n_head_kv));
         }
-        if !self.n_embd.is_multiple_of(self.n_head) || !self.head_dim().is_multiple_of(2) {
+        if (self.key_length.is_none() && !self.n_embd.is_multiple_of(self.n_head)) || !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return bad(format!("n_embd {} does not split into {} heads of an even size", self.n_embd, self.n_head));
         }
         for (what, value) in [
@@ -232,34 +277,49 @@ impl ModelShape {
     }
 }
 
-/// The model families the writer knows. Each has its own tensor list and metadata keys
-/// (see `Architecture::tensors`); Qwen2 (biases on Q/K/V) and Gemma3 (extra norms) would
-/// be further variants with their own functions.
+/// The model families the writer knows. The dense decoders share llama's tensor list with
+/// their additions (see `dense_tensors`); Gemma 3 (extra norms) and mixtures of experts
+/// would be further variants with their own functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
+    /// Qwen2 / Qwen2.5: llama's tensors plus Q/K/V bias vectors (NEOX RoPE at run time).
+    Qwen2,
+    /// Qwen3: llama's tensors plus per-head Q and K RMSNorm weights.
+    Qwen3,
 }
+
+/// The names [`Architecture::from_name`] takes.
+pub const ARCHITECTURE_NAMES: [&str; 3] = ["llama", "qwen2", "qwen3"];
 
 impl Architecture {
     /// The `general.architecture` value, which also prefixes the hyper-parameter keys.
     pub fn gguf_name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The architecture named `name` (one of [`ARCHITECTURE_NAMES`]).
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
+            _ => Err(RandomGgufError::UnknownArchitecture(name.into())),
         }
     }
 
     /// Every tensor of the model, in file order.
     fn tensors(self, shape: &ModelShape, tied_embeddings: bool) -> Vec<TensorSpec> {
-        match self {
-            Self::Llama => llama_tensors(shape, tied_embeddings),
-        }
+        dense_tensors(self, shape, tied_embeddings)
     }
 
     /// The architecture's hyper-parameter keys.
     fn metadata(self, shape: &ModelShape) -> Vec<(String, Value)> {
-        match self {
-            Self::Llama => llama_metadata(shape),
-        }
+        dense_metadata(self, shape)
     }
 }
 
@@ -295,11 +355,13 @@ struct TensorSpec {
     init: Init,
 }
 
-/// llama.cpp's llama tensor names (`LLM_TENSOR_NAMES` in llama-arch.cpp) and the scales the
+/// llama.cpp's tensor names (`LLM_TENSOR_NAMES` in llama-arch.cpp) and the scales the
 /// split-invariance test has always used: weights about `1/sqrt(n_in)` so a layer keeps the
 /// hidden state's magnitude (Q and K twice that, so attention is not uniform), embedding
-/// and head values of order 1.
-fn llama_tensors(shape: &ModelShape, tied_embeddings: bool) -> Vec<TensorSpec> {
+/// and head values of order 1 (so the next-token distribution is peaked). Qwen2 adds Q/K/V
+/// biases of order 1/2 (its real K biases are large); Qwen3 per-head Q/K norm weights
+/// around 1.
+fn dense_tensors(architecture: Architecture, shape: &ModelShape, tied_embeddings: bool) -> Vec<TensorSpec> {
     let n_embd = shape.n_embd;
     let head_dim = shape.head_dim();
     let n_q = shape.n_head * head_dim;
@@ -326,7 +388,19 @@ fn llama_tensors(shape: &ModelShape, tied_embeddings: bool) -> Vec<TensorSpec> {
         tensors.push(matrix(blk("attn_q"), n_q, n_embd, role, 2.0 * w));
         tensors.push(matrix(blk("attn_k"), n_kv, n_embd, role, 2.0 * w));
         tensors.push(matrix(blk("attn_v"), n_kv, n_embd, TensorRole::AttnV { layer_idx }, w));
+        if architecture == Architecture::Qwen2 {
+            for (part, n) in [("attn_q", n_q), ("attn_k", n_kv), ("attn_v", n_kv)] {
+                let name = format!("blk.{layer_idx}.{part}.bias");
+                tensors.push(TensorSpec { name, dims: vec![n], role: TensorRole::Norm, init: Init::Uniform { scale: 0.5 } });
+            }
+        }
         tensors.push(matrix(blk("attn_output"), n_embd, n_q, role, w));
+        if architecture == Architecture::Qwen3 {
+            for part in ["attn_q_norm", "attn_k_norm"] {
+                let init = Init::AroundOne { spread: LAYER_NORM_SPREAD };
+                tensors.push(TensorSpec { name: blk(part), dims: vec![head_dim], role: TensorRole::Norm, init });
+            }
+        }
         tensors.push(norm(blk("ffn_norm"), LAYER_NORM_SPREAD));
         tensors.push(matrix(blk("ffn_gate"), shape.n_ff, n_embd, role, w));
         tensors.push(matrix(blk("ffn_up"), shape.n_ff, n_embd, role, w));
@@ -339,11 +413,11 @@ fn llama_tensors(shape: &ModelShape, tied_embeddings: bool) -> Vec<TensorSpec> {
     tensors
 }
 
-/// The `llama.*` keys llama.cpp's `llm_load_hparams` and the engine's profile read.
-fn llama_metadata(shape: &ModelShape) -> Vec<(String, Value)> {
+/// The `{arch}.*` keys llama.cpp's `llm_load_hparams` and the engine's profile read.
+fn dense_metadata(architecture: Architecture, shape: &ModelShape) -> Vec<(String, Value)> {
     // validate() has checked that every dimension fits a u32.
     let u32_of = |v: usize| Value::U32(v as u32);
-    [
+    let mut keys = vec![
         ("block_count", Value::U32(shape.n_layers)),
         ("context_length", u32_of(shape.context_length)),
         ("embedding_length", u32_of(shape.n_embd)),
@@ -354,10 +428,13 @@ fn llama_metadata(shape: &ModelShape) -> Vec<(String, Value)> {
         ("rope.freq_base", Value::F32(shape.rope_freq_base)),
         ("attention.layer_norm_rms_epsilon", Value::F32(shape.rms_norm_eps)),
         ("vocab_size", u32_of(shape.vocab_size)),
-    ]
-    .into_iter()
-    .map(|(key, value)| (format!("llama.{key}"), value))
-    .collect()
+    ];
+    if let Some(key_length) = shape.key_length {
+        keys.push(("attention.key_length", u32_of(key_length)));
+        keys.push(("attention.value_length", u32_of(key_length)));
+    }
+    let arch = architecture.gguf_name();
+    keys.into_iter().map(|(key, value)| (format!("{arch}.{key}"), value)).collect()
 }
 
 /// Types of one layer's matrices.
@@ -545,6 +622,9 @@ pub struct RandomGguf {
     pub tied_embeddings: bool,
     pub dtypes: DTypeChoice,
     pub tokenizer: Option<TokenizerMetadata>,
+    /// Further metadata written after the architecture's keys (a test's RoPE scaling type,
+    /// sliding window…); a key given here twice, or also by the writer, is the caller's error.
+    pub extra_metadata: Vec<(String, Value)>,
 }
 
 impl RandomGguf {
@@ -557,6 +637,7 @@ impl RandomGguf {
             tied_embeddings: false,
             dtypes: DTypeChoice::uniform(dtype),
             tokenizer: None,
+            extra_metadata: Vec::new(),
         }
     }
 
@@ -727,6 +808,7 @@ impl RandomGguf {
             ("general.alignment".into(), Value::U32(GGUF_ALIGNMENT_BYTES as u32)),
         ];
         metadata.extend(self.architecture.metadata(&self.shape));
+        metadata.extend(self.extra_metadata.iter().cloned());
         if let Some(tokenizer) = &self.tokenizer {
             metadata.extend(tokenizer.entries.iter().cloned());
         }

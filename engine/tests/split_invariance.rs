@@ -1,7 +1,8 @@
-//! Split invariance on tiny random-weight llama GGUFs (written by `random_gguf`): running
-//! layers `[0,k)` on one slice and `[k,n)` on another gives the same logits as the unsplit
-//! model, for every k; a step batching several sequences gives what each gives alone; a
-//! slice holding part of the layers holds about that part of the weights.
+//! Split invariance on tiny random-weight GGUFs of every dense architecture (llama, qwen2,
+//! qwen3; written by `random_gguf`): running layers `[0,k)` on one slice and `[k,n)` on
+//! another gives the same logits as the unsplit model, for every k; a step batching several
+//! sequences gives what each gives alone; a slice holding part of the layers holds about
+//! that part of the weights.
 
 use std::path::PathBuf;
 
@@ -9,31 +10,33 @@ use potluck_engine::kv_cache::SequenceCache;
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::random_gguf::RandomGguf;
+use potluck_engine::random_gguf::{Architecture, RandomGguf};
 
 const N_LAYERS: u32 = 4;
 const N_EMBD: usize = 256;
 const VOCAB: usize = 320;
+const ARCHITECTURES: [Architecture; 3] = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3];
 
 /// The tiny model: each layer uses another quantization type, so every kernel the engine has
 /// is exercised (Q5K for the Q4K layer's ffn_down), with a Q8_0 embedding, a Q4_0 head and
 /// F32 norms.
-fn write_tiny_gguf(path: &std::path::Path, tied: bool) {
+fn write_tiny_gguf(path: &std::path::Path, tied: bool, architecture: Architecture) {
     let mut model = RandomGguf::tiny_mixed(1);
+    model.architecture = architecture;
     let shape = &model.shape;
     assert_eq!((shape.n_layers, shape.n_embd, shape.vocab_size), (N_LAYERS, N_EMBD, VOCAB));
     model.tied_embeddings = tied;
     model.write(path).unwrap();
 }
 
-fn tiny_model(tied: bool) -> PathBuf {
+fn tiny_model(tied: bool, architecture: Architecture) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("potluck-split-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Tests run in parallel threads: each gets its own file.
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!("tiny-{}-{n}.gguf", if tied { "tied" } else { "untied" }));
-    write_tiny_gguf(&path, tied);
+    let path = dir.join(format!("tiny-{}-{}-{n}.gguf", architecture.gguf_name(), if tied { "tied" } else { "untied" }));
+    write_tiny_gguf(&path, tied, architecture);
     path
 }
 
@@ -57,8 +60,8 @@ const PROMPT: [u32; 9] = [5, 17, 300, 42, 42, 7, 255, 0, 19];
 
 #[test]
 fn split_at_every_layer_gives_the_unsplit_logits() {
-    for tied in [false, true] {
-        let path = tiny_model(tied);
+    for (tied, architecture) in [false, true].into_iter().flat_map(|t| ARCHITECTURES.map(|a| (t, a))) {
+        let path = tiny_model(tied, architecture);
         let backend = Backend::cpu(1);
         let steps: [&[u32]; 3] = [&PROMPT, &[11], &[12]];
         let whole = run_pipeline(&[ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap()], &steps);
@@ -69,7 +72,7 @@ fn split_at_every_layer_gives_the_unsplit_logits() {
             assert!(split[0].is_first() && !split[0].is_last());
             assert!(!split[1].is_first() && split[1].is_last());
             let got = run_pipeline(&split, &steps);
-            assert_eq!(got, whole, "tied={tied}: split at {k} changed the logits");
+            assert_eq!(got, whole, "{architecture:?} tied={tied}: split at {k} changed the logits");
         }
         // Three stages, and two threads.
         let two_threads = Backend::cpu(2);
@@ -80,66 +83,72 @@ fn split_at_every_layer_gives_the_unsplit_logits() {
         ];
         let got = run_pipeline(&three, &steps);
         for (a, b) in got.iter().flatten().zip(whole.iter().flatten()) {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "three stages on two threads: {a} vs {b}");
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{architecture:?}: three stages on two threads: {a} vs {b}");
         }
     }
 }
 
 #[test]
 fn prefill_in_chunks_equals_one_step() {
-    let path = tiny_model(false);
-    let backend = Backend::cpu(1);
-    let slice = [ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap()];
-    let one = run_pipeline(&slice, &[&PROMPT]);
-    let chunked = run_pipeline(&slice, &[&PROMPT[..4], &PROMPT[4..5], &PROMPT[5..]]);
-    for (a, b) in chunked.iter().flatten().zip(one.iter().flatten()) {
-        assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "chunked prefill: {a} vs {b}");
+    for architecture in ARCHITECTURES {
+        let path = tiny_model(false, architecture);
+        let backend = Backend::cpu(1);
+        let slice = [ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap()];
+        let one = run_pipeline(&slice, &[&PROMPT]);
+        let chunked = run_pipeline(&slice, &[&PROMPT[..4], &PROMPT[4..5], &PROMPT[5..]]);
+        for (a, b) in chunked.iter().flatten().zip(one.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{architecture:?}: chunked prefill: {a} vs {b}");
+        }
     }
 }
 
 #[test]
 fn batched_sequences_match_each_sequence_alone() {
-    let path = tiny_model(false);
-    let backend = Backend::cpu(2);
-    let slice = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
-    // 5 + 3 rows: the batched step takes the tile kernels, each alone the row kernels.
-    let a: Vec<u32> = vec![1, 2, 3, 4, 5];
-    let b: Vec<u32> = vec![300, 200, 100];
-    let alone_a = run_pipeline(std::slice::from_ref(&slice), &[&a]);
-    let alone_b = run_pipeline(std::slice::from_ref(&slice), &[&b]);
-    let mut cache_a = slice.new_cache(64);
-    let mut cache_b = slice.new_cache(64);
-    let tokens: Vec<u32> = a.iter().chain(&b).copied().collect();
-    let mut hidden = slice.embed(&tokens).unwrap();
-    slice.forward_layers(&mut hidden, &[a.len(), b.len()], &mut [&mut cache_a, &mut cache_b]).unwrap();
-    let logits = slice.head(&hidden).unwrap();
-    let together: Vec<&[f32]> = logits.chunks(VOCAB).collect();
-    // Bit for bit: a sequence's tokens must not depend on what else shares its step.
-    for (got, want) in together.iter().zip(alone_a.iter().chain(&alone_b)) {
-        assert_eq!(*got, &want[..], "a batched row differs from the sequence alone");
+    for architecture in ARCHITECTURES {
+        let path = tiny_model(false, architecture);
+        let backend = Backend::cpu(2);
+        let slice = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
+        // 5 + 3 rows: the batched step takes the tile kernels, each alone the row kernels.
+        let a: Vec<u32> = vec![1, 2, 3, 4, 5];
+        let b: Vec<u32> = vec![300, 200, 100];
+        let alone_a = run_pipeline(std::slice::from_ref(&slice), &[&a]);
+        let alone_b = run_pipeline(std::slice::from_ref(&slice), &[&b]);
+        let mut cache_a = slice.new_cache(64);
+        let mut cache_b = slice.new_cache(64);
+        let tokens: Vec<u32> = a.iter().chain(&b).copied().collect();
+        let mut hidden = slice.embed(&tokens).unwrap();
+        slice.forward_layers(&mut hidden, &[a.len(), b.len()], &mut [&mut cache_a, &mut cache_b]).unwrap();
+        let logits = slice.head(&hidden).unwrap();
+        let together: Vec<&[f32]> = logits.chunks(VOCAB).collect();
+        // Bit for bit: a sequence's tokens must not depend on what else shares its step.
+        for (got, want) in together.iter().zip(alone_a.iter().chain(&alone_b)) {
+            assert_eq!(*got, &want[..], "{architecture:?}: a batched row differs from the sequence alone");
+        }
+        assert_eq!(cache_a.len(), a.len());
+        assert_eq!(cache_b.len(), b.len());
     }
-    assert_eq!(cache_a.len(), a.len());
-    assert_eq!(cache_b.len(), b.len());
 }
 
 #[test]
 fn a_slice_holds_only_its_share_of_the_weights() {
-    let path = tiny_model(false);
-    let (profile, _) = ModelProfile::from_path(&path).unwrap();
-    let backend = Backend::cpu(1);
-    let whole = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
-    let first = ModelSlice::load(&path, 0..2, backend.clone()).unwrap();
-    let second = ModelSlice::load(&path, 2..N_LAYERS, backend.clone()).unwrap();
-    assert_eq!(first.size_in_bytes() as u64, profile.slice_weight_bytes(0..2));
-    assert_eq!(second.size_in_bytes() as u64, profile.slice_weight_bytes(2..N_LAYERS));
-    assert_eq!(whole.size_in_bytes() as u64, profile.slice_weight_bytes(0..N_LAYERS));
-    assert!(first.size_in_bytes() < whole.size_in_bytes());
-    assert!(second.size_in_bytes() < whole.size_in_bytes());
+    for architecture in ARCHITECTURES {
+        let path = tiny_model(false, architecture);
+        let (profile, _) = ModelProfile::from_path(&path).unwrap();
+        let backend = Backend::cpu(1);
+        let whole = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
+        let first = ModelSlice::load(&path, 0..2, backend.clone()).unwrap();
+        let second = ModelSlice::load(&path, 2..N_LAYERS, backend.clone()).unwrap();
+        assert_eq!(first.size_in_bytes() as u64, profile.slice_weight_bytes(0..2));
+        assert_eq!(second.size_in_bytes() as u64, profile.slice_weight_bytes(2..N_LAYERS));
+        assert_eq!(whole.size_in_bytes() as u64, profile.slice_weight_bytes(0..N_LAYERS));
+        assert!(first.size_in_bytes() < whole.size_in_bytes());
+        assert!(second.size_in_bytes() < whole.size_in_bytes());
+    }
 }
 
 #[test]
 fn errors_not_panics_for_bad_input() {
-    let path = tiny_model(false);
+    let path = tiny_model(false, Architecture::Llama);
     let backend = Backend::cpu(1);
     let slice = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
     assert!(slice.embed(&[VOCAB as u32]).is_err(), "token outside the vocabulary");

@@ -1,10 +1,16 @@
-//! The llama family (`general.architecture` = `llama` or `mistral`): its block, its tensor
-//! list and its forward pass over one slice of a model (a contiguous layer range).
+//! The dense decoders (`general.architecture` = `llama`, `mistral`, `qwen2`, `qwen3`): their
+//! block, their tensor list and their forward pass over one slice of a model (a contiguous
+//! layer range).
 //!
-//! Covers Llama 2/3, SmolLM2 and Mistral-style GGUFs: RMSNorm, grouped-query attention with
-//! RoPE as llama.cpp applies it (`LLAMA_ROPE_TYPE_NORM`: adjacent pairs, because
-//! convert_hf_to_gguf.py permutes the Q/K rows; see `llama_model_rope_type()` in llama.cpp),
-//! SwiGLU feed-forward, tied or separate output head.
+//! Covers Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 and Qwen3 GGUFs: RMSNorm, grouped-query
+//! attention with RoPE as llama.cpp applies it (llama/mistral `LLAMA_ROPE_TYPE_NORM`:
+//! adjacent pairs, because convert_hf_to_gguf.py permutes their Q/K rows; qwen2/qwen3
+//! `LLAMA_ROPE_TYPE_NEOX`: the two halves; see `llama_model_rope_type()` in llama.cpp),
+//! SwiGLU feed-forward, tied or separate output head. What sets the Qwens apart, as
+//! llama.cpp's `models/qwen2.cpp` and `models/qwen3.cpp` build it: bias vectors added to the
+//! Q/K/V projections wherever a file has them (Qwen2's always; llama.cpp's llama graph adds
+//! them too), and Qwen3's per-head RMSNorm of Q and K (weights of `head_dim`, the model's
+//! epsilon) between the projection and RoPE.
 //!
 //! The pass is split so that stages on different machines can each run their part:
 //! `embed` (first stage) → `forward_layers` (every stage, its own layers) → `head` (last
@@ -22,8 +28,8 @@ use crate::attention::attend_head;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{LayerCacheSpec, SequenceCache};
-use crate::ops::{add_in_place, apply_rope, rms_norm, rope_table, swiglu};
-use crate::profile::ModelProfile;
+use crate::ops::{add_in_place, apply_rope, apply_rope_neox, rms_norm, rope_table, swiglu};
+use crate::profile::{ModelProfile, RopeType};
 use crate::quant::QMatrix;
 use crate::source::{load_matrix, load_vector, TensorSource};
 use crate::threads::ComputePool;
@@ -37,6 +43,12 @@ pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> 
     for layer_idx in layers.clone() {
         for role in BLOCK_TENSORS {
             names.push(format!("blk.{layer_idx}.{role}.weight"));
+        }
+        if profile.attention_bias {
+            names.extend(QKV.iter().map(|role| format!("blk.{layer_idx}.{role}.bias")));
+        }
+        if profile.qk_norm {
+            names.extend(QK_NORMS.iter().map(|role| format!("blk.{layer_idx}.{role}.weight")));
         }
     }
     if layers.end == profile.n_layers {
@@ -57,8 +69,23 @@ const BLOCK_TENSORS: [&str; 9] = [
     "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
 ];
 
+/// The projections that carry bias vectors in Qwen2 files.
+const QKV: [&str; 3] = ["attn_q", "attn_k", "attn_v"];
+/// Qwen3's per-head norms of Q and K.
+const QK_NORMS: [&str; 2] = ["attn_q_norm", "attn_k_norm"];
+
+/// Whether the architecture runs per-head Q/K norms (llama.cpp's graph for it applies them;
+/// the others would ignore such tensors, so a file that has them anyway is refused).
+fn wants_qk_norm(architecture: &str) -> bool {
+    architecture == "qwen3"
+}
+
 struct Block {
     attn_norm: Vec<f32>,
+    /// Added to the Q, K and V projections (Qwen2), when the file has them.
+    qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Per-head RMSNorm weights of Q and K, `head_dim` each (Qwen3).
+    qk_norm: Option<[Vec<f32>; 2]>,
     attn_q: QMatrix,
     attn_k: QMatrix,
     attn_v: QMatrix,
@@ -92,13 +119,11 @@ impl LlamaSlice {
         source: &mut dyn TensorSource,
         backend: Arc<Backend>,
     ) -> Result<Self> {
-        use crate::profile::RopeType;
         use super::require_absent;
-        require_absent(&profile, "bias vectors on its attention projections", profile.attention_bias)?;
-        require_absent(&profile, "Q/K norms", profile.qk_norm)?;
+        let qk_norm = wants_qk_norm(&profile.architecture);
+        require_absent(&profile, "per-head Q/K norm tensors its architecture does not apply", profile.qk_norm && !qk_norm)?;
         require_absent(&profile, "a sliding attention window", profile.sliding_window.is_some())?;
         require_absent(&profile, "mixture-of-experts layers", profile.experts.is_some())?;
-        require_absent(&profile, "NEOX-style RoPE", profile.rope_type != RopeType::Adjacent)?;
         if layers.start >= layers.end || layers.end > profile.n_layers {
             return Err(EngineError::BadLayerRange {
                 start: layers.start,
@@ -120,7 +145,20 @@ impl LlamaSlice {
         let mut blocks = Vec::with_capacity((layers.end - layers.start) as usize);
         for i in layers.clone() {
             let name = |role: &str| format!("blk.{i}.{role}.weight");
+            let qkv_bias = if p.attention_bias {
+                let mut bias = |role: &str, len: usize| load_vector(source, &format!("blk.{i}.{role}.bias"), len);
+                Some([bias("attn_q", q_width)?, bias("attn_k", kv_width)?, bias("attn_v", kv_width)?])
+            } else {
+                None
+            };
+            let qk_norm = if qk_norm {
+                Some([load_vector(source, &name("attn_q_norm"), p.head_dim)?, load_vector(source, &name("attn_k_norm"), p.head_dim)?])
+            } else {
+                None
+            };
             blocks.push(Block {
+                qkv_bias,
+                qk_norm,
                 attn_norm: load_vector(source, &name("attn_norm"), p.n_embd)?,
                 attn_q: load_matrix(source, &name("attn_q"), q_width, p.n_embd)?,
                 attn_k: load_matrix(source, &name("attn_k"), kv_width, p.n_embd)?,
@@ -180,6 +218,7 @@ impl LlamaSlice {
                     .map(|m| m.size_in_bytes())
                     .sum::<usize>()
                     + (b.attn_norm.len() + b.ffn_norm.len()) * 4
+                    + b.qkv_bias.iter().flatten().chain(b.qk_norm.iter().flatten()).map(|v| v.len() * 4).sum::<usize>()
             })
             .sum();
         let embd = self.token_embd.as_ref().map_or(0, |m| m.size_in_bytes());
@@ -288,13 +327,31 @@ impl LlamaSlice {
                     &mut [&mut q, &mut k, &mut v],
                     pool,
                 );
+                if let Some([bq, bk, bv]) = &block.qkv_bias {
+                    for (x, bias) in [(&mut q, bq), (&mut k, bk), (&mut v, bv)] {
+                        for row in x.chunks_exact_mut(bias.len()) {
+                            add_in_place(row, bias);
+                        }
+                    }
+                }
+                if let Some([q_norm, k_norm]) = &block.qk_norm {
+                    // In place: each head's row normed over `head_dim` values.
+                    for (x, weight) in [(&mut q, q_norm), (&mut k, k_norm)] {
+                        let input = x.clone();
+                        rms_norm(&input, weight, p.rms_norm_eps, x);
+                    }
+                }
+                let rotate = match p.rope_type {
+                    RopeType::Adjacent => apply_rope,
+                    RopeType::Neox => apply_rope_neox,
+                };
                 for row in 0..n_rows {
                     let cos_sin = &rope[row * p.n_rot..(row + 1) * p.n_rot];
                     for head in q[row * q_width..(row + 1) * q_width].chunks_exact_mut(p.head_dim) {
-                        apply_rope(head, cos_sin);
+                        rotate(head, cos_sin);
                     }
                     for head in k[row * kv_width..(row + 1) * kv_width].chunks_exact_mut(p.head_dim) {
-                        apply_rope(head, cos_sin);
+                        rotate(head, cos_sin);
                     }
                     caches[row_seq[row]].push(
                         local_layer,
