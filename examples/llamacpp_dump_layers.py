@@ -12,7 +12,7 @@ os.makedirs("/tmp/bx", exist_ok=True)
 import ctypes, numpy as np, sys, json
 import llama_cpp
 from llama_cpp import Llama
-M = "/root/.cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+M = os.environ.get("POTLUCK_DUMP_MODEL", os.path.expanduser("~/.cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 want = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None
 store = {}
 CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
@@ -37,7 +37,7 @@ def patched():
 L.llama_context_default_params = patched
 llm = Llama(model_path=M, n_threads=1, n_threads_batch=1, n_ctx=256, verbose=False, flash_attn=True)
 store.clear()
-toks = [504, 3575, 282, 4649, 314]
+toks = [int(t) for t in os.environ.get("POTLUCK_DUMP_TOKENS", "504,3575,282,4649,314").split(",")]
 llm.eval(toks)
 np.savez("/tmp/bx/llamacpp.npz", **{f"{k}#{i}": a for k, v in store.items() for i, a in enumerate(v)})
 print(sorted(store.keys())[:200], file=sys.stderr)

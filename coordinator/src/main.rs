@@ -26,8 +26,12 @@ struct Cli {
 enum Command {
     /// Load a model and serve the OpenAI-compatible API.
     Serve(ServeArgs),
-    /// Download and verify the default model into the cache, then exit.
-    FetchModel,
+    /// Download and verify a model of the catalogue (default: the default model,
+    /// smollm2-135m; also gemma3-270m) into the cache, print its path, then exit.
+    FetchModel {
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Print the cluster a running coordinator serves: stages, workers, the plan.
     Status {
         /// The coordinator's HTTP API.
@@ -106,8 +110,15 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     potluck_node::logging::init(cli.log_format);
     match cli.command {
-        Command::FetchModel => {
-            let path = potluck_node::model::ensure_default_model()?;
+        Command::FetchModel { name } => {
+            let known = match name.as_deref() {
+                None => &potluck_node::model::KNOWN_MODELS[0],
+                Some(name) => potluck_node::model::known_model(name).ok_or_else(|| {
+                    let names: Vec<&str> = potluck_node::model::KNOWN_MODELS.iter().map(|m| m.name).collect();
+                    anyhow::anyhow!("no model called `{name}` in the catalogue (known: {}); give `serve --model` a GGUF path instead", names.join(", "))
+                })?,
+            };
+            let path = potluck_node::model::ensure_known_model(known)?;
             println!("{}", path.display());
             Ok(())
         }

@@ -26,7 +26,8 @@ pub struct AppState {
     pub model_path: std::path::PathBuf,
     pub profile: ModelProfile,
     pub tokenizer: Arc<Tokenizer>,
-    pub template: Arc<ChatTemplate>,
+    /// The GGUF's chat template; None for a base model (the chat endpoint then refuses).
+    pub template: Option<Arc<ChatTemplate>>,
     /// The name `/v1/models` reports; requests may name any model and get this one.
     pub model_id: String,
     pub api_key: Option<String>,

@@ -102,11 +102,15 @@ fn start_coordinator(dir: &Path, extra: &[&str]) -> Coordinator {
 }
 
 fn start_coordinator_on(dir: &Path, cluster_listen: &str, extra: &[&str]) -> Coordinator {
+    start_coordinator_with(dir, &model_path(), cluster_listen, extra)
+}
+
+fn start_coordinator_with(dir: &Path, model: &Path, cluster_listen: &str, extra: &[&str]) -> Coordinator {
     let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--cluster-listen", cluster_listen, "--threads", "1"])
         .args(["--token", TOKEN, "--model"])
-        .arg(model_path())
+        .arg(model)
         .args(extra)
         .env("POTLUCK_CONFIG_DIR", dir.join("coordinator-config"))
         .env_remove("POTLUCK_API_KEY")
@@ -133,10 +137,14 @@ fn start_worker(dir: &Path, name: &str, coordinator: &Coordinator, token: &str, 
 
 /// A coordinator alone (`--no-cluster`): the single-machine answer to compare with.
 fn start_single(dir: &Path) -> (Process, String) {
+    start_single_with(dir, &model_path())
+}
+
+fn start_single_with(dir: &Path, model: &Path) -> (Process, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--no-cluster", "--threads", "1", "--model"])
-        .arg(model_path())
+        .arg(model)
         .env("POTLUCK_CONFIG_DIR", dir.join("single-config"))
         .env_remove("POTLUCK_API_KEY");
     let process = Process::spawn("single", &mut command);
@@ -812,5 +820,56 @@ fn sigterm_lets_an_open_stream_finish_then_exits_cleanly() {
     let exit = single.wait_exit(Duration::from_secs(60));
     assert!(exit.success(), "the server should exit 0 after draining: {exit:?}");
     assert!(single.output_contains("draining"), "it should say it is draining");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Gemma 3 270M (`coordinator fetch-model gemma3-270m`; `$POTLUCK_GEMMA3_MODEL` overrides).
+fn gemma3_path() -> PathBuf {
+    let path = std::env::var_os("POTLUCK_GEMMA3_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/potluck/models/gemma-3-270m-q4_k_m.gguf")
+    });
+    assert!(path.exists(), "Gemma 3 missing at {}: run `coordinator fetch-model gemma3-270m` or set POTLUCK_GEMMA3_MODEL", path.display());
+    path
+}
+
+/// A second real architecture through the whole product: Gemma 3 270M split over two
+/// processes (the coordinator's stage and a worker's, local and global attention layers on
+/// both) answers greedy and seeded completions, streamed and not, exactly as one machine
+/// does; its GGUF has no chat template, so the chat endpoint says so (400) and completions
+/// still serve.
+#[test]
+fn gemma_3_on_two_stages_answers_as_one_machine() {
+    let dir = temp_dir("gemma3");
+    let model = gemma3_path();
+    let requests = [
+        r#"{"model":"x","prompt":"The capital of France is","max_tokens":24,"temperature":0}"#,
+        r#"{"model":"x","prompt":"def fibonacci(n):\n","max_tokens":24,"temperature":0}"#,
+        r#"{"model":"x","prompt":"Once upon a time","max_tokens":24,"temperature":0.8,"seed":7}"#,
+    ];
+    let texts = |http: &str| -> Vec<String> {
+        requests
+            .iter()
+            .map(|body| {
+                let (status, response) = post(http, "/v1/completions", body);
+                assert_eq!(status, 200, "{response}");
+                let json: serde_json::Value = serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+                assert_eq!(json["usage"]["completion_tokens"], 24, "{json}");
+                json["choices"][0]["text"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let (single, single_http) = start_single_with(&dir, &model);
+    let alone = texts(&single_http);
+    let (status, chat) = post(&single_http, "/v1/chat/completions", r#"{"model":"x","messages":[{"role":"user","content":"Hi"}]}"#);
+    assert_eq!(status, 400, "{chat}");
+    assert!(chat.contains("no_chat_template") && chat.contains("/v1/completions"), "{chat}");
+    drop(single);
+
+    let coordinator = start_coordinator_with(&dir, &model, "127.0.0.1:0", &["--workers", "1", "--planner", "throughput"]);
+    let _worker = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let health = wait_for_plan(&coordinator, 2, true, Duration::from_secs(180));
+    let split: Vec<String> = health["stages"].as_array().unwrap().iter().map(|s| s["layers"].to_string()).collect();
+    println!("gemma 3 stages: {split:?}; alone: {alone:?}");
+    assert_eq!(texts(&coordinator.http), alone, "two stages must answer as one machine");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,7 +10,10 @@
 //! `tojson` that prints like Python's `json.dumps` (`", "` and `": "`, no HTML escaping),
 //! which is what HF installs in place of Jinja's own.
 //!
-//! A GGUF without a template gets ChatML.
+//! A GGUF without a template (a base model, such as Gemma 3 270M) has none: the server's chat
+//! endpoint refuses with a clear error instead of guessing a format the model never saw.
+//! (llama-server falls back to ChatML there; [`CHATML_TEMPLATE`] is kept for callers that
+//! want that.)
 
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
@@ -20,7 +23,7 @@ use candle_core::quantized::gguf_file;
 use crate::error::EngineError;
 use crate::tokenizer::Tokenizer;
 
-/// The template used when a GGUF has none: ChatML, as llama.cpp falls back to.
+/// ChatML: what llama-server falls back to for a GGUF without a template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 const TEMPLATE_NAME: &str = "chat_template";
@@ -65,15 +68,15 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The GGUF's `tokenizer.chat_template` (ChatML when absent), with BOS/EOS texts from the
-    /// tokenizer. If the tokenizer adds BOS itself, a leading BOS text is removed from
+    /// The GGUF's `tokenizer.chat_template` (None when it has none), with BOS/EOS texts from
+    /// the tokenizer. If the tokenizer adds BOS itself, a leading BOS text is removed from
     /// rendered prompts, as llama.cpp does.
     pub fn from_gguf(
         content: &gguf_file::Content,
         tokenizer: &Tokenizer,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<Option<Self>, EngineError> {
         let source = match content.metadata.get("tokenizer.chat_template") {
-            None => CHATML_TEMPLATE,
+            None => return Ok(None),
             Some(gguf_file::Value::String(source)) => source.as_str(),
             Some(other) => {
                 return Err(EngineError::BadGguf(format!(
@@ -92,7 +95,7 @@ impl ChatTemplate {
             &token_text(tokenizer.eos_id()),
         )?;
         template.strip_leading_bos = tokenizer.add_bos();
-        Ok(template)
+        Ok(Some(template))
     }
 
     /// Compiles `source`; syntax errors are reported here, not at render time.

@@ -2,6 +2,8 @@
 //! of llama.cpp's layouts, activations, the residual add. Each matches the ggml kernel it
 //! names bit for bit on the CPU (the reference-model test checks the llama path).
 
+use half::f16;
+
 use crate::profile::{ModelProfile, RopeScaling};
 use crate::quant::Isa;
 
@@ -10,13 +12,19 @@ use crate::quant::Isa;
 /// repeated multiplication in f32), so positions rotate bit-for-bit like llama.cpp's.
 /// `freq_factors` are Llama-3's per-pair divisors (`rope_freqs.weight`), if the model has them.
 pub fn rope_table(p: &ModelProfile, freq_factors: Option<&[f32]>, positions: &[usize]) -> Vec<f32> {
-    let theta_scale = p.rope_freq_base.powf(-2.0 / p.n_rot as f32);
     let freq_scale = match p.rope_scaling {
         RopeScaling::None => 1.0,
         RopeScaling::Linear { factor } => 1.0 / factor,
     };
-    let mut table = vec![0f32; positions.len() * p.n_rot];
-    for (row, &pos) in table.chunks_exact_mut(p.n_rot).zip(positions) {
+    rope_table_with(p.rope_freq_base, freq_scale, p.n_rot, freq_factors, positions)
+}
+
+/// [`rope_table`] for an explicit base and frequency scale (Gemma 3's local layers rotate
+/// with their own base, unscaled).
+pub fn rope_table_with(base: f32, freq_scale: f32, n_rot: usize, freq_factors: Option<&[f32]>, positions: &[usize]) -> Vec<f32> {
+    let theta_scale = base.powf(-2.0 / n_rot as f32);
+    let mut table = vec![0f32; positions.len() * n_rot];
+    for (row, &pos) in table.chunks_exact_mut(n_rot).zip(positions) {
         let mut theta = pos as f32;
         for (pair, cs) in row.chunks_exact_mut(2).enumerate() {
             let ff = freq_factors.map_or(1.0, |f| f[pair]);
@@ -116,6 +124,41 @@ fn ggml_expf(x: f32) -> f32 {
     } else {
         (j as f64 * 2f64.powi(n)) as f32
     }
+}
+
+/// gate ← gelu(gate) · up, as ggml's `ggml_vec_geglu_f32` with `GGML_GELU_FP16` (its CPU
+/// default): the gate is rounded to f16 and looked up in a table of GELU (tanh form) values
+/// stored as f16; beyond ±10 it is 0 or the identity.
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_f16_table();
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            f16::from_bits(table[f16::from_f32(x).to_bits() as usize]).to_f32() * u
+        };
+    }
+}
+
+/// ggml's `ggml_table_gelu_f16`: for every f16 bit pattern, GELU of its value rounded to f16.
+/// Built once (65,536 entries, 128 KiB), as `ggml_cpu_init` builds it.
+fn gelu_f16_table() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|bits| f16::from_f32(gelu(f16::from_bits(bits).to_f32())).to_bits()).collect())
+}
+
+/// ggml's `ggml_gelu_f32`: 0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²))), with libm's tanhf.
+/// `1 + a·x·x` is one fused multiply-add, as GCC contracts it in ggml-cpu.c's table init.
+#[allow(clippy::excessive_precision)]
+fn gelu(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044715;
+    // ggml's literal, rounded to f32 by the compiler as there.
+    const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_355_879_892_119_868_76;
+    let inner = (GELU_COEF_A * x).mul_add(x, 1.0);
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh())
 }
 
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {

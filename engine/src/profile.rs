@@ -26,16 +26,20 @@ pub enum Family {
     /// The dense decoders of [`crate::arch::llama`]: `llama`, `mistral`, `qwen2` (Q/K/V
     /// biases, NEOX RoPE), `qwen3` (per-head Q/K norms, NEOX RoPE).
     Llama,
+    /// `gemma3`: [`crate::arch::gemma3`] (scaled embeddings, norms before and after attention
+    /// and FFN, per-head Q/K norms, GELU-gated FFN, interleaved sliding-window layers).
+    Gemma3,
 }
 
 /// The `general.architecture` values the engine runs.
-pub const SUPPORTED_ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gemma3"];
 
 impl Family {
     /// The family of a GGUF's `general.architecture`, if the engine runs it.
     pub fn from_architecture(architecture: &str) -> Option<Family> {
         match architecture {
             "llama" | "mistral" | "qwen2" | "qwen3" => Some(Family::Llama),
+            "gemma3" => Some(Family::Gemma3),
             _ => None,
         }
     }
@@ -96,6 +100,18 @@ pub struct ModelProfile {
     pub qk_norm: bool,
     /// `{arch}.attention.sliding_window`: local layers attend to this many positions.
     pub sliding_window: Option<usize>,
+    /// Per block, whether it is a local (sliding-window) layer; all false without a window.
+    /// Gemma 3: five local layers, then one global (`attention.sliding_window_pattern`,
+    /// default 6, as llama.cpp's `set_swa_pattern`).
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers (`rope.freq_base_swa`; llama.cpp's default
+    /// 10000 when the file has none); the global layers use `rope_freq_base`.
+    #[serde(default)]
+    pub rope_freq_base_swa: Option<f32>,
+    /// `{arch}.final_logit_softcapping`: logits = c · tanh(logits / c), where a file sets it.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f32>,
     /// `{arch}.expert_count` / `{arch}.expert_used_count`, for mixture-of-experts models.
     pub experts: Option<Experts>,
     /// Bytes of each block's expert tensors (`*_exps`), in block order; zeros for a dense
@@ -144,7 +160,7 @@ impl ModelProfile {
         // llama.cpp's `llama_model_rope_type()`: convert_hf_to_gguf.py permutes llama's and
         // mistral's Q/K rows into adjacent pairs, not Qwen's.
         let rope_type = match architecture.as_str() {
-            "qwen2" | "qwen3" => RopeType::Neox,
+            "qwen2" | "qwen3" | "gemma3" => RopeType::Neox,
             _ => RopeType::Adjacent,
         };
         let key = |k: &str| format!("{architecture}.{k}");
@@ -223,7 +239,25 @@ impl ModelProfile {
                 }
             }
         }
-        let sliding_window = md.optional_u32(&key("attention.sliding_window")).map(|w| w as usize);
+        let sliding_window = md.optional_u32(&key("attention.sliding_window")).map(|w| w as usize).filter(|&w| w > 0);
+        let sliding_layers = match sliding_window {
+            None => vec![false; n_layers as usize],
+            Some(_) => {
+                // Gemma 3's default: every sixth layer global. (llama.cpp also takes the
+                // pattern as a per-layer array; such a file is refused rather than misread.)
+                let pattern = match model.metadata().get(&key("attention.sliding_window_pattern")) {
+                    None => 6,
+                    Some(v) => value_to_u64(v).and_then(|v| u32::try_from(v).ok()).ok_or(EngineError::UnsupportedFeature {
+                        architecture: architecture.clone(),
+                        feature: "a per-layer sliding-window pattern",
+                    })?,
+                };
+                (0..n_layers).map(|il| pattern == 0 || il % pattern < pattern - 1).collect()
+            }
+        };
+        let rope_freq_base_swa = sliding_window.map(|_| md.f32_or(&key("rope.freq_base_swa"), 10_000.0)).transpose()?;
+        let final_logit_softcapping =
+            md.optional_f32(&key("final_logit_softcapping")).filter(|&c| c > 0.0);
         let experts = match (
             md.optional_u32(&key("expert_count")),
             md.optional_u32(&key("expert_used_count")),
@@ -249,6 +283,9 @@ impl ModelProfile {
             attention_bias: has_tensor("blk.0.attn_q.bias"),
             qk_norm: has_tensor("blk.0.attn_q_norm.weight"),
             sliding_window,
+            sliding_layers,
+            rope_freq_base_swa,
+            final_logit_softcapping,
             experts,
             layer_expert_bytes,
             rms_norm_eps,
@@ -333,6 +370,13 @@ impl Metadata<'_> {
     }
     fn optional_u32(&self, key: &str) -> Option<u32> {
         self.0.get(key).and_then(value_to_u64).and_then(|v| u32::try_from(v).ok())
+    }
+    fn optional_f32(&self, key: &str) -> Option<f32> {
+        match self.0.get(key)? {
+            Value::F32(v) => Some(*v),
+            Value::F64(v) => Some(*v as f32),
+            _ => None,
+        }
     }
     fn u32_or(&self, key: &str, default: u32) -> Result<u32> {
         if self.0.contains_key(key) {

@@ -136,7 +136,7 @@ fn chat_template_matches_llama_cpp() {
     let reference = &fixture["chat_template_render"];
     let messages: Vec<ChatMessage> =
         serde_json::from_value(reference["messages"].clone()).expect("messages");
-    let template = ChatTemplate::from_gguf(&content, &tok).expect("chat template");
+    let template = ChatTemplate::from_gguf(&content, &tok).expect("chat template").expect("the model has a chat template");
     assert_eq!(
         template.source(),
         fixture["server_props"]["chat_template"].as_str().unwrap()
@@ -182,7 +182,7 @@ fn agrees_with_transformers() {
     let hf: Value =
         serde_json::from_str(&std::fs::read_to_string(HF_FIXTURE).expect("read fixture"))
             .expect("fixture JSON");
-    let template = ChatTemplate::from_gguf(&content, &tok).expect("chat template");
+    let template = ChatTemplate::from_gguf(&content, &tok).expect("chat template").expect("the model has a chat template");
     for run in [&hf, &hf["chat"]] {
         let prompt = run["prompt"].as_str().unwrap();
         assert_eq!(

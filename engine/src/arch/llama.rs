@@ -24,7 +24,6 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::attention::attend_head;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{LayerCacheSpec, SequenceCache};
@@ -32,7 +31,7 @@ use crate::ops::{add_in_place, apply_rope, apply_rope_neox, rms_norm, rope_table
 use crate::profile::{ModelProfile, RopeType};
 use crate::quant::QMatrix;
 use crate::source::{load_matrix, load_vector, TensorSource};
-use crate::threads::ComputePool;
+use super::StepRows;
 
 /// The GGUF tensor names a slice holding `layers` needs (what a worker is sent).
 pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> Vec<String> {
@@ -269,36 +268,8 @@ impl LlamaSlice {
     ) -> Result<()> {
         let p = &self.profile;
         let pool = self.backend.pool();
-        let n_rows: usize = segments.iter().sum();
-        assert_eq!(segments.len(), caches.len(), "one cache per segment");
-        assert_eq!(hidden.len(), n_rows * p.n_embd, "hidden must hold n_rows × n_embd");
-        // Validate everything before touching a cache.
-        let mut row_seq = Vec::with_capacity(n_rows);
-        let mut row_pos = Vec::with_capacity(n_rows);
-        for (seq, (&n, cache)) in segments.iter().zip(caches.iter()).enumerate() {
-            assert!(
-                cache.layer_start() == self.layers.start && cache.n_layers() == self.blocks.len(),
-                "cache made for another slice"
-            );
-            let start = cache.layer_len(0);
-            if (1..cache.n_layers()).any(|l| cache.layer_len(l) != start) {
-                panic!("cache layers disagree: a previous step was interrupted");
-            }
-            if start + n > cache.capacity_max() {
-                return Err(EngineError::ContextLengthExceeded {
-                    position: start + n - 1,
-                    context_length: cache.capacity_max(),
-                });
-            }
-            for i in 0..n {
-                row_seq.push(seq);
-                row_pos.push(start + i);
-            }
-        }
-        for (cache, &n) in caches.iter_mut().zip(segments) {
-            let start = cache.layer_len(0);
-            cache.reserve(start, n)?;
-        }
+        let StepRows { n_rows, row_seq, row_pos } =
+            super::step_rows(p.n_embd, self.layers.start, self.blocks.len(), hidden.len(), segments, caches)?;
         if n_rows == 0 {
             return Ok(());
         }
@@ -359,7 +330,8 @@ impl LlamaSlice {
                         &v[row * kv_width..(row + 1) * kv_width],
                     );
                 }
-                self.attention(local_layer, &q, &row_seq, &row_pos, caches, &mut attn, pool);
+                let scale = 1.0 / (p.head_dim as f32).sqrt();
+                super::attention(p, local_layer, &q, &row_seq, &row_pos, caches, scale, &mut attn, pool);
                 block.attn_output.matmul(&attn, n_rows, &mut proj, pool);
                 add_in_place(hidden, &proj);
 
@@ -398,37 +370,6 @@ impl LlamaSlice {
         let mut logits = vec![0f32; n_rows * p.vocab_size];
         output.matmul(&normed, n_rows, &mut logits, pool);
         Ok(logits)
-    }
-
-    /// Causal attention of every row over its own sequence's cache (positions `0..=pos`).
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        local_layer: usize,
-        q: &[f32],
-        row_seq: &[usize],
-        row_pos: &[usize],
-        caches: &[&mut SequenceCache],
-        out: &mut [f32],
-        pool: &ComputePool,
-    ) {
-        let p = &self.profile;
-        let head_dim = p.head_dim;
-        let group = p.n_head / p.n_head_kv;
-        let kv_width = p.n_head_kv * head_dim;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        // One chunk per (row, head): independent, so they spread over the pool.
-        pool.for_each_chunk(out, head_dim, |chunk_idx, out_head| {
-            let row = chunk_idx / p.n_head;
-            let head = chunk_idx % p.n_head;
-            let kv_head = head / group;
-            let cache = &caches[row_seq[row]];
-            let span = cache.attention_span(local_layer, row_pos[row]);
-            let n_pos = span.len();
-            let (keys, values) = cache.layer(local_layer, span);
-            let q_head = &q[chunk_idx * head_dim..(chunk_idx + 1) * head_dim];
-            attend_head(q_head, keys, values, kv_width, kv_head * head_dim, n_pos, scale, out_head);
-        });
     }
 }
 

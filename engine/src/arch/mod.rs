@@ -15,18 +15,21 @@
 //! feature it does not implement (biases, Q/K norms, a sliding window, experts, another RoPE
 //! layout) with [`EngineError::UnsupportedFeature`]; it never runs such a model without it.
 
+pub mod gemma3;
 pub mod llama;
 
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::attention::attend_head;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufModel;
 use crate::kv_cache::SequenceCache;
 use crate::profile::{Family, ModelProfile};
 use crate::source::{GgufFileSource, TensorSource};
+use crate::threads::ComputePool;
 
 /// One contiguous layer range of a model, loaded onto a backend and ready to run.
 pub struct ModelSlice {
@@ -35,12 +38,14 @@ pub struct ModelSlice {
 
 enum Inner {
     Llama(llama::LlamaSlice),
+    Gemma3(gemma3::Gemma3Slice),
 }
 
 /// The GGUF tensor names a slice holding `layers` needs (what a worker is sent).
 pub fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> Vec<String> {
     match profile.family {
         Family::Llama => llama::slice_tensor_names(profile, layers),
+        Family::Gemma3 => gemma3::slice_tensor_names(profile, layers),
     }
 }
 
@@ -64,6 +69,7 @@ impl ModelSlice {
     ) -> Result<Self> {
         let inner = match profile.family {
             Family::Llama => Inner::Llama(llama::LlamaSlice::from_source(profile, layers, source, backend)?),
+            Family::Gemma3 => Inner::Gemma3(gemma3::Gemma3Slice::from_source(profile, layers, source, backend)?),
         };
         Ok(Self { inner })
     }
@@ -71,12 +77,14 @@ impl ModelSlice {
     pub fn profile(&self) -> &ModelProfile {
         match &self.inner {
             Inner::Llama(s) => s.profile(),
+            Inner::Gemma3(s) => s.profile(),
         }
     }
 
     pub fn layers(&self) -> Range<u32> {
         match &self.inner {
             Inner::Llama(s) => s.layers(),
+            Inner::Gemma3(s) => s.layers(),
         }
     }
 
@@ -84,6 +92,7 @@ impl ModelSlice {
     pub fn is_first(&self) -> bool {
         match &self.inner {
             Inner::Llama(s) => s.is_first(),
+            Inner::Gemma3(s) => s.is_first(),
         }
     }
 
@@ -91,6 +100,7 @@ impl ModelSlice {
     pub fn is_last(&self) -> bool {
         match &self.inner {
             Inner::Llama(s) => s.is_last(),
+            Inner::Gemma3(s) => s.is_last(),
         }
     }
 
@@ -98,6 +108,7 @@ impl ModelSlice {
     pub fn size_in_bytes(&self) -> usize {
         match &self.inner {
             Inner::Llama(s) => s.size_in_bytes(),
+            Inner::Gemma3(s) => s.size_in_bytes(),
         }
     }
 
@@ -106,6 +117,7 @@ impl ModelSlice {
     pub fn new_cache(&self, context_length: usize) -> SequenceCache {
         match &self.inner {
             Inner::Llama(s) => s.new_cache(context_length),
+            Inner::Gemma3(s) => s.new_cache(context_length),
         }
     }
 
@@ -113,6 +125,7 @@ impl ModelSlice {
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         match &self.inner {
             Inner::Llama(s) => s.embed(tokens),
+            Inner::Gemma3(s) => s.embed(tokens),
         }
     }
 
@@ -125,6 +138,7 @@ impl ModelSlice {
     pub fn forward_layers(&self, hidden: &mut [f32], segments: &[usize], caches: &mut [&mut SequenceCache]) -> Result<()> {
         match &self.inner {
             Inner::Llama(s) => s.forward_layers(hidden, segments, caches),
+            Inner::Gemma3(s) => s.forward_layers(hidden, segments, caches),
         }
     }
 
@@ -132,8 +146,86 @@ impl ModelSlice {
     pub fn head(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         match &self.inner {
             Inner::Llama(s) => s.head(hidden),
+            Inner::Gemma3(s) => s.head(hidden),
         }
     }
+}
+
+/// A step's rows, checked: which sequence (segment) and which position each row is.
+pub(crate) struct StepRows {
+    pub n_rows: usize,
+    pub row_seq: Vec<usize>,
+    pub row_pos: Vec<usize>,
+}
+
+/// Checks a step against the slice (`n_blocks` layers from `layer_start`) and its caches,
+/// then makes room in every cache: the rows of `segments[i]` go to `caches[i]` at the
+/// positions after what it holds. Nothing changes when it returns an error.
+pub(crate) fn step_rows(
+    n_embd: usize,
+    layer_start: u32,
+    n_blocks: usize,
+    hidden_len: usize,
+    segments: &[usize],
+    caches: &mut [&mut SequenceCache],
+) -> Result<StepRows> {
+    let n_rows: usize = segments.iter().sum();
+    assert_eq!(segments.len(), caches.len(), "one cache per segment");
+    assert_eq!(hidden_len, n_rows * n_embd, "hidden must hold n_rows × n_embd");
+    // Validate everything before touching a cache.
+    let mut row_seq = Vec::with_capacity(n_rows);
+    let mut row_pos = Vec::with_capacity(n_rows);
+    for (seq, (&n, cache)) in segments.iter().zip(caches.iter()).enumerate() {
+        assert!(cache.layer_start() == layer_start && cache.n_layers() == n_blocks, "cache made for another slice");
+        let start = cache.layer_len(0);
+        if (1..cache.n_layers()).any(|l| cache.layer_len(l) != start) {
+            panic!("cache layers disagree: a previous step was interrupted");
+        }
+        if start + n > cache.capacity_max() {
+            return Err(EngineError::ContextLengthExceeded { position: start + n - 1, context_length: cache.capacity_max() });
+        }
+        for i in 0..n {
+            row_seq.push(seq);
+            row_pos.push(start + i);
+        }
+    }
+    for (cache, &n) in caches.iter_mut().zip(segments) {
+        let start = cache.layer_len(0);
+        cache.reserve(start, n)?;
+    }
+    Ok(StepRows { n_rows, row_seq, row_pos })
+}
+
+/// Causal attention of every row over its own sequence's cache (the positions
+/// [`SequenceCache::attention_span`] gives: all earlier ones, or a sliding window), grouped
+/// query heads sharing their KV head; `q` holds `n_head × head_dim` values per row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    p: &ModelProfile,
+    local_layer: usize,
+    q: &[f32],
+    row_seq: &[usize],
+    row_pos: &[usize],
+    caches: &[&mut SequenceCache],
+    scale: f32,
+    out: &mut [f32],
+    pool: &ComputePool,
+) {
+    let head_dim = p.head_dim;
+    let group = p.n_head / p.n_head_kv;
+    let kv_width = p.n_head_kv * head_dim;
+    // One chunk per (row, head): independent, so they spread over the pool.
+    pool.for_each_chunk(out, head_dim, |chunk_idx, out_head| {
+        let row = chunk_idx / p.n_head;
+        let head = chunk_idx % p.n_head;
+        let kv_head = head / group;
+        let cache = &caches[row_seq[row]];
+        let span = cache.attention_span(local_layer, row_pos[row]);
+        let n_pos = span.len();
+        let (keys, values) = cache.layer(local_layer, span);
+        let q_head = &q[chunk_idx * head_dim..(chunk_idx + 1) * head_dim];
+        attend_head(q_head, keys, values, kv_width, kv_head * head_dim, n_pos, scale, out_head);
+    });
 }
 
 /// Refuses a profile that asks for what a family module does not implement.

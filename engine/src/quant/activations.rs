@@ -15,7 +15,6 @@
 use super::blocks::QK;
 use super::Isa;
 use candle_core::quantized::k_quants::BlockQ8K;
-use candle_core::quantized::GgmlType;
 
 /// The codes of one 32-value activation block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,31 +107,88 @@ pub(crate) fn quantize_block_scalar(values: &[f32], codes: &mut [i8; QK]) -> [f3
     [d, d * sum as f32]
 }
 
+/// Values per K-quant superblock (ggml `QK_K`).
+pub(crate) const QK_K: usize = 256;
+
+/// ggml's `block_q8_K`: 256 codes, their scale as f32, and the sums of each 16 codes. Laid
+/// out as candle's `BlockQ8K` (`repr(C)`, asserted below), so candle's K-quant dots read it.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct Q8KBlock {
+    pub(crate) d: f32,
+    pub(crate) qs: [i8; QK_K],
+    pub(crate) bsums: [i16; QK_K / 16],
+}
+
+const _: () = assert!(
+    std::mem::size_of::<Q8KBlock>() == std::mem::size_of::<BlockQ8K>()
+        && std::mem::align_of::<Q8KBlock>() == std::mem::align_of::<BlockQ8K>()
+);
+
+impl Q8KBlock {
+    const ZERO: Self = Self { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+
+    /// ggml's `quantize_row_q8_K_ref`: the scale from the value of largest magnitude (the
+    /// first one, with its sign), `q = nearest(x · -127/max)` capped at 127, `d = 1/iscale`.
+    /// `nearest` is ggml's `nearest_int` (add 1.5·2²³, keep the low mantissa bits): the
+    /// product rounded to f32, then to an integer half to even. (ggml-quants.c is built into
+    /// ggml-base without FMA flags, so the product and the add are not fused there; candle's
+    /// `from_float` rounds halves away from zero instead, so its codes can differ.)
+    fn quantize(values: &[f32]) -> Self {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &x in values {
+            if x.abs() > amax {
+                amax = x.abs();
+                max = x;
+            }
+        }
+        if amax == 0.0 {
+            return Self::ZERO;
+        }
+        let iscale = -127.0 / max;
+        let mut block = Self::ZERO;
+        for (q, &x) in block.qs.iter_mut().zip(values) {
+            *q = ((iscale * x).round_ties_even() as i32).min(127) as i8;
+        }
+        for (sum, codes) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *sum = codes.iter().map(|&q| q as i16).sum();
+        }
+        block.d = 1.0 / iscale;
+        block
+    }
+}
+
 /// Quantized activation rows for the K-quants: row `r`'s superblock `b` at `r * nb + b`.
 #[derive(Default)]
 pub(crate) struct Q8KRows {
-    pub(crate) blocks: Vec<BlockQ8K>,
+    pub(crate) blocks: Vec<Q8KBlock>,
     pub(crate) nb: usize,
 }
 
 impl Q8KRows {
-    /// Quantizes `n_rows` rows of `n_in` values (`n_in` a multiple of 256) with candle's
-    /// `quantize_row_q8_K`.
+    /// Quantizes `n_rows` rows of `n_in` values (`n_in` a multiple of 256) as ggml's
+    /// `quantize_row_q8_K` does.
     pub(crate) fn quantize(&mut self, x: &[f32], n_rows: usize, n_in: usize) {
-        let qk_k = candle_core::quantized::k_quants::QK_K;
-        debug_assert_eq!(n_in % qk_k, 0);
-        self.nb = n_in / qk_k;
+        debug_assert_eq!(n_in % QK_K, 0);
+        self.nb = n_in / QK_K;
         let n_blocks = n_rows * self.nb;
         if self.blocks.len() < n_blocks {
-            self.blocks.resize(n_blocks, BlockQ8K::zeros());
+            self.blocks.resize(n_blocks, Q8KBlock::ZERO);
         }
-        for (row, blocks) in x
-            .chunks_exact(n_in)
-            .zip(self.blocks.chunks_exact_mut(self.nb))
-        {
-            BlockQ8K::from_float(row, blocks);
+        for (row, blocks) in x.chunks_exact(n_in).zip(self.blocks.chunks_exact_mut(self.nb)) {
+            for (block, values) in blocks.iter_mut().zip(row.chunks_exact(QK_K)) {
+                *block = Q8KBlock::quantize(values);
+            }
         }
     }
+
+}
+
+/// `blocks` as candle's type, for its K-quant dots.
+pub(crate) fn as_candle(blocks: &[Q8KBlock]) -> &[BlockQ8K] {
+    // SAFETY: same size, alignment and field layout (both `repr(C)`, asserted above), and
+    // every bit pattern is a valid f32/i8/i16.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const BlockQ8K, blocks.len()) }
 }
 
 /// The per-thread activation scratch, reused across calls so the hot path allocates only when
@@ -150,6 +206,6 @@ impl Scratch {
         self.q8.codes.capacity() * size_of::<Codes32>()
             + self.q8.scales.capacity() * size_of::<[f32; 2]>()
             + (self.q8.d_t.capacity() + self.q8.s_t.capacity()) * size_of::<f32>()
-            + self.q8k.blocks.capacity() * size_of::<BlockQ8K>()
+            + self.q8k.blocks.capacity() * size_of::<Q8KBlock>()
     }
 }

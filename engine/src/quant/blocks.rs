@@ -11,8 +11,9 @@
 //! With the activation block's `s = d_x * sum(q_x)` (ggml's `block_q8_1::s`) the dot of one
 //! block is `d * d_x * sum(u * q_x) + m * s`, exactly ggml's `ggml_vec_dot_q4_1_q8_1`. Keeping
 //! the codes unsigned lets the AVX2 kernels use `vpmaddubsw`/`vpdpbusd` (unsigned × signed)
-//! directly instead of ggml's sign trick for Q4_0/Q5_0. Q8_0 weights are signed and have no
-//! offset.
+//! directly. Q8_0 weights are signed and have no offset; so are Q4_0 and Q5_0 in the dot
+//! kernels ([`decode_signed`]: `u - 8`, `u - 16`, ggml's own form), because the offset form
+//! rounds differently from llama.cpp's.
 
 use half::f16;
 
@@ -111,6 +112,23 @@ pub(crate) fn decode_q8_0(block: &[u8], codes: &mut [i8; QK]) -> f32 {
         *code = byte as i8;
     }
     f16_at(block, 0)
+}
+
+/// Decodes a block of a signed-code format (Q8_0; Q4_0 and Q5_0 as `u - 8`, `u - 16`, the
+/// way ggml's dot kernels see them) into its codes, returning `d`.
+pub(crate) fn decode_signed(format: Legacy, block: &[u8], codes: &mut [i8; QK]) -> f32 {
+    let zero_point = match format {
+        Legacy::Q8_0 => return decode_q8_0(block, codes),
+        Legacy::Q4_0 => 8,
+        Legacy::Q5_0 => 16,
+        Legacy::Q4_1 | Legacy::Q5_1 => unreachable!("{format:?} stores an offset; see decode_unsigned"),
+    };
+    let mut unsigned = [0u8; QK];
+    let (d, _) = decode_unsigned(format, block, &mut unsigned);
+    for (code, &u) in codes.iter_mut().zip(&unsigned) {
+        *code = u as i8 - zero_point;
+    }
+    d
 }
 
 /// Dequantizes a whole row of `format` blocks into `out` (`out.len()` values).

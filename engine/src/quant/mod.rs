@@ -384,6 +384,11 @@ impl QMatrix {
             Format::Q3K => self.matmul_k::<BlockQ3K>(x, n_rows, out, pool, isa),
             Format::Q4K => self.matmul_k::<BlockQ4K>(x, n_rows, out, pool, isa),
             Format::Q5K => self.matmul_k::<BlockQ5K>(x, n_rows, out, pool, isa),
+            #[cfg(target_arch = "x86_64")]
+            Format::Q6K if isa >= Isa::Avx2 => self.matmul_k_with(x, n_rows, out, pool, |w, act| {
+                // SAFETY: AVX2 and FMA are present (`isa`); `w` holds `act.len()` Q6_K blocks.
+                unsafe { x86::dot_q6k_q8k(w, act) }
+            }),
             Format::Q6K => self.matmul_k::<BlockQ6K>(x, n_rows, out, pool, isa),
         }
     }
@@ -585,10 +590,33 @@ impl QMatrix {
         pool: &ComputePool,
         isa: Isa,
     ) {
-        let weights: &[T] = self.k_blocks(self.bytes.as_slice());
-        let nb = self.n_in / T::BLCK_SIZE;
+        let n_in = self.n_in;
+        self.matmul_k_with(x, n_rows, out, pool, |w, act| {
+            let w: &[T] = self.k_blocks(w);
+            let act = activations::as_candle(act);
+            if isa == Isa::Scalar {
+                T::vec_dot_unopt(n_in, w, act)
+            } else {
+                T::vec_dot(n_in, w, act)
+            }
+        })
+    }
+
+    /// K-quants: our loop, threading and (ggml's) activation quantization around `dot`, which
+    /// takes one weight row's bytes and one activation row's superblocks.
+    fn matmul_k_with(
+        &self,
+        x: &[f32],
+        n_rows: usize,
+        out: &mut [f32],
+        pool: &ComputePool,
+        dot: impl Fn(&[u8], &[activations::Q8KBlock]) -> f32 + Sync,
+    ) {
+        let nb = self.n_in / activations::QK_K;
         let n_in = self.n_in;
         let n_out = self.n_out;
+        let bytes = self.bytes.as_slice();
+        let row_bytes = self.row_bytes;
         // Rows of weights per cache block, as in the legacy kernels: all activation rows go
         // through one L2-sized block of weight rows before the next is loaded.
         let block_rows = (WEIGHT_BLOCK_BYTES / self.row_bytes).max(1);
@@ -601,12 +629,7 @@ impl QMatrix {
                 for ob in (o_start..o_end).step_by(block_rows) {
                     for (r, act) in acts.chunks_exact(nb).enumerate() {
                         for o in ob..(ob + block_rows).min(o_end) {
-                            let w = &weights[o * nb..(o + 1) * nb];
-                            let v = if isa == Isa::Scalar {
-                                T::vec_dot_unopt(n_in, w, act)
-                            } else {
-                                T::vec_dot(n_in, w, act)
-                            };
+                            let v = dot(&bytes[o * row_bytes..(o + 1) * row_bytes], act);
                             // SAFETY: in bounds (o < n_out, r < n_rows) and this task's column.
                             unsafe { *out.0.add(r * n_out + o) = v };
                         }

@@ -4,7 +4,7 @@
 //! differ only in the order of the f32 additions.
 
 use super::activations::Codes32;
-use super::blocks::{decode_q8_0, decode_unsigned, Legacy, QK};
+use super::blocks::{decode_signed, decode_unsigned, Legacy, QK};
 use super::{FloatArgs, LegacyArgs};
 
 /// Activation rows handled together, so each weight block is decoded once per this many rows.
@@ -44,9 +44,9 @@ pub(crate) unsafe fn legacy_range(format: Legacy, a: &LegacyArgs, o_start: usize
             let row = std::slice::from_raw_parts(a.weights.add(o * a.row_bytes), a.row_bytes);
             let mut acc = [0f32; ROW_TILE];
             for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-                if format == Legacy::Q8_0 {
+                if matches!(format, Legacy::Q8_0 | Legacy::Q4_0 | Legacy::Q5_0) {
                     let mut w = [0i8; QK];
-                    let d = decode_q8_0(block, &mut w);
+                    let d = decode_signed(format, block, &mut w);
                     for (r, acc) in acc.iter_mut().enumerate().take(rt) {
                         let i = (r0 + r) * a.nb + b;
                         *acc += dot_signed(&w, &codes[i]) as f32 * (d * scales[i][0]);

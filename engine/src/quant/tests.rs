@@ -318,3 +318,65 @@ fn shared_input_matmul_is_bit_identical_to_one_by_one() {
         }
     }
 }
+
+/// ggml's AVX2 `ggml_vec_dot_q6_K_q8_K` written out lane by lane in scalar code: eight i32
+/// lanes (lane `L`: codes `4L..4L+3` of every 32-code group, times activations and scales,
+/// minus 32 · the scaled 16-code sums `2L` and `2L+1`), one f32 FMA per superblock and lane,
+/// then `hsum_float_8`'s order.
+fn q6k_dot_in_ggml_lane_order(w: &[u8], act: &[activations::Q8KBlock]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (b, x) in act.iter().enumerate() {
+        let p = &w[b * 210..(b + 1) * 210];
+        let (ql, qh, sc) = (&p[..128], &p[128..192], &p[192..208]);
+        let d = x.d * half::f16::from_bits(u16::from_le_bytes([p[208], p[209]])).to_f32();
+        let code = |e: usize| -> i32 {
+            let (h, r) = (e / 128, e % 128);
+            let (g, t) = (r / 32, r % 32);
+            let low = match g {
+                0 => ql[64 * h + t] & 0xF,
+                1 => ql[64 * h + 32 + t] & 0xF,
+                2 => ql[64 * h + t] >> 4,
+                _ => ql[64 * h + 32 + t] >> 4,
+            };
+            let high = (qh[32 * h + t] >> (2 * g)) & 3;
+            (low | (high << 4)) as i32
+        };
+        let mut lanes = [0i32; 8];
+        for e in 0..256 {
+            let lane = (e % 32) / 4;
+            lanes[lane] += code(e) * x.qs[e] as i32 * sc[e / 16] as i8 as i32;
+        }
+        for (lane, sum) in lanes.iter_mut().enumerate() {
+            *sum -= 32 * (x.bsums[2 * lane] as i32 * sc[2 * lane] as i8 as i32 + x.bsums[2 * lane + 1] as i32 * sc[2 * lane + 1] as i8 as i32);
+        }
+        for (a, &s) in acc.iter_mut().zip(&lanes) {
+            *a = d.mul_add(s as f32, *a);
+        }
+    }
+    let s = [acc[4] + acc[0], acc[5] + acc[1], acc[6] + acc[2], acc[7] + acc[3]];
+    let s = [s[0] + s[2], s[1] + s[3]];
+    s[0] + s[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn q6k_dot_sums_in_llama_cpps_lane_order() {
+    if Isa::detect() < Isa::Avx2 {
+        return;
+    }
+    let mut rng = Rng(0x6b6b);
+    let n_in = 1024;
+    let w = rng.vec(4 * n_in);
+    let q = QTensor::quantize(&Tensor::from_vec(w, (4, n_in), &Device::Cpu).unwrap(), GgmlDType::Q6K).unwrap();
+    let bytes = q.data().unwrap().to_vec();
+    let row_bytes = bytes.len() / 4;
+    let mut rows = activations::Q8KRows::default();
+    let x: Vec<f32> = rng.vec(n_in).iter().map(|v| v * 3.0).collect();
+    rows.quantize(&x, 1, n_in);
+    for o in 0..4 {
+        let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
+        let ours = unsafe { x86::dot_q6k_q8k(row, &rows.blocks[..rows.nb]) };
+        let ggml = q6k_dot_in_ggml_lane_order(row, &rows.blocks[..rows.nb]);
+        assert_eq!(ours.to_bits(), ggml.to_bits(), "row {o}: {ours} vs {ggml}");
+    }
+}

@@ -41,7 +41,7 @@ use std::arch::x86_64::*;
 /// One legacy block format as the SIMD kernels see it.
 pub(crate) trait SimdBlock {
     const BYTES: usize;
-    /// Q8_0: codes are signed weights and there is no offset term.
+    /// Q8_0, Q4_0, Q5_0: codes are signed weights and there is no offset term.
     const SIGNED: bool;
     /// The 32 codes of the block at `p`, value `j` in byte `j`.
     unsafe fn codes(p: *const u8) -> __m256i;
@@ -88,32 +88,27 @@ unsafe fn f16_pair(p: *const u8) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(p) as i32))
 }
 
-/// `[d, zero_point · d, 0, 0]` of the f16 `d` at `p`.
-#[inline(always)]
-unsafe fn f16_with_offset(p: *const u8, zero_point: f32) -> __m128 {
-    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p) as i32));
-    _mm_mul_ps(
-        _mm_broadcastss_ps(d),
-        _mm_setr_ps(1.0, zero_point, 0.0, 0.0),
-    )
-}
-
 pub(crate) struct Q4_0;
 pub(crate) struct Q4_1;
 pub(crate) struct Q5_0;
 pub(crate) struct Q5_1;
 pub(crate) struct Q8_0;
 
+// Q4_0 and Q5_0 run as signed codes (`u - 8`, `u - 16`) with no offset term, as ggml's
+// `ggml_vec_dot_q4_0_q8_0` / `_q5_0_q8_0` do: the same integer dot, and one FMA of `d·d_x`
+// per block, so the sums are bit-identical to llama.cpp's (checked on Gemma 3's Q5_0
+// projections). Computing them unsigned with an `m = -16d` offset, as Q4_1/Q5_1, rounds
+// differently (0.13 off on a Q projection of magnitude 270).
 impl SimdBlock for Q4_0 {
     const BYTES: usize = Legacy::Q4_0.block_bytes();
-    const SIGNED: bool = false;
+    const SIGNED: bool = true;
     #[inline(always)]
     unsafe fn codes(p: *const u8) -> __m256i {
-        nibbles_32(p.add(2))
+        _mm256_sub_epi8(nibbles_32(p.add(2)), _mm256_set1_epi8(8))
     }
     #[inline(always)]
     unsafe fn dm(p: *const u8) -> __m128 {
-        f16_with_offset(p, -8.0)
+        _mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p) as i32))
     }
 }
 
@@ -132,14 +127,15 @@ impl SimdBlock for Q4_1 {
 
 impl SimdBlock for Q5_0 {
     const BYTES: usize = Legacy::Q5_0.block_bytes();
-    const SIGNED: bool = false;
+    const SIGNED: bool = true;
     #[inline(always)]
     unsafe fn codes(p: *const u8) -> __m256i {
-        _mm256_or_si256(nibbles_32(p.add(6)), fifth_bits_32(read_u32(p.add(2))))
+        let codes = _mm256_or_si256(nibbles_32(p.add(6)), fifth_bits_32(read_u32(p.add(2))));
+        _mm256_sub_epi8(codes, _mm256_set1_epi8(16))
     }
     #[inline(always)]
     unsafe fn dm(p: *const u8) -> __m128 {
-        f16_with_offset(p, -16.0)
+        _mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p) as i32))
     }
 }
 
@@ -762,4 +758,78 @@ pub(crate) unsafe fn quantize_block_avx2(values: &[f32], codes: &mut [i8; QK]) -
     let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, bytes);
     [d, d * sum as f32]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q6_K · Q8_K, in llama.cpp's summation order
+
+/// Bytes of one Q6_K superblock (ggml `block_q6_K`: `ql[128]`, `qh[64]`, `scales[16]` as
+/// i8, `d` as f16).
+const Q6K_BLOCK_BYTES: usize = 210;
+
+/// One Q6_K weight row (`act.len()` superblocks at `w`) against one Q8_K activation row,
+/// summed as llama.cpp's AVX2 `ggml_vec_dot_q6_K_q8_K` sums, so the result is bit-identical
+/// to its: per superblock, eight i32 lanes where lane `L` holds codes `4L..4L+3` of every
+/// 32-code group times their activations and scales, minus `32 ·` the scaled 16-code sums
+/// (`bsums`) of codes `32L..32L+31` (the 6-bit codes are stored `+32`); then one FMA of
+/// `d_x · d_w` into an f32 accumulator per lane, and the lanes summed at the end by
+/// [`hsum`]. The integer parts are exact, so only that lane split and the float order must
+/// match (candle's dot subtracts the 32 inside each lane instead: the same total, other
+/// lanes, other roundings).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `w` must hold `act.len()` superblocks.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[super::activations::Q8KBlock]) -> f32 {
+    debug_assert_eq!(w.len(), act.len() * Q6K_BLOCK_BYTES);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in act.iter().enumerate() {
+        let p = w.as_ptr().add(b * Q6K_BLOCK_BYTES);
+        let (ql, qh, scales) = (p, p.add(128), p.add(192));
+        let d = x.d * half::f16::from_bits(read_u16(p.add(208))).to_f32();
+        let scales = _mm_loadu_si128(scales as *const __m128i);
+        // 32 · Σ_k bsums[k] · scale[k], paired into the 8 lanes.
+        let bsums = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
+        let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(scales)), 5);
+        let mut sum = _mm256_setzero_si256();
+        for half in 0..2 {
+            let lo_a = _mm256_loadu_si256(ql.add(64 * half) as *const __m256i);
+            let lo_b = _mm256_loadu_si256(ql.add(64 * half + 32) as *const __m256i);
+            let hi = _mm256_loadu_si256(qh.add(32 * half) as *const __m256i);
+            // Each 32-code group: four low bits from `ql`, two high bits from `qh`.
+            let hi_bits = |shift_left: i32| -> __m256i {
+                // Bits (2g, 2g+1) of each `qh` byte, moved to bits 4 and 5.
+                let mask = _mm256_set1_epi8((3u8 << (2 * shift_left)) as i8);
+                let bits = _mm256_and_si256(hi, mask);
+                match shift_left {
+                    0 => _mm256_slli_epi16(bits, 4),
+                    1 => _mm256_slli_epi16(bits, 2),
+                    2 => bits,
+                    _ => _mm256_srli_epi16(bits, 2),
+                }
+            };
+            let groups = [
+                _mm256_or_si256(_mm256_and_si256(lo_a, low4), hi_bits(0)),
+                _mm256_or_si256(_mm256_and_si256(lo_b, low4), hi_bits(1)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo_a, 4), low4), hi_bits(2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo_b, 4), low4), hi_bits(3)),
+            ];
+            for (g, &codes) in groups.iter().enumerate() {
+                let xq = _mm256_loadu_si256(x.qs.as_ptr().add(128 * half + 32 * g) as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(codes, xq);
+                // The group's two scales: codes 0..16 and 16..32 (scale index 8·half + 2g).
+                let s = 8 * half + 2 * g;
+                let pick = _mm_setr_epi8(
+                    s as i8, s as i8, s as i8, s as i8, s as i8, s as i8, s as i8, s as i8,
+                    s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1,
+                );
+                let group_scales = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(group_scales, pairs));
+            }
+        }
+        let sum = _mm256_sub_epi32(sum, offset);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    hsum(acc)
 }
