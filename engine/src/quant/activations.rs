@@ -1,6 +1,7 @@
 //! Quantizing the activation rows once per matmul, into the weight type's "vec-dot type"
-//! (ggml's `vec_dot_type`): 8-bit blocks of 32 for the legacy types, candle's `BlockQ8K`
-//! (256 values with 16-value partial sums) for the K-quants.
+//! (ggml's `vec_dot_type`): 8-bit blocks of 32 for the legacy types, `Q8KBlock` (ggml's
+//! `block_q8_K`: 256 values with 16-value partial sums, laid out as candle's `BlockQ8K`) for
+//! the K-quants.
 //!
 //! The 32-value blocks follow ggml's `block_q8_1` (`d = amax / 127`, `q = round(x / d)`,
 //! `s = d * sum(q)`), but the scratch is laid out for the kernels rather than for a file: the

@@ -6,14 +6,16 @@
 //! (`ggml_compute_forward_mul_mat` in ggml-cpu):
 //!
 //! 1. the activation rows are quantized once per call into the weight type's "vec-dot type"
-//!    (8-bit blocks of 32 with `d` and `s = d·Σq` for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, candle's
-//!    `BlockQ8K` for the K-quants; F32/F16/BF16 weights use the activations as they are),
+//!    (8-bit blocks of 32 with `d` and `s = d·Σq` for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, ggml's
+//!    `block_q8_K` for the K-quants, quantized as `quantize_row_q8_K_ref`; F32/F16/BF16
+//!    weights use the activations as they are),
 //!    into a per-thread scratch that is reused across calls (`activations`);
 //! 2. the output columns (`n_out`) are split into chunks over the [`ComputePool`]'s threads,
 //!    unless the matmul is too small for that to pay;
 //! 3. each chunk runs integer block dot products: our own AVX2 / AVX-512-VNNI kernels (`x86`)
-//!    for the 32-value types and floats, candle's `GgmlType::vec_dot` (which has its own AVX2
-//!    code) for the K-quants, and the portable `scalar` kernels where the CPU has no AVX2.
+//!    for the 32-value types and floats and for Q6_K (`x86::dot_q6k_q8k`, llama.cpp's lane
+//!    order), candle's `GgmlType::vec_dot` (which has its own AVX2 code) for the other
+//!    K-quants, and the portable `scalar` kernels where the CPU has no AVX2.
 //!    For a few activation rows (decode) the SIMD kernels stream the weights row after row at
 //!    close to memory bandwidth; for many (prefill) they reuse each unpacked weight block for
 //!    a tile of up to 8 rows, which makes prefill compute-bound.
