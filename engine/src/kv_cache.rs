@@ -35,6 +35,10 @@ use crate::error::{EngineError, Result};
 /// whole context for a short request.
 const GROW_POSITIONS: usize = 256;
 
+/// Positions a sliding-window layer may hold beyond its window (see `reserve`): what a memory
+/// plan adds to the window.
+pub const WINDOW_SLACK_POSITIONS: usize = 2 * GROW_POSITIONS;
+
 /// What one layer's cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerCacheSpec {

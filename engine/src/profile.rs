@@ -34,6 +34,12 @@ pub enum Family {
 /// The `general.architecture` values the engine runs.
 pub const SUPPORTED_ARCHITECTURES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gemma3"];
 
+/// Whether the engine runs a model of `architecture`, with or without mixture-of-experts
+/// layers (no family implements experts yet).
+pub fn engine_runs(architecture: &str, experts: bool) -> bool {
+    Family::from_architecture(architecture).is_some() && !experts
+}
+
 impl Family {
     /// The family of a GGUF's `general.architecture`, if the engine runs it.
     pub fn from_architecture(architecture: &str) -> Option<Family> {
@@ -314,6 +320,20 @@ impl ModelProfile {
             }
             None => held,
         }
+    }
+
+    /// Per block, the most positions its KV cache holds however long the context: a
+    /// sliding-window layer's window plus the cache's slack (`SequenceCache::reserve` drops
+    /// old positions in runs), `None` for a layer that keeps every position. What the
+    /// planner sizes a stage's KV cache with.
+    pub fn layer_kv_positions_max(&self) -> Vec<Option<u32>> {
+        self.sliding_layers
+            .iter()
+            .map(|&sliding| {
+                let window = self.sliding_window.filter(|_| sliding)?;
+                u32::try_from(window + crate::kv_cache::WINDOW_SLACK_POSITIONS).ok()
+            })
+            .collect()
     }
 
     /// Weight bytes a stage holding `layers` needs, with the embedding on the first stage and

@@ -70,7 +70,7 @@ pub fn planner_model(p: &potluck_engine::profile::ModelProfile, name: &str) -> p
     use potluck_shard_planner::{dense_layer_flops_per_token, head_flops_per_token};
     let layer_flops =
         dense_layer_flops_per_token(p.n_embd as u64, p.n_ff as u64, p.n_head as u64, p.n_head_kv as u64, p.head_dim as u64);
-    potluck_shard_planner::ModelProfile::dense(
+    let mut model = potluck_shard_planner::ModelProfile::dense(
         name.to_string(),
         p.layer_weight_bytes.clone(),
         layer_flops,
@@ -80,7 +80,9 @@ pub fn planner_model(p: &potluck_engine::profile::ModelProfile, name: &str) -> p
         p.tied_embeddings,
         p.kv_bytes_per_token_per_layer,
         p.activation_bytes_per_token,
-    )
+    );
+    model.layer_kv_positions_max = p.layer_kv_positions_max();
+    model
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 //! cache) from memory once, then does the matmuls. So a stage holding blocks `[a, b)` costs
 //!
 //! ```text
-//! read_s    = (Σ read bytes of a..b + (b − a) × context × kv_bytes_per_token_per_layer
-//!              + head_bytes if last) / memory_bandwidth
+//! read_s    = (Σ read bytes of a..b + Σ_{l in a..b} min(context, kv_positions_max(l))
+//!              × kv_bytes_per_token_per_layer + head_bytes if last) / memory_bandwidth
 //! compute_s = (Σ flops of a..b + head_flops if last) / matmul_throughput
 //! stage_s   = read_s + compute_s
 //! ```
@@ -30,11 +30,11 @@ pub(crate) struct CostModel<'a> {
     prefix_weight_bytes: Vec<u64>,
     prefix_read_bytes: Vec<u64>,
     prefix_flops: Vec<u64>,
-    /// Memory: every sequence's cache at full context, per layer.
-    kv_cache_bytes_per_layer: u64,
-    /// Time: one sequence's attention reads its whole cache, per layer (full context: the
-    /// plan must hold up at the end of a long answer, not only at its start).
-    kv_read_bytes_per_layer: u64,
+    /// One sequence's cache at full context, summed over blocks: a sliding-window block
+    /// holds its window only. Memory counts every sequence's; time one sequence's (its
+    /// attention reads its whole cache: the plan must hold up at the end of a long answer,
+    /// not only at its start).
+    prefix_kv_sequence_bytes: Vec<u64>,
 }
 
 /// The two parts of a stage's predicted time, in seconds.
@@ -69,8 +69,12 @@ impl<'a> CostModel<'a> {
         links: &'a LinkMatrix,
         workload: Workload,
     ) -> Self {
-        let per_sequence =
-            u64::from(workload.context_tokens).saturating_mul(model.kv_bytes_per_token_per_layer);
+        let per_layer: Vec<u64> = (0..model.n_layers as usize)
+            .map(|l| {
+                u64::from(model.layer_kv_positions(l, workload.context_tokens))
+                    .saturating_mul(model.kv_bytes_per_token_per_layer)
+            })
+            .collect();
         Self {
             model,
             nodes,
@@ -80,8 +84,7 @@ impl<'a> CostModel<'a> {
             prefix_weight_bytes: prefix_sums(&model.layer_weight_bytes),
             prefix_read_bytes: prefix_sums(&model.layer_read_bytes_per_token),
             prefix_flops: prefix_sums(&model.layer_flops_per_token),
-            kv_cache_bytes_per_layer: per_sequence.saturating_mul(u64::from(workload.sequences)),
-            kv_read_bytes_per_layer: per_sequence,
+            prefix_kv_sequence_bytes: prefix_sums(&per_layer),
         }
     }
 
@@ -99,8 +102,13 @@ impl<'a> CostModel<'a> {
         }
     }
 
+    /// One sequence's KV cache over blocks `[start, end)`.
+    fn kv_sequence_bytes(&self, start: u32, end: u32) -> u64 {
+        self.prefix_kv_sequence_bytes[end as usize] - self.prefix_kv_sequence_bytes[start as usize]
+    }
+
     pub fn kv_cache_bytes(&self, start: u32, end: u32) -> u64 {
-        u64::from(end - start).saturating_mul(self.kv_cache_bytes_per_layer)
+        self.kv_sequence_bytes(start, end).saturating_mul(u64::from(self.workload.sequences))
     }
 
     pub fn weight_bytes(&self, start: u32, end: u32) -> u64 {
@@ -127,7 +135,7 @@ impl<'a> CostModel<'a> {
         let last = end == self.n_layers();
         let mut read_bytes =
             (self.prefix_read_bytes[end as usize] - self.prefix_read_bytes[start as usize]) as f64;
-        read_bytes += f64::from(end - start) * self.kv_read_bytes_per_layer as f64;
+        read_bytes += self.kv_sequence_bytes(start, end) as f64;
         let mut flops =
             (self.prefix_flops[end as usize] - self.prefix_flops[start as usize]) as f64;
         if last {
@@ -168,22 +176,15 @@ impl<'a> CostModel<'a> {
 
     /// Memory of the smallest middle stage (the lightest block with its KV cache).
     pub fn lightest_layer_bytes(&self) -> u64 {
-        let kv = self.kv_cache_bytes_per_layer;
-        self.model
-            .layer_weight_bytes
-            .iter()
-            .map(|&w| w.saturating_add(kv))
-            .min()
-            .unwrap_or(0)
+        (0..self.n_layers()).map(|l| self.stage_memory_bytes_of_block(l)).min().unwrap_or(0)
     }
 
     pub fn heaviest_layer_bytes(&self) -> u64 {
-        let kv = self.kv_cache_bytes_per_layer;
-        self.model
-            .layer_weight_bytes
-            .iter()
-            .map(|&w| w.saturating_add(kv))
-            .max()
-            .unwrap_or(0)
+        (0..self.n_layers()).map(|l| self.stage_memory_bytes_of_block(l)).max().unwrap_or(0)
+    }
+
+    /// Block `l`'s weights and its KV cache for every sequence.
+    fn stage_memory_bytes_of_block(&self, l: u32) -> u64 {
+        self.model.layer_weight_bytes[l as usize].saturating_add(self.kv_cache_bytes(l, l + 1))
     }
 }

@@ -32,6 +32,11 @@ pub struct ModelProfile {
     pub kv_bytes_per_token_per_layer: u64,
     /// Bytes of one token's hidden state crossing a stage boundary.
     pub activation_bytes_per_token: u64,
+    /// Per block, the most positions its KV cache holds however long the context: a
+    /// sliding-window layer's window (plus its cache's slack), `None` for a layer that keeps
+    /// every position. Empty: every layer keeps every position.
+    #[serde(default)]
+    pub layer_kv_positions_max: Vec<Option<u32>>,
 }
 
 impl ModelProfile {
@@ -62,6 +67,15 @@ impl ModelProfile {
             tied_embeddings,
             kv_bytes_per_token_per_layer,
             activation_bytes_per_token,
+            layer_kv_positions_max: Vec::new(),
+        }
+    }
+
+    /// Positions block `layer_idx` caches per sequence at a context of `context_tokens`.
+    pub fn layer_kv_positions(&self, layer_idx: usize, context_tokens: u32) -> u32 {
+        match self.layer_kv_positions_max.get(layer_idx).copied().flatten() {
+            Some(max) => max.min(context_tokens),
+            None => context_tokens,
         }
     }
 

@@ -57,6 +57,8 @@ pub struct Architecture {
 pub struct BuiltinModel {
     /// What `--model` takes, e.g. `llama-3.1-70b-q4_k_m`.
     pub id: &'static str,
+    /// The file's `general.architecture` (Mixtral's GGUF says `llama`, with experts).
+    pub gguf_architecture: &'static str,
     pub architecture: Architecture,
     /// The size of the published Q4_K_M GGUF, for the record and the accuracy test.
     pub published_file_bytes: u64,
@@ -80,11 +82,13 @@ const LLAMA_3_1_70B: Architecture = Architecture {
 pub const BUILTIN_MODELS: &[BuiltinModel] = &[
     BuiltinModel {
         id: "llama-3.1-70b-q4_k_m",
+        gguf_architecture: "llama",
         architecture: LLAMA_3_1_70B,
         published_file_bytes: 42_520_395_584,
     },
     BuiltinModel {
         id: "llama-3.1-8b-q4_k_m",
+        gguf_architecture: "llama",
         architecture: Architecture {
             n_layers: 32,
             n_embd: 4096,
@@ -100,6 +104,7 @@ pub const BUILTIN_MODELS: &[BuiltinModel] = &[
     },
     BuiltinModel {
         id: "qwen2.5-72b-q4_k_m",
+        gguf_architecture: "qwen2",
         architecture: Architecture {
             n_ff: 29568,
             vocab_size: 152_064,
@@ -110,6 +115,7 @@ pub const BUILTIN_MODELS: &[BuiltinModel] = &[
     },
     BuiltinModel {
         id: "mixtral-8x7b-q4_k_m",
+        gguf_architecture: "llama",
         architecture: Architecture {
             n_layers: 32,
             n_embd: 4096,
@@ -276,6 +282,7 @@ impl BuiltinModel {
             head_flops_per_token: head_flops_per_token(a.n_embd, a.vocab_size),
             tied_embeddings: a.tied_embeddings,
             kv_bytes_per_token_per_layer: 2 * a.n_head_kv * a.head_dim * kv_element_bytes,
+            layer_kv_positions_max: Vec::new(),
             activation_bytes_per_token: a.n_embd * ACTIVATION_ELEMENT_BYTES,
         }
     }

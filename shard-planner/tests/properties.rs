@@ -59,6 +59,7 @@ fn instance(nodes_max: usize, layers_max: u32) -> impl Strategy<Value = Instance
                     head_flops_per_token: head_flops,
                     tied_embeddings: tied,
                     kv_bytes_per_token_per_layer: kv,
+                    layer_kv_positions_max: Vec::new(),
                     activation_bytes_per_token: activation,
                 };
                 let nodes: Vec<NodeProfile> = nodes

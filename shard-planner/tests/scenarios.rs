@@ -83,6 +83,7 @@ fn two_stage_cost_matches_the_formula_by_hand() {
         head_flops_per_token: 40,
         tied_embeddings: false,
         kv_bytes_per_token_per_layer: 1,
+        layer_kv_positions_max: Vec::new(),
         activation_bytes_per_token: 8,
     };
     let nodes = vec![
@@ -127,6 +128,37 @@ fn two_stage_cost_matches_the_formula_by_hand() {
     assert_eq!(plan.stages[0].memory_used_bytes, 340);
     assert_eq!(plan.stages[1].memory_used_bytes, 130);
     assert_eq!(plan.stages[1].hop.as_ref().unwrap().payload_bytes, 4);
+}
+
+/// Sliding-window layers (Gemma 3's local ones) cache their window, not the context: the
+/// same split as above with blocks 0 and 2 windowed at 2 positions.
+#[test]
+fn a_sliding_window_layer_holds_and_reads_only_its_window() {
+    let mut model = ModelProfile {
+        name: "toy".into(),
+        n_layers: 4,
+        layer_weight_bytes: vec![100; 4],
+        layer_read_bytes_per_token: vec![100; 4],
+        layer_flops_per_token: vec![100; 4],
+        embedding_bytes: 10,
+        head_bytes: 20,
+        head_flops_per_token: 40,
+        tied_embeddings: false,
+        kv_bytes_per_token_per_layer: 1,
+        layer_kv_positions_max: vec![Some(2), None, Some(2), None],
+        activation_bytes_per_token: 8,
+    };
+    let nodes = vec![node("a", Backend::Cpu, 1, 1, 1), node("b", Backend::Cpu, 1, 1, 1)];
+    let links = LinkMatrix::uniform(2, LinkProfile { rtt_us: 0, bandwidth_bytes_per_s: 1 << 30 });
+    let workload = Workload { context_tokens: 5, sequences: 2 };
+    let plan = evaluate(&PlanRequest::new(&model, &nodes, &links, workload), &[("a", 0..3), ("b", 3..4)]).unwrap();
+    // a: 300 + 10 + (2 + 5 + 2) positions × 2 sequences = 328; b: 100 + 20 + 5 × 2 = 130.
+    assert_eq!(plan.stages[0].memory_used_bytes, 328);
+    assert_eq!(plan.stages[1].memory_used_bytes, 130);
+    // A window longer than the context changes nothing.
+    model.layer_kv_positions_max = vec![Some(50), None, Some(50), None];
+    let plan = evaluate(&PlanRequest::new(&model, &nodes, &links, workload), &[("a", 0..3), ("b", 3..4)]).unwrap();
+    assert_eq!(plan.stages[0].memory_used_bytes, 340);
 }
 
 #[test]

@@ -104,7 +104,7 @@ fn profile_from_gguf(path: &Path) -> Result<ModelProfile> {
         p.n_head_kv as u64,
         p.head_dim as u64,
     );
-    Ok(ModelProfile::dense(
+    let mut model = ModelProfile::dense(
         name,
         p.layer_weight_bytes.clone(),
         layer_flops,
@@ -114,7 +114,9 @@ fn profile_from_gguf(path: &Path) -> Result<ModelProfile> {
         p.tied_embeddings,
         p.kv_bytes_per_token_per_layer,
         p.activation_bytes_per_token,
-    ))
+    );
+    model.layer_kv_positions_max = p.layer_kv_positions_max();
+    Ok(model)
 }
 
 struct Scenario {
@@ -299,19 +301,28 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Models => {
             out!(
-                "{:<24} {:>7} {:>12} {:>14}",
-                "model", "layers", "weights", "KV per token"
+                "{:<24} {:>7} {:>12} {:>14}  {}",
+                "model", "layers", "weights", "KV per token", "engine"
             );
             for model in BUILTIN_MODELS {
                 let profile = model.profile(KV_ELEMENT_BYTES_DEFAULT);
+                let experts = model.architecture.n_expert > 0;
+                let engine = if potluck_engine::profile::engine_runs(model.gguf_architecture, experts) {
+                    "runs".to_string()
+                } else if experts {
+                    "planning only (mixture of experts not run yet)".to_string()
+                } else {
+                    format!("planning only (`{}` not run yet)", model.gguf_architecture)
+                };
                 out!(
-                    "{:<24} {:>7} {:>12} {:>14}",
+                    "{:<24} {:>7} {:>12} {:>14}  {}",
                     model.id,
                     profile.n_layers,
                     format_bytes(profile.weight_bytes_min()),
                     format_bytes(
                         profile.kv_bytes_per_token_per_layer * u64::from(profile.n_layers)
                     ),
+                    engine,
                 );
             }
             out!(
