@@ -68,11 +68,10 @@ const CONTEXT_4K: Workload = Workload {
     sequences: 1,
 };
 
-#[test]
-fn two_stage_cost_matches_the_formula_by_hand() {
-    // 4 layers of 100 bytes (100 FLOPs), embedding 10, head 20 (40 FLOPs), KV 1 byte per
-    // token per layer, context 5 × 2 sequences, activation 8 bytes.
-    let model = ModelProfile {
+/// 4 layers of 100 bytes (100 FLOPs), embedding 10, head 20 (40 FLOPs), KV 1 byte per token
+/// per layer, activation 8 bytes.
+fn toy_model() -> ModelProfile {
+    ModelProfile {
         name: "toy".into(),
         n_layers: 4,
         layer_weight_bytes: vec![100; 4],
@@ -85,7 +84,14 @@ fn two_stage_cost_matches_the_formula_by_hand() {
         kv_bytes_per_token_per_layer: 1,
         layer_kv_positions_max: Vec::new(),
         activation_bytes_per_token: 8,
-    };
+    }
+}
+
+#[test]
+fn two_stage_cost_matches_the_formula_by_hand() {
+    // 4 layers of 100 bytes (100 FLOPs), embedding 10, head 20 (40 FLOPs), KV 1 byte per
+    // token per layer, context 5 × 2 sequences, activation 8 bytes.
+    let model = toy_model();
     let nodes = vec![
         NodeProfile {
             id: "a".into(),
@@ -134,20 +140,8 @@ fn two_stage_cost_matches_the_formula_by_hand() {
 /// same split as above with blocks 0 and 2 windowed at 2 positions.
 #[test]
 fn a_sliding_window_layer_holds_and_reads_only_its_window() {
-    let mut model = ModelProfile {
-        name: "toy".into(),
-        n_layers: 4,
-        layer_weight_bytes: vec![100; 4],
-        layer_read_bytes_per_token: vec![100; 4],
-        layer_flops_per_token: vec![100; 4],
-        embedding_bytes: 10,
-        head_bytes: 20,
-        head_flops_per_token: 40,
-        tied_embeddings: false,
-        kv_bytes_per_token_per_layer: 1,
-        layer_kv_positions_max: vec![Some(2), None, Some(2), None],
-        activation_bytes_per_token: 8,
-    };
+    let mut model = toy_model();
+    model.layer_kv_positions_max = vec![Some(2), None, Some(2), None];
     let nodes = vec![node("a", Backend::Cpu, 1, 1, 1), node("b", Backend::Cpu, 1, 1, 1)];
     let links = LinkMatrix::uniform(2, LinkProfile { rtt_us: 0, bandwidth_bytes_per_s: 1 << 30 });
     let workload = Workload { context_tokens: 5, sequences: 2 };
