@@ -34,10 +34,12 @@ TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, astronauts landed
         "their words were heard by millions of people around the world.")
 TOP = 5
 # The first PROMPT tokens go in one step (prefill), the rest one per step (decode): llama.cpp
-# and the engine take other kernels for each. Under 8 rows: from 8 rows on, this llama.cpp
-# multiplies K-quant weights with its "tiled" kernels (ggml-cpu/tiled), another summation
-# order that the engine does not reproduce yet (it does reproduce the vec_dot order below 8).
-PROMPT = 7
+# and the engine take other kernels for each. Three: llama.cpp multiplies repacked Q4_K/Q4_0
+# weights (its AVX2 `*_8x8` layouts) a row at a time (gemv) for the rows of a step that do not
+# fill a group of 4, and in groups of 4 (gemm, another rounding order) otherwise; from 8 rows
+# on it takes its tiled K-quant kernel. The engine computes every row the same way whatever
+# else shares its step (batch invariance), in the order of llama.cpp's one-row kernels.
+PROMPT = 3
 
 
 def log_softmax(row):

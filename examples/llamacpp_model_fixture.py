@@ -41,14 +41,22 @@ def log_softmax(row):
     return row - (np.log(np.exp(row - m).sum()) + m)
 
 
-def run(llm, prompt_ids, forced=None):
+def run(llm, prompt_ids, forced=None, stepwise=False, raw=None):
     """Greedy (or teacher-forced on `forced`) continuation: per generated position, the
-    log-probabilities after the prompt and each generated token."""
+    log-probabilities after the prompt and each generated token. The prompt goes in one step,
+    or one token per step when `stepwise`; `raw` collects the f32 logits rows."""
     llm.reset()
-    llm.eval(prompt_ids)
+    if stepwise:
+        for t in prompt_ids:
+            llm.eval([t])
+    else:
+        llm.eval(prompt_ids)
     rows, tokens = [], []
     for i in range(GENERATED):
-        row = log_softmax(llm.scores[llm.n_tokens - 1])
+        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        if raw is not None:
+            raw.append(logits)
+        row = log_softmax(logits)
         rows.append(row)
         t = int(np.argmax(row)) if forced is None else forced[i]
         tokens.append(t)
@@ -82,6 +90,16 @@ def main():
         greedy.append({"prompt": prompt, "prompt_ids": ids, "generated_ids": tokens,
                        "text": flash.detokenize(tokens).decode("utf-8", "replace"), "top_logprobs": positions})
         print(f"{prompt!r} -> {greedy[-1]['text']!r}", file=sys.stderr)
+    # Every step one row: llama.cpp's one-row kernels throughout (repacked Q4_K weights go
+    # through its gemv, not its 4-row gemm), whose order the engine follows: the logits of
+    # llama.cpp's top 5 at every position, as exact f32 values (hex).
+    stepwise = []
+    for prompt in PROMPTS:
+        ids = flash.tokenize(prompt.encode(), add_bos=True, special=False)
+        raw = []
+        tokens, _ = run(flash, ids, stepwise=True, raw=raw)
+        stepwise.append({"prompt": prompt, "prompt_ids": ids, "generated_ids": tokens,
+                         "top_logits": [[[int(i), float(r[i]).hex()] for i in np.argsort(-r)[:TOP]] for r in raw]})
     d = np.array(deltas)
     print(f"llama.cpp without flash attention against with it: mean |Δ logprob| {d.mean():.4f}, max {d.max():.4f}, "
           f"{flips} top-1 flips at margin >= 0.1 over {len(d)} positions", file=sys.stderr)
@@ -93,6 +111,7 @@ def main():
         "model_sha256": sha256,
         "tokenizer": tokenizer,
         "greedy": greedy,
+        "greedy_one_token_per_step": stepwise,
         "llamacpp_without_flash": {"mean_abs_delta": float(d.mean()), "max_abs_delta": float(d.max()), "top1_flips": flips,
                                    "positions": len(d)},
     }

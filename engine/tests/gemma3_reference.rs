@@ -22,13 +22,16 @@ const MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 /// model (mean 0.0421, max 0.2176); this model's own figure is in the fixture (0.0413,
 /// 0.2023).
 const MEAN_ABS_DELTA_MAX: f64 = 0.042;
-/// Above the yardstick's 0.22, and why: this file's Q4_K matrices (attn_output, most FFN
-/// gate/up) are repacked by llama.cpp on AVX2 machines into its `q4_K_8x8` layout, whose dot
-/// sums in another order than the engine's (Q8_0, Q5_0 and Q6_K below 8 rows match llama.cpp
-/// bit for bit: engine/tests/arch_agreement.rs). Measured 0.2906 at one position (the
-/// mean, 0.0404, is within the yardstick, and no clear top-1 differs).
-const MAX_ABS_DELTA_MAX: f64 = 0.30;
+const MAX_ABS_DELTA_MAX: f64 = 0.22;
 const TOP1_MARGIN_MIN: f64 = 0.1;
+/// With the prompt in one step, llama.cpp multiplies the prompt's rows with its batched
+/// kernels (repacked Q4_K in groups of 4 rows, K-quants tiled from 8 rows), which round in
+/// other orders than its one-row kernels; the engine computes every row as llama.cpp's
+/// one-row kernels do (fed one token per step, its logits are llama.cpp's bit for bit: see
+/// below), so the prompt's KV cache differs by ulps and a near decision can go the other
+/// way. Measured: 1 position where llama.cpp's top-1 leads by 0.153 (position 9 of the
+/// second prompt); none where it leads by more than the yardstick's max.
+const BATCHED_TOP1_MARGIN_MIN: f64 = MAX_ABS_DELTA_MAX;
 
 fn model_path() -> PathBuf {
     let path = std::env::var_os("POTLUCK_GEMMA3_MODEL").map(PathBuf::from).unwrap_or_else(|| {
@@ -117,7 +120,7 @@ fn teacher_forced_logprobs_and_greedy_runs_match_llama_cpp() {
             deltas.push((f64::from(log_softmax_at(row, &[id])[0]) - want).abs());
             if want - second >= TOP1_MARGIN_MIN {
                 if argmax(row) != id {
-                    flips.push(format!("{:?} position {i}: {} vs llama.cpp {id}", case["prompt"], argmax(row)));
+                    flips.push((want - second, format!("{:?} position {i}: {} vs llama.cpp {id}", case["prompt"], argmax(row))));
                 }
             } else {
                 excluded += 1;
@@ -160,16 +163,74 @@ fn teacher_forced_logprobs_and_greedy_runs_match_llama_cpp() {
     let theirs = &reference["llamacpp_without_flash"];
     println!(
         "gemma-3-270m Q4_K_M, {} positions ({excluded} under the {TOP1_MARGIN_MIN} margin): potluck mean |Δ logprob| {mean:.4}, max {max:.4}, \
-         {} top-1 flips; llama.cpp without flash attention: mean {:.4}, max {:.4}, {} flips; free greedy equal over {greedy_compared} tokens",
+         {} top-1 flips at margin ≥ {TOP1_MARGIN_MIN}; llama.cpp without flash attention: mean {:.4}, max {:.4}, {} flips; free greedy equal over {greedy_compared} tokens",
         deltas.len(),
         flips.len(),
         theirs["mean_abs_delta"].as_f64().unwrap(),
         theirs["max_abs_delta"].as_f64().unwrap(),
         theirs["top1_flips"]
     );
-    assert!(flips.is_empty(), "top-1 differs where llama.cpp's margin is clear:\n{}", flips.join("\n"));
+    let clear: Vec<&str> = flips.iter().filter(|(m, _)| *m >= BATCHED_TOP1_MARGIN_MIN).map(|(_, l)| l.as_str()).collect();
+    assert!(clear.is_empty(), "top-1 differs where llama.cpp's margin is over {BATCHED_TOP1_MARGIN_MIN}:\n{}", clear.join("\n"));
     assert!(greedy_bad.is_empty(), "{}", greedy_bad.join("\n"));
     assert!(mean <= MEAN_ABS_DELTA_MAX && max <= MAX_ABS_DELTA_MAX, "mean {mean}, max {max}");
+}
+
+/// Fed one token per step (prompt included), llama.cpp runs its one-row kernels throughout,
+/// whose summation orders the engine follows: its logits equal llama.cpp's bit for bit at
+/// every position (checked on llama.cpp's top 5 of each), and its free greedy runs are
+/// llama.cpp's, token for token.
+#[test]
+fn one_token_per_step_the_logits_are_llama_cpps_bit_for_bit() {
+    let path = model_path();
+    let reference = reference();
+    let slice = ModelSlice::load(&path, 0..18, Backend::cpu(1)).unwrap();
+    let n_embd = slice.profile().n_embd;
+    let mut checked = 0;
+    for case in reference["greedy_one_token_per_step"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let generated = ids(&case["generated_ids"]);
+        let mut cache = slice.new_cache(prompt.len() + generated.len());
+        let mut ours = Vec::new();
+        let mut feed = |token: u32, cache: &mut potluck_engine::kv_cache::SequenceCache| -> Vec<f32> {
+            let mut hidden = slice.embed(&[token]).unwrap();
+            slice.forward_layers(&mut hidden, &[1], &mut [cache]).unwrap();
+            slice.head(&hidden[..n_embd]).unwrap()
+        };
+        let mut logits = Vec::new();
+        for &t in &prompt {
+            logits = feed(t, &mut cache);
+        }
+        for (i, top) in case["top_logits"].as_array().unwrap().iter().enumerate() {
+            for entry in top.as_array().unwrap() {
+                let id = entry[0].as_u64().unwrap() as usize;
+                let want = f64_from_hex(entry[1].as_str().unwrap()) as f32;
+                assert_eq!(logits[id].to_bits(), want.to_bits(), "{:?} position {i}, token {id}: {} vs llama.cpp {want}", case["prompt"], logits[id]);
+                checked += 1;
+            }
+            let next = argmax(&logits);
+            ours.push(next);
+            if i + 1 < generated.len() {
+                logits = feed(next, &mut cache);
+            }
+        }
+        assert_eq!(ours, generated, "free greedy continuation of {:?}", case["prompt"]);
+    }
+    println!("gemma-3-270m Q4_K_M one token per step: {checked} logits equal to llama.cpp's bit for bit");
+}
+
+/// Python's `float.hex()` form (`0x1.8p+3`, `-0x0.0p+0`) back to the value.
+fn f64_from_hex(text: &str) -> f64 {
+    let (negative, rest) = text.strip_prefix('-').map_or((false, text), |r| (true, r));
+    let rest = rest.strip_prefix("0x").expect("0x");
+    let (mantissa, exponent) = rest.split_once('p').expect("p");
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let mut value = u64::from_str_radix(int_part, 16).unwrap() as f64;
+    for (k, digit) in frac_part.chars().enumerate() {
+        value += digit.to_digit(16).unwrap() as f64 / 16f64.powi(k as i32 + 1);
+    }
+    let value = value * 2f64.powi(exponent.parse::<i32>().unwrap());
+    if negative { -value } else { value }
 }
 
 /// Two and three stages (local and global layers on both sides of a split) give the

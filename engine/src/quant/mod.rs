@@ -384,6 +384,11 @@ impl QMatrix {
             }),
             Format::Q2K => self.matmul_k::<BlockQ2K>(x, n_rows, out, pool, isa),
             Format::Q3K => self.matmul_k::<BlockQ3K>(x, n_rows, out, pool, isa),
+            #[cfg(target_arch = "x86_64")]
+            Format::Q4K if isa >= Isa::Avx2 => self.matmul_k_with(x, n_rows, out, pool, |w, act| {
+                // SAFETY: AVX2 and FMA are present (`isa`); `w` holds `act.len()` Q4_K blocks.
+                unsafe { x86::dot_q4k_q8k(w, act) }
+            }),
             Format::Q4K => self.matmul_k::<BlockQ4K>(x, n_rows, out, pool, isa),
             Format::Q5K => self.matmul_k::<BlockQ5K>(x, n_rows, out, pool, isa),
             #[cfg(target_arch = "x86_64")]

@@ -380,3 +380,61 @@ fn q6k_dot_sums_in_llama_cpps_lane_order() {
         assert_eq!(ours.to_bits(), ggml.to_bits(), "row {o}: {ours} vs {ggml}");
     }
 }
+
+/// llama.cpp's AVX2 `ggml_gemv_q4_K_8x8_q8_K` for one output, in scalar code: per superblock
+/// the exact integers `Σ_sub scale·Σ q·x` and `Σ_sub min·Σ x`, two FMA chains, then their
+/// difference.
+fn q4k_dot_in_ggml_gemv_order(w: &[u8], act: &[activations::Q8KBlock]) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (b, x) in act.iter().enumerate() {
+        let p = &w[b * 144..(b + 1) * 144];
+        let f16_at = |i: usize| half::f16::from_bits(u16::from_le_bytes([p[i], p[i + 1]])).to_f32();
+        let (d, dmin, sc, qs) = (f16_at(0), f16_at(2), &p[4..16], &p[16..]);
+        let scale_min = |j: usize| -> (i32, i32) {
+            if j < 4 {
+                ((sc[j] & 63) as i32, (sc[j + 4] & 63) as i32)
+            } else {
+                (((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as i32, ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as i32)
+            }
+        };
+        let (mut s, mut m) = (0i32, 0i32);
+        for sub in 0..8 {
+            let (scale, min) = scale_min(sub);
+            let dot: i32 = (0..32)
+                .map(|l| {
+                    let byte = qs[32 * (sub / 2) + l];
+                    let q = if sub % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                    q as i32 * x.qs[32 * sub + l] as i32
+                })
+                .sum();
+            s += scale * dot;
+            m += min * (x.bsums[2 * sub] as i32 + x.bsums[2 * sub + 1] as i32);
+        }
+        acc = (s as f32).mul_add(d * x.d, acc);
+        acc_min = (m as f32).mul_add(dmin * x.d, acc_min);
+    }
+    acc - acc_min
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn q4k_dot_sums_in_llama_cpps_gemv_order() {
+    if Isa::detect() < Isa::Avx2 {
+        return;
+    }
+    let mut rng = Rng(0x4b4b);
+    let n_in = 1024;
+    let w = rng.vec(4 * n_in);
+    let q = QTensor::quantize(&Tensor::from_vec(w, (4, n_in), &Device::Cpu).unwrap(), GgmlDType::Q4K).unwrap();
+    let bytes = q.data().unwrap().to_vec();
+    let row_bytes = bytes.len() / 4;
+    let mut rows = activations::Q8KRows::default();
+    let x: Vec<f32> = rng.vec(n_in).iter().map(|v| v * 3.0).collect();
+    rows.quantize(&x, 1, n_in);
+    for o in 0..4 {
+        let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
+        let ours = unsafe { x86::dot_q4k_q8k(row, &rows.blocks[..rows.nb]) };
+        let ggml = q4k_dot_in_ggml_gemv_order(row, &rows.blocks[..rows.nb]);
+        assert_eq!(ours.to_bits(), ggml.to_bits(), "row {o}: {ours} vs {ggml}");
+    }
+}

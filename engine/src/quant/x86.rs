@@ -833,3 +833,67 @@ pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[super::activations::Q8KBlock])
     }
     hsum(acc)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K · Q8_K, in llama.cpp's summation order
+
+/// Bytes of one Q4_K superblock (ggml `block_q4_K`: `d`, `dmin` as f16, `scales[12]` packing
+/// eight 6-bit scales and mins, `qs[128]`).
+const Q4K_BLOCK_BYTES: usize = 144;
+
+/// The 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
+#[inline(always)]
+fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// One Q4_K weight row against one Q8_K activation row, summed as llama.cpp sums it on AVX2
+/// machines, where it repacks Q4_K weights (`q4_K_8x8`, `ggml_gemv_q4_K_8x8_q8_K`): per
+/// superblock the exact integers `S = Σ_sub scale·Σ q·x` and `M = Σ_sub min·Σ x`, then two
+/// f32 chains, `acc = fma(S, d·d_x, acc)` and `acc_min = fma(M, dmin·d_x, acc_min)`, and the
+/// result `acc − acc_min`. (llama.cpp's non-repacked `ggml_vec_dot_q4_K_q8_K`, and candle's
+/// dot, split the sums over lanes instead: the same total, other roundings.)
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `w` must hold `act.len()` superblocks.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_q4k_q8k(w: &[u8], act: &[super::activations::Q8KBlock]) -> f32 {
+    debug_assert_eq!(w.len(), act.len() * Q4K_BLOCK_BYTES);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (b, x) in act.iter().enumerate() {
+        let block = &w[b * Q4K_BLOCK_BYTES..(b + 1) * Q4K_BLOCK_BYTES];
+        let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+        let dmin = half::f16::from_bits(u16::from_le_bytes([block[2], block[3]])).to_f32();
+        let scales = &block[4..16];
+        let qs = block[16..].as_ptr();
+        let mut sum = _mm256_setzero_si256();
+        let mut mins = 0i32;
+        for pair in 0..4 {
+            let (scale_lo, min_lo) = q4k_scale_min(2 * pair, scales);
+            let (scale_hi, min_hi) = q4k_scale_min(2 * pair + 1, scales);
+            let q = _mm256_loadu_si256(qs.add(32 * pair) as *const __m256i);
+            let lo = _mm256_and_si256(q, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+            let x_lo = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair) as *const __m256i);
+            let x_hi = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair + 32) as *const __m256i);
+            let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_set1_epi16(scale_lo as i16));
+            let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), _mm256_set1_epi16(scale_hi as i16));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(p_lo, p_hi));
+            let x_sums = |sub: usize| x.bsums[2 * sub] as i32 + x.bsums[2 * sub + 1] as i32;
+            mins += min_lo as i32 * x_sums(2 * pair) + min_hi as i32 * x_sums(2 * pair + 1);
+        }
+        // The integer total (exact in any order), then one rounding to f32 as llama.cpp's
+        // `_mm256_cvtepi32_ps` does.
+        let s128 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+        let s64 = _mm_add_epi32(s128, _mm_unpackhi_epi64(s128, s128));
+        let total = _mm_cvtsi128_si32(s64) + _mm_extract_epi32::<1>(s64);
+        acc = (total as f32).mul_add(d * x.d, acc);
+        acc_min = (mins as f32).mul_add(dmin * x.d, acc_min);
+    }
+    acc - acc_min
+}
