@@ -10,6 +10,8 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
@@ -80,25 +82,7 @@ fn tokenizer_matches_llama_cpp() {
     let path = model_path();
     let (_, content) = ModelProfile::from_path(&path).unwrap();
     let tok = Tokenizer::from_gguf(&content).unwrap();
-    let reference = reference();
-    let mut bad = Vec::new();
-    for case in reference["tokenizer"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let plain = case["plain"].as_bool().unwrap_or(false);
-        let mut ours: Vec<u32> = Vec::new();
-        if !plain && tok.add_bos() {
-            ours.extend(tok.bos_id());
-        }
-        ours.extend(tok.encode(text, !plain));
-        let want = ids(&case["ids"]);
-        if ours != want {
-            bad.push(format!("{text:?} (special: {}): ours {ours:?}\n  llama.cpp {want:?}", !plain));
-        }
-        // And back: the plain ids decode to the text (SentencePiece keeps every byte).
-        if plain {
-            assert_eq!(tok.decode(&want, false), text, "decoding llama.cpp's ids of {text:?}");
-        }
-    }
+    let bad = common::tokenizer_differences(&tok, &reference()["tokenizer"]);
     assert!(bad.is_empty(), "token ids differ from llama.cpp's:\n{}", bad.join("\n"));
 }
 
@@ -192,7 +176,7 @@ fn one_token_per_step_the_logits_are_llama_cpps_bit_for_bit() {
         let generated = ids(&case["generated_ids"]);
         let mut cache = slice.new_cache(prompt.len() + generated.len());
         let mut ours = Vec::new();
-        let mut feed = |token: u32, cache: &mut potluck_engine::kv_cache::SequenceCache| -> Vec<f32> {
+        let feed = |token: u32, cache: &mut potluck_engine::kv_cache::SequenceCache| -> Vec<f32> {
             let mut hidden = slice.embed(&[token]).unwrap();
             slice.forward_layers(&mut hidden, &[1], &mut [cache]).unwrap();
             slice.head(&hidden[..n_embd]).unwrap()

@@ -9,6 +9,8 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use candle_core::quantized::gguf_file;
 use potluck_engine::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -38,22 +40,6 @@ fn a_real_qwen_vocabulary_tokenizes_as_llama_cpp_does() {
     // The file is cut off inside its tensor data: only the header is read.
     let content = gguf_file::Content::read(&mut std::io::Cursor::new(&bytes)).expect("the GGUF header");
     let tok = Tokenizer::from_gguf(&content).unwrap();
-    let mut bad = Vec::new();
-    for case in fixture["tokenizer"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let plain = case["plain"].as_bool().unwrap_or(false);
-        let mut ours: Vec<u32> = Vec::new();
-        if !plain && tok.add_bos() {
-            ours.extend(tok.bos_id());
-        }
-        ours.extend(tok.encode(text, !plain));
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        if ours != want {
-            bad.push(format!("{text:?} (special: {}): ours {ours:?}\n  llama.cpp {want:?}", !plain));
-        }
-        if plain {
-            assert_eq!(tok.decode(&want, false), text, "decoding llama.cpp's ids of {text:?}");
-        }
-    }
+    let bad = common::tokenizer_differences(&tok, &fixture["tokenizer"]);
     assert!(bad.is_empty(), "token ids differ from llama.cpp's:\n{}", bad.join("\n"));
 }
