@@ -778,8 +778,8 @@ const Q6K_BLOCK_BYTES: usize = 210;
 /// lanes, other roundings).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `w` must hold `act.len()` superblocks.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C; `w` must hold `act.len()` superblocks.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[super::activations::Q8KBlock]) -> f32 {
     debug_assert_eq!(w.len(), act.len() * Q6K_BLOCK_BYTES);
     let low4 = _mm256_set1_epi8(0x0F);
@@ -787,7 +787,7 @@ pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[super::activations::Q8KBlock])
     for (b, x) in act.iter().enumerate() {
         let p = w.as_ptr().add(b * Q6K_BLOCK_BYTES);
         let (ql, qh, scales) = (p, p.add(128), p.add(192));
-        let d = x.d * half::f16::from_bits(read_u16(p.add(208))).to_f32();
+        let d = x.d * _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p.add(208)) as i32)));
         let scales = _mm_loadu_si128(scales as *const __m128i);
         // 32 · Σ_k bsums[k] · scale[k], paired into the 8 lanes.
         let bsums = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
@@ -841,14 +841,25 @@ pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[super::activations::Q8KBlock])
 /// eight 6-bit scales and mins, `qs[128]`).
 const Q4K_BLOCK_BYTES: usize = 144;
 
-/// The 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
+/// The eight 6-bit scales (bytes 0..8) and mins (bytes 8..16) of a Q4_K superblock, unpacked
+/// from its 12 bytes four at a time: the layout `get_scale_min_k4` reads one by one.
 #[inline(always)]
-fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
-    }
+fn q4k_scales_mins(packed: &[u8]) -> [u8; 16] {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let scales_lo = w0 & LOW6;
+    let scales_hi = (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4);
+    let mins_lo = w1 & LOW6;
+    let mins_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4);
+    let mut out = [0u8; 16];
+    out[0..4].copy_from_slice(&scales_lo.to_le_bytes());
+    out[4..8].copy_from_slice(&scales_hi.to_le_bytes());
+    out[8..12].copy_from_slice(&mins_lo.to_le_bytes());
+    out[12..16].copy_from_slice(&mins_hi.to_le_bytes());
+    out
 }
 
 /// One Q4_K weight row against one Q8_K activation row, summed as llama.cpp sums it on AVX2
@@ -859,41 +870,44 @@ fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 /// dot, split the sums over lanes instead: the same total, other roundings.)
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `w` must hold `act.len()` superblocks.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C; `w` must hold `act.len()` superblocks.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4k_q8k(w: &[u8], act: &[super::activations::Q8KBlock]) -> f32 {
     debug_assert_eq!(w.len(), act.len() * Q4K_BLOCK_BYTES);
     let low4 = _mm256_set1_epi8(0x0F);
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (b, x) in act.iter().enumerate() {
-        let block = &w[b * Q4K_BLOCK_BYTES..(b + 1) * Q4K_BLOCK_BYTES];
-        let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-        let dmin = half::f16::from_bits(u16::from_le_bytes([block[2], block[3]])).to_f32();
-        let scales = &block[4..16];
-        let qs = block[16..].as_ptr();
+        let block = w.as_ptr().add(b * Q4K_BLOCK_BYTES);
+        // [d, dmin] from the two f16 at the block's start.
+        let d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(block) as i32));
+        let (d, dmin) = (_mm_cvtss_f32(d_dmin), _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)));
+        let sm = q4k_scales_mins(std::slice::from_raw_parts(block.add(4), 12));
+        let qs = block.add(16);
         let mut sum = _mm256_setzero_si256();
-        let mut mins = 0i32;
         for pair in 0..4 {
-            let (scale_lo, min_lo) = q4k_scale_min(2 * pair, scales);
-            let (scale_hi, min_hi) = q4k_scale_min(2 * pair + 1, scales);
             let q = _mm256_loadu_si256(qs.add(32 * pair) as *const __m256i);
             let lo = _mm256_and_si256(q, low4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
             let x_lo = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair) as *const __m256i);
             let x_hi = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair + 32) as *const __m256i);
-            let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_set1_epi16(scale_lo as i16));
-            let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), _mm256_set1_epi16(scale_hi as i16));
+            let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_set1_epi16(sm[2 * pair] as i16));
+            let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), _mm256_set1_epi16(sm[2 * pair + 1] as i16));
             sum = _mm256_add_epi32(sum, _mm256_add_epi32(p_lo, p_hi));
-            let x_sums = |sub: usize| x.bsums[2 * sub] as i32 + x.bsums[2 * sub + 1] as i32;
-            mins += min_lo as i32 * x_sums(2 * pair) + min_hi as i32 * x_sums(2 * pair + 1);
         }
-        // The integer total (exact in any order), then one rounding to f32 as llama.cpp's
-        // `_mm256_cvtepi32_ps` does.
+        // Σ_sub min · (sum of the sub-block's 32 activations): the 16-value sums paired.
+        let bsums = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
+        let sub_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
+        let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
+        let m4 = _mm_madd_epi16(sub_sums, mins);
+        // The integer totals (exact in any order), then one rounding to f32 each, as
+        // llama.cpp's `_mm256_cvtepi32_ps` does.
         let s128 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
-        let s64 = _mm_add_epi32(s128, _mm_unpackhi_epi64(s128, s128));
-        let total = _mm_cvtsi128_si32(s64) + _mm_extract_epi32::<1>(s64);
+        let both = _mm_hadd_epi32(s128, m4); // [s0+s1, s2+s3, m0+m1, m2+m3]
+        let both = _mm_hadd_epi32(both, both); // [S, M, S, M]
+        let total = _mm_cvtsi128_si32(both);
+        let mins_total = _mm_extract_epi32::<1>(both);
         acc = (total as f32).mul_add(d * x.d, acc);
-        acc_min = (mins as f32).mul_add(dmin * x.d, acc_min);
+        acc_min = (mins_total as f32).mul_add(dmin * x.d, acc_min);
     }
     acc - acc_min
 }
