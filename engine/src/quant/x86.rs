@@ -763,6 +763,23 @@ pub(crate) unsafe fn quantize_block_avx2(values: &[f32], codes: &mut [i8; QK]) -
 // ---------------------------------------------------------------------------------------------
 // Q6_K · Q8_K, in llama.cpp's summation order
 
+/// How far ahead of the superblock in hand the K-quant dots ask for weights: a weight row
+/// is read once, front to back, and the next row follows it in memory, so the bytes a few
+/// superblocks on are the next ones needed. Without it the Q6_K dot spent 58% of its time on
+/// its first load of a superblock (perf, decode of a Qwen3-8B-shaped Q4_K_M file, one
+/// thread). Decode tok/s on that file: 9.6 without, 9.3 at 512 bytes ahead, 11.2 at 1024,
+/// 12.5–13.0 at 2048, 12.5–13.1 at 4096, 12.2–13.1 at 8192: the nearest of the plateau.
+const PREFETCH_AHEAD_BYTES: usize = 2048;
+
+/// Prefetches the two cache lines `PREFETCH_AHEAD_BYTES` past `p`, which may lie past the
+/// row's end (the next row, or nothing: a prefetch never faults).
+#[inline(always)]
+unsafe fn prefetch_ahead(p: *const u8) {
+    let ahead = p.wrapping_add(PREFETCH_AHEAD_BYTES);
+    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+}
+
 /// Bytes of one Q6_K superblock (ggml `block_q6_K`: `ql[128]`, `qh[64]`, `scales[16]` as
 /// i8, `d` as f16).
 const Q6K_BLOCK_BYTES: usize = 210;
@@ -786,6 +803,7 @@ pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[super::activations::Q8KBlock])
     let mut acc = _mm256_setzero_ps();
     for (b, x) in act.iter().enumerate() {
         let p = w.as_ptr().add(b * Q6K_BLOCK_BYTES);
+        prefetch_ahead(p);
         let (ql, qh, scales) = (p, p.add(128), p.add(192));
         let d = x.d * _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p.add(208)) as i32)));
         let scales = _mm_loadu_si128(scales as *const __m128i);
@@ -878,6 +896,7 @@ pub(crate) unsafe fn dot_q4k_q8k(w: &[u8], act: &[super::activations::Q8KBlock])
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (b, x) in act.iter().enumerate() {
         let block = w.as_ptr().add(b * Q4K_BLOCK_BYTES);
+        prefetch_ahead(block);
         // [d, dmin] from the two f16 at the block's start.
         let d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(block) as i32));
         let (d, dmin) = (_mm_cvtss_f32(d_dmin), _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)));
