@@ -352,6 +352,7 @@ unsafe fn legacy_row<B: SimdBlock, D: DotU8I8, const R: usize, const U: usize>(
     let full = a.nb / U * U;
     let mut b = 0;
     while b < full {
+        prefetch_ahead(w_row.add(b * B::BYTES));
         for u in 0..U {
             row_block::<B, D, R, U>(a, w_row, r0, b + u, u, &mut acc, &mut offsets);
         }
@@ -763,12 +764,16 @@ pub(crate) unsafe fn quantize_block_avx2(values: &[f32], codes: &mut [i8; QK]) -
 // ---------------------------------------------------------------------------------------------
 // Q6_K · Q8_K, in llama.cpp's summation order
 
-/// How far ahead of the superblock in hand the K-quant dots ask for weights: a weight row
+/// How far ahead of the block in hand the row kernels (legacy and K-quant) ask for weights:
+/// a weight row
 /// is read once, front to back, and the next row follows it in memory, so the bytes a few
 /// superblocks on are the next ones needed. Without it the Q6_K dot spent 58% of its time on
 /// its first load of a superblock (perf, decode of a Qwen3-8B-shaped Q4_K_M file, one
 /// thread). Decode tok/s on that file: 9.6 without, 9.3 at 512 bytes ahead, 11.2 at 1024,
 /// 12.5–13.0 at 2048, 12.5–13.1 at 4096, 12.2–13.1 at 8192: the nearest of the plateau.
+/// The same in the legacy row kernel took Gemma 3 270M's decode (its Q8_0 head is 178 MB
+/// of short rows) from 20.6–21.3 to 29.5–31.3 tok/s and SmolLM2's from 44.5–51.8 to
+/// 74.8–87.2 (`engine-bench`, one thread, alternating runs).
 const PREFETCH_AHEAD_BYTES: usize = 2048;
 
 /// Prefetches the two cache lines `PREFETCH_AHEAD_BYTES` past `p`, which may lie past the
