@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use crate::profile::{ModelProfile, RopeScaling};
+use crate::profile::ModelProfile;
 use crate::quant::Isa;
 
 /// cos/sin pairs for every row's position: `[row][pair] = (cos, sin)` flattened, `n_rot`
@@ -12,11 +12,7 @@ use crate::quant::Isa;
 /// repeated multiplication in f32), so positions rotate bit-for-bit like llama.cpp's.
 /// `freq_factors` are Llama-3's per-pair divisors (`rope_freqs.weight`), if the model has them.
 pub fn rope_table(p: &ModelProfile, freq_factors: Option<&[f32]>, positions: &[usize]) -> Vec<f32> {
-    let freq_scale = match p.rope_scaling {
-        RopeScaling::None => 1.0,
-        RopeScaling::Linear { factor } => 1.0 / factor,
-    };
-    rope_table_with(p.rope_freq_base, freq_scale, p.n_rot, freq_factors, positions)
+    rope_table_with(p.rope_freq_base, p.rope_scaling.freq_scale(), p.n_rot, freq_factors, positions)
 }
 
 /// [`rope_table`] for an explicit base and frequency scale (Gemma 3's local layers rotate
@@ -42,13 +38,29 @@ pub fn rope_table_with(base: f32, freq_scale: f32, n_rot: usize, freq_factors: O
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
     for (row, out_row) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum / n as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
+        let scale = rms_scale(row, eps);
         for ((o, &v), &w) in out_row.iter_mut().zip(row).zip(weight) {
             *o = v * scale * w;
         }
     }
+}
+
+/// [`rms_norm`] in place (per-head Q/K norms: rows of `head_dim`), the same roundings.
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        let scale = rms_scale(row, eps);
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// 1/√(mean of squares + eps): squares in f32, summed in f64, as ggml.
+#[inline(always)]
+fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / row.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
 }
 
 /// Rotates adjacent pairs (x[2i], x[2i+1]) of the first `n_rot` dims by the row's angles:

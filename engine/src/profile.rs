@@ -80,6 +80,16 @@ pub enum RopeScaling {
     Linear { factor: f32 },
 }
 
+impl RopeScaling {
+    /// What positions are multiplied by (ggml's `freq_scale`).
+    pub fn freq_scale(&self) -> f32 {
+        match self {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+        }
+    }
+}
+
 /// Everything the engine, the planner and the coordinator need to know about a model,
 /// read from the GGUF header alone.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -25,8 +25,8 @@ use super::StepRows;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{LayerCacheSpec, SequenceCache};
-use crate::ops::{add_in_place, apply_rope_neox, geglu, rms_norm, rope_table_with};
-use crate::profile::{ModelProfile, RopeScaling};
+use crate::ops::{add_in_place, apply_rope_neox, geglu, rms_norm, rms_norm_in_place, rope_table_with};
+use crate::profile::ModelProfile;
 use crate::quant::QMatrix;
 use crate::source::{load_matrix, load_vector, TensorSource};
 
@@ -253,11 +253,7 @@ impl Gemma3Slice {
             return Ok(());
         }
         pool.run(|| {
-            let global_scale = match p.rope_scaling {
-                RopeScaling::None => 1.0,
-                RopeScaling::Linear { factor } => 1.0 / factor,
-            };
-            let global_rope = rope_table_with(p.rope_freq_base, global_scale, p.n_rot, None, &row_pos);
+            let global_rope = rope_table_with(p.rope_freq_base, p.rope_scaling.freq_scale(), p.n_rot, None, &row_pos);
             let local_base = p.rope_freq_base_swa.unwrap_or(p.rope_freq_base);
             let local_rope = rope_table_with(local_base, 1.0, p.n_rot, None, &row_pos);
             let q_width = p.n_head * p.head_dim;
@@ -281,10 +277,8 @@ impl Gemma3Slice {
                     &mut [&mut q, &mut k, &mut v],
                     pool,
                 );
-                for (x, weight) in [(&mut q, &block.q_norm), (&mut k, &block.k_norm)] {
-                    let input = x.clone();
-                    rms_norm(&input, weight, p.rms_norm_eps, x);
-                }
+                rms_norm_in_place(&mut q, &block.q_norm, p.rms_norm_eps);
+                rms_norm_in_place(&mut k, &block.k_norm, p.rms_norm_eps);
                 let rope = if block.sliding { &local_rope } else { &global_rope };
                 for row in 0..n_rows {
                     let cos_sin = &rope[row * p.n_rot..(row + 1) * p.n_rot];

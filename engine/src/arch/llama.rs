@@ -27,7 +27,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{LayerCacheSpec, SequenceCache};
-use crate::ops::{add_in_place, apply_rope, apply_rope_neox, rms_norm, rope_table, swiglu};
+use crate::ops::{add_in_place, apply_rope, apply_rope_neox, rms_norm, rms_norm_in_place, rope_table, swiglu};
 use crate::profile::{ModelProfile, RopeType};
 use crate::quant::QMatrix;
 use crate::source::{load_matrix, load_vector, TensorSource};
@@ -306,11 +306,9 @@ impl LlamaSlice {
                     }
                 }
                 if let Some([q_norm, k_norm]) = &block.qk_norm {
-                    // In place: each head's row normed over `head_dim` values.
-                    for (x, weight) in [(&mut q, q_norm), (&mut k, k_norm)] {
-                        let input = x.clone();
-                        rms_norm(&input, weight, p.rms_norm_eps, x);
-                    }
+                    // Each head's row normed over its `head_dim` values.
+                    rms_norm_in_place(&mut q, q_norm, p.rms_norm_eps);
+                    rms_norm_in_place(&mut k, k_norm, p.rms_norm_eps);
                 }
                 let rotate = match p.rope_type {
                     RopeType::Adjacent => apply_rope,
