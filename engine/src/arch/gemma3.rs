@@ -21,7 +21,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::StepRows;
+use super::{Ends, StepRows};
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{LayerCacheSpec, SequenceCache};
@@ -103,12 +103,7 @@ pub(crate) struct Gemma3Slice {
     backend: Arc<Backend>,
     profile: ModelProfile,
     layers: Range<u32>,
-    /// First stage only: `token_embd.weight` (vocab × n_embd).
-    token_embd: Option<Arc<QMatrix>>,
-    /// Last stage only.
-    output_norm: Option<Vec<f32>>,
-    /// Last stage only: `output.weight`, or the token embedding when tied.
-    output: Option<Arc<QMatrix>>,
+    ends: Ends,
     blocks: Vec<Block>,
     /// Q is multiplied by this before attention (which then scales by 1).
     attention_scale: f32,
@@ -131,13 +126,7 @@ impl Gemma3Slice {
         let p = &profile;
         let q_width = p.n_head * p.head_dim;
         let kv_width = p.n_head_kv * p.head_dim;
-        let first = layers.start == 0;
-        let last = layers.end == p.n_layers;
-        let token_embd = if first || (last && p.tied_embeddings) {
-            Some(Arc::new(load_matrix(source, "token_embd.weight", p.vocab_size, p.n_embd)?))
-        } else {
-            None
-        };
+        let ends = Ends::load(p, &layers, source)?;
         let mut blocks = Vec::with_capacity((layers.end - layers.start) as usize);
         for i in layers.clone() {
             let name = |role: &str| format!("blk.{i}.{role}.weight");
@@ -158,17 +147,6 @@ impl Gemma3Slice {
                 sliding: p.sliding_layers.get(i as usize).copied().unwrap_or(false),
             });
         }
-        let (output_norm, output) = if last {
-            let norm = load_vector(source, "output_norm.weight", p.n_embd)?;
-            let output = if p.tied_embeddings {
-                token_embd.clone().expect("loaded above for a tied last stage")
-            } else {
-                Arc::new(load_matrix(source, "output.weight", p.vocab_size, p.n_embd)?)
-            };
-            (Some(norm), Some(output))
-        } else {
-            (None, None)
-        };
         // llama.cpp (after gemma_pytorch's config): the 27B scales by the model width per
         // head, the others by the head dimension. GGUF does not carry `query_pre_attn_scalar`.
         const GEMMA3_27B_LAYERS: u32 = 62;
@@ -177,8 +155,7 @@ impl Gemma3Slice {
         } else {
             1.0 / (p.head_dim as f32).sqrt()
         };
-        let token_embd = if first { token_embd } else { None };
-        Ok(Self { backend, profile, layers, token_embd, output_norm, output, blocks, attention_scale })
+        Ok(Self { backend, profile, layers, ends, blocks, attention_scale })
     }
 
     pub(crate) fn profile(&self) -> &ModelProfile {
@@ -190,24 +167,15 @@ impl Gemma3Slice {
     }
 
     pub(crate) fn is_first(&self) -> bool {
-        self.token_embd.is_some()
+        self.ends.is_first()
     }
 
     pub(crate) fn is_last(&self) -> bool {
-        self.output.is_some()
+        self.ends.is_last()
     }
 
     pub(crate) fn size_in_bytes(&self) -> usize {
-        let embd = self.token_embd.as_ref().map_or(0, |m| m.size_in_bytes());
-        let head = match (&self.output, &self.token_embd) {
-            (Some(o), Some(e)) if Arc::ptr_eq(o, e) => 0,
-            (Some(o), _) => o.size_in_bytes(),
-            _ => 0,
-        };
-        self.blocks.iter().map(Block::size_in_bytes).sum::<usize>()
-            + embd
-            + head
-            + self.output_norm.as_ref().map_or(0, |n| n.len() * 4)
+        self.blocks.iter().map(Block::size_in_bytes).sum::<usize>() + self.ends.size_in_bytes()
     }
 
     /// A fresh KV cache: local layers keep their window, global ones the whole context.
@@ -224,22 +192,7 @@ impl Gemma3Slice {
 
     /// Token ids → hidden rows, scaled by √n_embd (`ggml_scale` in f32). First stage only.
     pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let embd = self.token_embd.as_ref().ok_or_else(|| EngineError::BadLayerRange {
-            start: self.layers.start,
-            end: self.layers.end,
-            n_layers: self.profile.n_layers,
-        })?;
-        let n_embd = self.profile.n_embd;
-        let scale = (n_embd as f32).sqrt();
-        let mut hidden = vec![0f32; tokens.len() * n_embd];
-        for (row, &token) in hidden.chunks_exact_mut(n_embd).zip(tokens) {
-            if token as usize >= self.profile.vocab_size {
-                return Err(EngineError::TokenOutOfRange(token));
-            }
-            embd.dequantize_row(token as usize, row);
-            row.iter_mut().for_each(|x| *x *= scale);
-        }
-        Ok(hidden)
+        self.ends.embed(tokens, Some((self.profile.n_embd as f32).sqrt()))
     }
 
     /// Runs this slice's layers over a step's rows, in place (see
@@ -315,22 +268,7 @@ impl Gemma3Slice {
     /// Hidden rows → logits (`n_rows × vocab_size`), after the output norm (and soft-capping
     /// where the file sets it). Last stage only.
     pub(crate) fn head(&self, hidden: &[f32]) -> Result<Vec<f32>> {
-        let pool = self.backend.pool();
-        let (Some(norm), Some(output)) = (&self.output_norm, &self.output) else {
-            return Err(EngineError::BadLayerRange { start: self.layers.start, end: self.layers.end, n_layers: self.profile.n_layers });
-        };
         let p = &self.profile;
-        assert_eq!(hidden.len() % p.n_embd, 0, "hidden must hold whole rows");
-        let n_rows = hidden.len() / p.n_embd;
-        let mut normed = vec![0f32; hidden.len()];
-        rms_norm(hidden, norm, p.rms_norm_eps, &mut normed);
-        let mut logits = vec![0f32; n_rows * p.vocab_size];
-        output.matmul(&normed, n_rows, &mut logits, pool);
-        if let Some(cap) = p.final_logit_softcapping {
-            // ggml_scale(1/c), ggml_tanh, ggml_scale(c).
-            let inverse = 1.0 / cap;
-            logits.iter_mut().for_each(|l| *l = (*l * inverse).tanh() * cap);
-        }
-        Ok(logits)
+        self.ends.head(hidden, p.rms_norm_eps, p.final_logit_softcapping, self.backend.pool())
     }
 }

@@ -31,7 +31,7 @@ use crate::ops::{add_in_place, apply_rope, apply_rope_neox, rms_norm, rms_norm_i
 use crate::profile::{ModelProfile, RopeType};
 use crate::quant::QMatrix;
 use crate::source::{load_matrix, load_vector, TensorSource};
-use super::StepRows;
+use super::{Ends, StepRows};
 
 /// The GGUF tensor names a slice holding `layers` needs (what a worker is sent).
 pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> Vec<String> {
@@ -100,12 +100,7 @@ pub(crate) struct LlamaSlice {
     backend: Arc<Backend>,
     profile: ModelProfile,
     layers: Range<u32>,
-    /// First stage only: `token_embd.weight` (vocab × n_embd).
-    token_embd: Option<Arc<QMatrix>>,
-    /// Last stage only.
-    output_norm: Option<Vec<f32>>,
-    /// Last stage only: `output.weight`, or the token embedding when tied.
-    output: Option<Arc<QMatrix>>,
+    ends: Ends,
     blocks: Vec<Block>,
     /// Per rotated pair, the divisor llama.cpp calls `freq_factors` (Llama-3 `rope_freqs`).
     rope_freq_factors: Option<Vec<f32>>,
@@ -133,14 +128,7 @@ impl LlamaSlice {
         let p = &profile;
         let q_width = p.n_head * p.head_dim;
         let kv_width = p.n_head_kv * p.head_dim;
-        let first = layers.start == 0;
-        let last = layers.end == p.n_layers;
-
-        let token_embd = if first || (last && p.tied_embeddings) {
-            Some(Arc::new(load_matrix(source, "token_embd.weight", p.vocab_size, p.n_embd)?))
-        } else {
-            None
-        };
+        let ends = Ends::load(p, &layers, source)?;
         let mut blocks = Vec::with_capacity((layers.end - layers.start) as usize);
         for i in layers.clone() {
             let name = |role: &str| format!("blk.{i}.{role}.weight");
@@ -169,25 +157,12 @@ impl LlamaSlice {
                 ffn_down: load_matrix(source, &name("ffn_down"), p.n_embd, p.n_ff)?,
             });
         }
-        let (output_norm, output) = if last {
-            let norm = load_vector(source, "output_norm.weight", p.n_embd)?;
-            let output = if p.tied_embeddings {
-                token_embd.clone().expect("loaded above for a tied last stage")
-            } else {
-                Arc::new(load_matrix(source, "output.weight", p.vocab_size, p.n_embd)?)
-            };
-            (Some(norm), Some(output))
-        } else {
-            (None, None)
-        };
         let rope_freq_factors = if p.has_rope_freqs {
             Some(load_vector(source, "rope_freqs.weight", p.n_rot / 2)?)
         } else {
             None
         };
-        // A tied last stage that is not also the first keeps the embedding only as its head.
-        let token_embd = if first { token_embd } else { None };
-        Ok(Self { backend, profile, layers, token_embd, output_norm, output, blocks, rope_freq_factors })
+        Ok(Self { backend, profile, layers, ends, blocks, rope_freq_factors })
     }
 
     pub(crate) fn profile(&self) -> &ModelProfile {
@@ -199,11 +174,11 @@ impl LlamaSlice {
     }
 
     pub(crate) fn is_first(&self) -> bool {
-        self.token_embd.is_some()
+        self.ends.is_first()
     }
 
     pub(crate) fn is_last(&self) -> bool {
-        self.output.is_some()
+        self.ends.is_last()
     }
 
     /// Weight bytes this slice holds in memory.
@@ -220,13 +195,7 @@ impl LlamaSlice {
                     + b.qkv_bias.iter().flatten().chain(b.qk_norm.iter().flatten()).map(|v| v.len() * 4).sum::<usize>()
             })
             .sum();
-        let embd = self.token_embd.as_ref().map_or(0, |m| m.size_in_bytes());
-        let head = match (&self.output, &self.token_embd) {
-            (Some(o), Some(e)) if Arc::ptr_eq(o, e) => 0,
-            (Some(o), _) => o.size_in_bytes(),
-            _ => 0,
-        };
-        matrices + embd + head + self.output_norm.as_ref().map_or(0, |n| n.len() * 4)
+        matrices + self.ends.size_in_bytes()
     }
 
     /// A fresh KV cache for one sequence on this slice, holding at most `context_length`
@@ -240,18 +209,7 @@ impl LlamaSlice {
 
     /// Token ids → hidden rows (`tokens.len() × n_embd`). First stage only.
     pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let embd = self.token_embd.as_ref().ok_or_else(|| {
-            EngineError::BadLayerRange { start: self.layers.start, end: self.layers.end, n_layers: self.profile.n_layers }
-        })?;
-        let n_embd = self.profile.n_embd;
-        let mut hidden = vec![0f32; tokens.len() * n_embd];
-        for (row, &token) in hidden.chunks_exact_mut(n_embd).zip(tokens) {
-            if token as usize >= self.profile.vocab_size {
-                return Err(EngineError::TokenOutOfRange(token));
-            }
-            embd.dequantize_row(token as usize, row);
-        }
-        Ok(hidden)
+        self.ends.embed(tokens, None)
     }
 
     /// Runs this slice's layers over a step's rows, in place.
@@ -352,22 +310,7 @@ impl LlamaSlice {
 
     /// Hidden rows → logits (`n_rows × vocab_size`), after the output norm. Last stage only.
     pub(crate) fn head(&self, hidden: &[f32]) -> Result<Vec<f32>> {
-        let pool = self.backend.pool();
-        let (Some(norm), Some(output)) = (&self.output_norm, &self.output) else {
-            return Err(EngineError::BadLayerRange {
-                start: self.layers.start,
-                end: self.layers.end,
-                n_layers: self.profile.n_layers,
-            });
-        };
-        let p = &self.profile;
-        assert_eq!(hidden.len() % p.n_embd, 0, "hidden must hold whole rows");
-        let n_rows = hidden.len() / p.n_embd;
-        let mut normed = vec![0f32; hidden.len()];
-        rms_norm(hidden, norm, p.rms_norm_eps, &mut normed);
-        let mut logits = vec![0f32; n_rows * p.vocab_size];
-        output.matmul(&normed, n_rows, &mut logits, pool);
-        Ok(logits)
+        self.ends.head(hidden, self.profile.rms_norm_eps, None, self.backend.pool())
     }
 }
 

@@ -28,7 +28,9 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufModel;
 use crate::kv_cache::SequenceCache;
 use crate::profile::{Family, ModelProfile};
-use crate::source::{GgufFileSource, TensorSource};
+use crate::ops::rms_norm;
+use crate::quant::QMatrix;
+use crate::source::{load_matrix, load_vector, GgufFileSource, TensorSource};
 use crate::threads::ComputePool;
 
 /// One contiguous layer range of a model, loaded onto a backend and ready to run.
@@ -226,6 +228,105 @@ pub(crate) fn attention(
         let q_head = &q[chunk_idx * head_dim..(chunk_idx + 1) * head_dim];
         attend_head(q_head, keys, values, kv_width, kv_head * head_dim, n_pos, scale, out_head);
     });
+}
+
+/// The ends of the model a slice may hold, the same in every family: the token embedding
+/// (first stage) and the output norm and head (last stage; with a tied head, the embedding
+/// itself, shared and not copied when one slice is both).
+pub(crate) struct Ends {
+    layers: Range<u32>,
+    n_layers: u32,
+    token_embd: Option<Arc<QMatrix>>,
+    output_norm: Option<Vec<f32>>,
+    output: Option<Arc<QMatrix>>,
+}
+
+impl Ends {
+    /// Loads what a slice of `layers` holds of the ends.
+    pub(crate) fn load(p: &ModelProfile, layers: &Range<u32>, source: &mut dyn TensorSource) -> Result<Self> {
+        let first = layers.start == 0;
+        let last = layers.end == p.n_layers;
+        let token_embd = if first || (last && p.tied_embeddings) {
+            Some(Arc::new(load_matrix(source, "token_embd.weight", p.vocab_size, p.n_embd)?))
+        } else {
+            None
+        };
+        let (output_norm, output) = if last {
+            let norm = load_vector(source, "output_norm.weight", p.n_embd)?;
+            let output = match &token_embd {
+                Some(embd) if p.tied_embeddings => embd.clone(),
+                _ => Arc::new(load_matrix(source, "output.weight", p.vocab_size, p.n_embd)?),
+            };
+            (Some(norm), Some(output))
+        } else {
+            (None, None)
+        };
+        // A tied last stage that is not also the first keeps the embedding only as its head.
+        let token_embd = if first { token_embd } else { None };
+        Ok(Self { layers: layers.clone(), n_layers: p.n_layers, token_embd, output_norm, output })
+    }
+
+    pub(crate) fn is_first(&self) -> bool {
+        self.token_embd.is_some()
+    }
+
+    pub(crate) fn is_last(&self) -> bool {
+        self.output.is_some()
+    }
+
+    /// Bytes held: the embedding, the head unless it is that same embedding, the norm.
+    pub(crate) fn size_in_bytes(&self) -> usize {
+        let embd = self.token_embd.as_ref().map_or(0, |m| m.size_in_bytes());
+        let head = match (&self.output, &self.token_embd) {
+            (Some(o), Some(e)) if Arc::ptr_eq(o, e) => 0,
+            (Some(o), _) => o.size_in_bytes(),
+            _ => 0,
+        };
+        embd + head + self.output_norm.as_ref().map_or(0, |n| n.len() * 4)
+    }
+
+    fn not_here(&self) -> EngineError {
+        EngineError::BadLayerRange { start: self.layers.start, end: self.layers.end, n_layers: self.n_layers }
+    }
+
+    /// Token ids → hidden rows (`tokens.len() × n_embd`), each multiplied by `scale` in f32
+    /// when given (Gemma's √n_embd). First stage only.
+    pub(crate) fn embed(&self, tokens: &[u32], scale: Option<f32>) -> Result<Vec<f32>> {
+        let embd = self.token_embd.as_ref().ok_or_else(|| self.not_here())?;
+        let (vocab_size, n_embd) = (embd.n_out(), embd.n_in());
+        let mut hidden = vec![0f32; tokens.len() * n_embd];
+        for (row, &token) in hidden.chunks_exact_mut(n_embd).zip(tokens) {
+            if token as usize >= vocab_size {
+                return Err(EngineError::TokenOutOfRange(token));
+            }
+            embd.dequantize_row(token as usize, row);
+            if let Some(scale) = scale {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
+        }
+        Ok(hidden)
+    }
+
+    /// Hidden rows → logits (`n_rows × vocab_size`) after the output norm, soft-capped as
+    /// `c · tanh(logits / c)` when `softcap` is given (ggml_scale, ggml_tanh, ggml_scale).
+    /// Last stage only.
+    pub(crate) fn head(&self, hidden: &[f32], eps: f32, softcap: Option<f32>, pool: &ComputePool) -> Result<Vec<f32>> {
+        let (Some(norm), Some(output)) = (&self.output_norm, &self.output) else {
+            return Err(self.not_here());
+        };
+        let n_embd = norm.len();
+        assert_eq!(hidden.len() % n_embd, 0, "hidden must hold whole rows");
+        let n_rows = hidden.len() / n_embd;
+        let mut normed = vec![0f32; hidden.len()];
+        rms_norm(hidden, norm, eps, &mut normed);
+        let mut logits = vec![0f32; n_rows * output.n_out()];
+        output.matmul(&normed, n_rows, &mut logits, pool);
+        if let Some(cap) = softcap {
+            let inverse = 1.0 / cap;
+            logits.iter_mut().for_each(|l| *l = (*l * inverse).tanh() * cap);
+        }
+        Ok(logits)
+    }
 }
 
 /// Refuses a profile that asks for what a family module does not implement.
