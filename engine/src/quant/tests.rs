@@ -361,24 +361,7 @@ fn q6k_dot_in_ggml_lane_order(w: &[u8], act: &[activations::Q8KBlock]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn q6k_dot_sums_in_llama_cpps_lane_order() {
-    if Isa::detect() < Isa::Avx2 {
-        return;
-    }
-    let mut rng = Rng(0x6b6b);
-    let n_in = 1024;
-    let w = rng.vec(4 * n_in);
-    let q = QTensor::quantize(&Tensor::from_vec(w, (4, n_in), &Device::Cpu).unwrap(), GgmlDType::Q6K).unwrap();
-    let bytes = q.data().unwrap().to_vec();
-    let row_bytes = bytes.len() / 4;
-    let mut rows = activations::Q8KRows::default();
-    let x: Vec<f32> = rng.vec(n_in).iter().map(|v| v * 3.0).collect();
-    rows.quantize(&x, 1, n_in);
-    for o in 0..4 {
-        let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
-        let ours = unsafe { x86::dot_q6k_q8k(row, &rows.blocks[..rows.nb]) };
-        let ggml = q6k_dot_in_ggml_lane_order(row, &rows.blocks[..rows.nb]);
-        assert_eq!(ours.to_bits(), ggml.to_bits(), "row {o}: {ours} vs {ggml}");
-    }
+    assert_k_dot_matches(GgmlDType::Q6K, 0x6b6b, x86::dot_q6k_q8k, q6k_dot_in_ggml_lane_order);
 }
 
 /// llama.cpp's AVX2 `ggml_gemv_q4_K_8x8_q8_K` for one output, in scalar code: per superblock
@@ -419,13 +402,25 @@ fn q4k_dot_in_ggml_gemv_order(w: &[u8], act: &[activations::Q8KBlock]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn q4k_dot_sums_in_llama_cpps_gemv_order() {
+    assert_k_dot_matches(GgmlDType::Q4K, 0x4b4b, x86::dot_q4k_q8k, q4k_dot_in_ggml_gemv_order);
+}
+
+/// Our AVX2 K-quant dot (`kernel`) against its scalar statement of llama.cpp's order
+/// (`reference`), bit for bit, on four random rows of 1024 weights in `dtype`.
+#[cfg(target_arch = "x86_64")]
+fn assert_k_dot_matches(
+    dtype: GgmlDType,
+    seed: u64,
+    kernel: unsafe fn(&[u8], &[activations::Q8KBlock]) -> f32,
+    reference: fn(&[u8], &[activations::Q8KBlock]) -> f32,
+) {
     if Isa::detect() < Isa::Avx2 {
         return;
     }
-    let mut rng = Rng(0x4b4b);
+    let mut rng = Rng(seed);
     let n_in = 1024;
     let w = rng.vec(4 * n_in);
-    let q = QTensor::quantize(&Tensor::from_vec(w, (4, n_in), &Device::Cpu).unwrap(), GgmlDType::Q4K).unwrap();
+    let q = QTensor::quantize(&Tensor::from_vec(w, (4, n_in), &Device::Cpu).unwrap(), dtype).unwrap();
     let bytes = q.data().unwrap().to_vec();
     let row_bytes = bytes.len() / 4;
     let mut rows = activations::Q8KRows::default();
@@ -433,8 +428,9 @@ fn q4k_dot_sums_in_llama_cpps_gemv_order() {
     rows.quantize(&x, 1, n_in);
     for o in 0..4 {
         let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
-        let ours = unsafe { x86::dot_q4k_q8k(row, &rows.blocks[..rows.nb]) };
-        let ggml = q4k_dot_in_ggml_gemv_order(row, &rows.blocks[..rows.nb]);
-        assert_eq!(ours.to_bits(), ggml.to_bits(), "row {o}: {ours} vs {ggml}");
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); `row` holds `nb` blocks.
+        let ours = unsafe { kernel(row, &rows.blocks[..rows.nb]) };
+        let ggml = reference(row, &rows.blocks[..rows.nb]);
+        assert_eq!(ours.to_bits(), ggml.to_bits(), "{dtype:?} row {o}: {ours} vs {ggml}");
     }
 }
