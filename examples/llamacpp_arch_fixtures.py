@@ -18,6 +18,9 @@ import argparse, hashlib, json, os, subprocess, sys, tempfile
 import numpy as np
 from llama_cpp import Llama
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llamacpp_model_fixture import log_softmax  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 # What the test rebuilds: architecture, preset, weight type, seed, tied head.
@@ -40,12 +43,6 @@ TOP = 5
 # on it takes its tiled K-quant kernel. The engine computes every row the same way whatever
 # else shares its step (batch invariance), in the order of llama.cpp's one-row kernels.
 PROMPT = 3
-
-
-def log_softmax(row):
-    row = np.asarray(row, dtype=np.float64)
-    m = row.max()
-    return row - (np.log(np.exp(row - m).sum()) + m)
 
 
 def evaluate(path, tokens, flash):
