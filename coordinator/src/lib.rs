@@ -28,6 +28,7 @@ pub mod rollout;
 pub mod snapshot;
 pub mod state;
 pub mod status;
+pub mod structured;
 pub mod text;
 
 use potluck_node::model::{self, ModelSpec, ResolvedModel};
@@ -133,13 +134,26 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
         }
     };
     let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec());
+    let tokenizer = Arc::new(tokenizer);
+    let grammar_started = std::time::Instant::now();
+    let grammars = match structured::GrammarFactory::new(tokenizer.clone(), profile.vocab_size, tokenizer.stop_ids().to_vec()) {
+        Ok(factory) => {
+            tracing::debug!(ms = grammar_started.elapsed().as_millis() as u64, "token trie for structured outputs built");
+            Some(Arc::new(factory))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "structured outputs are unavailable for this model's vocabulary");
+            None
+        }
+    };
     Ok(Arc::new(state::AppState {
+        grammars,
         whole_model_local: unavailable.is_none(),
         cluster: cluster::ClusterStatus::local(profile.n_layers),
         model_path: path.clone(),
         profile: profile.clone(),
         service,
-        tokenizer: Arc::new(tokenizer),
+        tokenizer,
         template: template.map(Arc::new),
         model_id,
         api_key: config.api_key.clone(),

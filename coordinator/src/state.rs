@@ -26,6 +26,9 @@ pub struct AppState {
     pub model_path: std::path::PathBuf,
     pub profile: ModelProfile,
     pub tokenizer: Arc<Tokenizer>,
+    /// Compiles `response_format` schemas over the model's vocabulary; None when the
+    /// vocabulary could not be indexed (such requests then get a 400 saying so).
+    pub grammars: Option<Arc<crate::structured::GrammarFactory>>,
     /// The GGUF's chat template; None for a base model (the chat endpoint then refuses).
     pub template: Option<Arc<ChatTemplate>>,
     /// The name `/v1/models` reports; requests may name any model and get this one.

@@ -164,6 +164,7 @@ fn request(model: &Model, prompt: &str, max_tokens: usize, sampling: SamplingPar
         logprobs: false,
         top_logprobs: 0,
         prompt_logprobs: false,
+        grammar: None,
     }
 }
 

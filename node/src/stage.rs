@@ -24,7 +24,7 @@ use potluck_engine::arch::ModelSlice;
 use potluck_engine::sampler::{log_softmax_at, top_logprobs, Sampler, SamplingParams};
 use potluck_protocol::limits::TOP_LOGPROBS_MAX;
 use potluck_protocol::{
-    payload_to_rows, rows_to_payload, Activations, Dtype, LogitBiasEntry, Message, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
+    payload_to_rows, rows_to_payload, Activations, AllowedTokens, Dtype, LogitBiasEntry, Message, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment, SequenceStart,
     TokenLogprob,
 };
 
@@ -46,6 +46,8 @@ pub enum StageError {
     WrongInput { stage: &'static str, expected: &'static str, got: &'static str },
     #[error("prompt token {token} is outside the model's vocabulary of {vocab}")]
     TokenOutOfVocabulary { token: u32, vocab: usize },
+    #[error("a token mask covers {mask} tokens, the model's vocabulary is {vocab}")]
+    MaskVocabulary { mask: u32, vocab: usize },
     #[error("the engine failed: {0}")]
     Engine(#[from] potluck_engine::error::EngineError),
 }
@@ -183,7 +185,8 @@ impl StageRunner {
         Ok(())
     }
 
-    /// Every segment names a held sequence, once, at the position its cache is at.
+    /// Every segment names a held sequence, once, at the position its cache is at; on the
+    /// last stage a token mask covers the model's vocabulary.
     fn check_step(&self, segments: &[Segment]) -> Result<(), StageError> {
         let mut seen = std::collections::HashSet::with_capacity(segments.len());
         for s in segments {
@@ -197,6 +200,10 @@ impl StageRunner {
                     got: s.first_position,
                     held: seq.cache.len(),
                 });
+            }
+            let vocab = self.model.profile().vocab_size;
+            if let Some(allowed) = s.allowed.as_ref().filter(|a| self.model.is_last() && a.vocab as usize != vocab) {
+                return Err(StageError::MaskVocabulary { mask: allowed.vocab, vocab });
             }
         }
         Ok(())
@@ -246,7 +253,7 @@ impl StageRunner {
             row_end += s.n_rows as usize;
             if s.sample {
                 head_rows.extend_from_slice(&hidden[(row_end - 1) * n_embd..row_end * n_embd]);
-                samplers.push(s.sequence_id);
+                samplers.push((s.sequence_id, s.allowed.as_ref()));
             }
         }
         let prompt = self.prompt_logprobs(segments, hidden)?;
@@ -256,13 +263,16 @@ impl StageRunner {
         }
         let logits = self.model.head(&head_rows)?;
         let vocab = self.model.profile().vocab_size;
-        for (row, id) in samplers.into_iter().enumerate() {
+        for (row, (id, allowed)) in samplers.into_iter().enumerate() {
             let seq = self.sequences.get_mut(&id).ok_or(StageError::UnknownSequence(id))?;
             let state = seq.sampling.as_mut().expect("the last stage keeps a sampler per sequence");
             let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
             // Log-probabilities are of the raw logits (before penalties), as llama.cpp and
             // OpenAI report them; computed only when asked for.
             let raw = state.logprobs.then(|| row_logits.clone());
+            if let Some(allowed) = allowed {
+                apply_mask(&mut row_logits, allowed);
+            }
             let token = state.sampler.sample(&mut row_logits, &state.history);
             state.history.push(token);
             let (logprob, top) = match &raw {
@@ -320,6 +330,22 @@ impl StageRunner {
 
 fn top_wire(logits: &[f32], n: usize) -> Vec<TokenLogprob> {
     top_logprobs(logits, n).into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect()
+}
+
+/// Sets every logit the mask does not allow to −∞ (a grammar's constraint: the sampler's
+/// chain keeps them there, so only allowed tokens can be drawn).
+/// Its size was checked with the step ([`StageRunner::check_step`]).
+fn apply_mask(logits: &mut [f32], allowed: &AllowedTokens) {
+    for (chunk, &word) in logits.chunks_mut(64).zip(&allowed.words) {
+        if word == u64::MAX {
+            continue;
+        }
+        for (bit, logit) in chunk.iter_mut().enumerate() {
+            if word & (1u64 << bit) == 0 {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
 }
 
 fn check_rows(segments: &[Segment], len: usize, what: &'static str) -> Result<(), StageError> {

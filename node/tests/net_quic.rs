@@ -110,6 +110,7 @@ fn activations() -> Message {
             first_position: 5,
             n_rows: rows,
             sample: true,
+            allowed: None,
         }],
         dtype: Dtype::F16,
         hidden,

@@ -70,7 +70,7 @@ fn generate(stages: &mut [StageRunner], sequence_id: u64, prompt: &[u32], n: usi
     let mut position = 0u32;
     let mut input = prompt.to_vec();
     for step in 0..n as u64 {
-        let segment = Segment { sequence_id, first_position: position, n_rows: input.len() as u32, sample: true };
+        let segment = Segment { sequence_id, first_position: position, n_rows: input.len() as u32, sample: true, allowed: None };
         let Some(Message::SampledTokens(sampled)) = through(stages, Message::step_tokens(step, vec![segment], input.clone())) else {
             panic!("the last stage must answer a sampling step with SampledTokens");
         };
@@ -106,7 +106,7 @@ fn a_split_pipeline_samples_what_one_stage_samples() {
 fn bad_messages_are_errors_and_the_stage_keeps_serving() {
     let path = tiny_model("bad");
     let mut stages = pipeline(&path, &[0..2, 2..4], Dtype::F32);
-    let segment = |id, first_position, n_rows| Segment { sequence_id: id, first_position, n_rows, sample: true };
+    let segment = |id, first_position, n_rows| Segment { sequence_id: id, first_position, n_rows, sample: true, allowed: None };
 
     // A step for a sequence nobody started.
     let unknown = stages[0].handle(Message::step_tokens(0, vec![segment(9, 0, 1)], vec![1]));
@@ -137,4 +137,42 @@ fn bad_messages_are_errors_and_the_stage_keeps_serving() {
     let prompt = [3u32, 1, 4, 1, 5];
     let fresh = generate(&mut pipeline(&path, &[0..2, 2..4], Dtype::F32), 1, &prompt, 4);
     assert_eq!(generate(&mut stages, 1, &prompt, 4), fresh);
+}
+
+/// A grammar's mask travels with the step through every stage, and the last stage draws only
+/// what it allows; a mask over another vocabulary is refused before any cache moves.
+#[test]
+fn the_last_stage_draws_only_what_the_mask_allows() {
+    use potluck_protocol::AllowedTokens;
+    let path = tiny_model("mask");
+    let mut stages = pipeline(&path, &[0..2, 2..4], Dtype::F32);
+    let vocab = ModelShape::tiny().vocab_size as u32;
+    let prompt = vec![5u32, 17, 300];
+    let free = generate(&mut stages, 1, &prompt, 1)[0].token;
+    // Allow two tokens, neither the free choice: the greedy draw is the likelier of the two.
+    let (a, b) = ((free + 1) % vocab, (free + 2) % vocab);
+    let mut words = vec![0u64; vocab.div_ceil(64) as usize];
+    for t in [a, b] {
+        words[t as usize / 64] |= 1 << (t % 64);
+    }
+    let allowed = AllowedTokens { vocab, words };
+    assert!(through(&mut stages, start(2, greedy(1))).is_none());
+    let segment = Segment { sequence_id: 2, first_position: 0, n_rows: 3, sample: true, allowed: Some(allowed.clone()) };
+    let Some(Message::SampledTokens(sampled)) = through(&mut stages, Message::step_tokens(1, vec![segment], prompt.clone())) else {
+        panic!("a sampling step answers SampledTokens");
+    };
+    let drawn = &sampled.tokens[0];
+    assert!(drawn.token == a || drawn.token == b, "drew {} outside the mask {{{a}, {b}}}", drawn.token);
+    // Log-probabilities stay those of the raw logits: the free choice is still the likeliest.
+    assert_eq!(drawn.top[0].token, free);
+    // A mask for another vocabulary: an error on the last stage, nothing cached, still serving.
+    assert!(through(&mut stages, start(3, greedy(1))).is_none());
+    let wrong = AllowedTokens { vocab: vocab + 64, words: vec![1; (vocab + 64).div_ceil(64) as usize] };
+    let hidden = stages[0]
+        .handle(Message::step_tokens(2, vec![Segment { sequence_id: 3, first_position: 0, n_rows: 3, sample: true, allowed: Some(wrong) }], prompt.clone()))
+        .unwrap()
+        .unwrap();
+    let refused = stages[1].handle(hidden);
+    assert!(matches!(refused, Err(StageError::MaskVocabulary { .. })), "{refused:?}");
+    assert_eq!(generate(&mut stages, 4, &prompt, 1)[0].token, free);
 }

@@ -11,7 +11,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::check::check_len;
 use crate::limits::{
-    ACTIVATION_ROWS_MAX, HIDDEN_DIM_MAX, LOGIT_BIAS_ABS_MAX, LOGIT_BIAS_TOKENS_MAX, PENALTY_WINDOW_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
+    ACTIVATION_ROWS_MAX, HIDDEN_DIM_MAX, LOGIT_BIAS_ABS_MAX, MASKED_SEGMENTS_MAX, TOKEN_MASK_VOCAB_MAX, LOGIT_BIAS_TOKENS_MAX, PENALTY_WINDOW_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
     SEQUENCE_POSITIONS_MAX, TENSORS_PER_ASSIGNMENT_MAX, TENSOR_BYTES_MAX, TOP_LOGPROBS_MAX, WEIGHT_CHUNK_BYTES_MAX,
 };
 use crate::ProtocolError;
@@ -97,6 +97,43 @@ pub struct Segment {
     /// The segment's last row completes the sequence's input: the last stage samples a
     /// token from it. False for every chunk of a chunked prefill but the last.
     pub sample: bool,
+    /// The tokens the sequence may draw from this segment's last row (a grammar's or JSON
+    /// schema's mask, computed by the coordinator, which follows the grammar as tokens come
+    /// back); the sampling stage sets every other logit to −∞ before its sampler runs.
+    /// Only on a sampling segment; at most [`MASKED_SEGMENTS_MAX`] per step.
+    pub allowed: Option<AllowedTokens>,
+}
+
+/// A set of token ids as a bitmap: bit `t % 64` of `words[t / 64]` allows token `t`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct AllowedTokens {
+    /// The vocabulary the mask covers (the model's); 1..=[`TOKEN_MASK_VOCAB_MAX`].
+    pub vocab: u32,
+    /// `vocab.div_ceil(64)` words; no bit at or past `vocab` set, at least one bit set.
+    pub words: Vec<u64>,
+}
+
+impl AllowedTokens {
+    pub fn is_allowed(&self, token: u32) -> bool {
+        token < self.vocab && self.words.get(token as usize / 64).is_some_and(|w| w & (1u64 << (token % 64)) != 0)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ProtocolError> {
+        if self.vocab == 0 || self.vocab > TOKEN_MASK_VOCAB_MAX {
+            return Err(ProtocolError::InvalidValue { field: "allowed.vocab", reason: "not in 1..=TOKEN_MASK_VOCAB_MAX" });
+        }
+        if self.words.len() != self.vocab.div_ceil(64) as usize {
+            return Err(ProtocolError::InvalidValue { field: "allowed.words", reason: "not vocab.div_ceil(64) words" });
+        }
+        let tail = self.vocab % 64;
+        if tail != 0 && self.words.last().is_some_and(|w| w >> tail != 0) {
+            return Err(ProtocolError::InvalidValue { field: "allowed.words", reason: "a bit past the vocabulary is set" });
+        }
+        if self.words.iter().all(|&w| w == 0) {
+            return Err(ProtocolError::InvalidValue { field: "allowed.words", reason: "the mask allows no token" });
+        }
+        Ok(())
+    }
 }
 
 /// Element type of an activation payload. f16 halves the bytes per hop and is the default;
@@ -258,7 +295,15 @@ fn validate_segments(segments: &[Segment]) -> Result<u64, ProtocolError> {
     }
     check_len("segments", segments.len(), SEGMENTS_MAX)?;
     let mut rows: u64 = 0;
+    let mut masked = 0usize;
     for segment in segments {
+        if let Some(allowed) = &segment.allowed {
+            if !segment.sample {
+                return Err(ProtocolError::InvalidValue { field: "allowed", reason: "a mask on a segment that does not sample" });
+            }
+            allowed.validate()?;
+            masked += 1;
+        }
         if segment.n_rows == 0 {
             return Err(ProtocolError::InvalidValue { field: "n_rows", reason: "a segment has at least one row" });
         }
@@ -271,6 +316,7 @@ fn validate_segments(segments: &[Segment]) -> Result<u64, ProtocolError> {
         }
         rows += u64::from(segment.n_rows); // ≤ SEGMENTS_MAX × u32::MAX: cannot overflow u64.
     }
+    check_len("masked segments", masked, MASKED_SEGMENTS_MAX)?;
     if rows > u64::from(ACTIVATION_ROWS_MAX) {
         return Err(ProtocolError::TooManyRows { rows, max: u64::from(ACTIVATION_ROWS_MAX) });
     }

@@ -31,7 +31,7 @@ pub use control::{
     TensorRef, Welcome, JOIN_CHALLENGE_LABEL,
 };
 pub use data::{
-    LogitBiasEntry,
+    AllowedTokens, LogitBiasEntry,
     payload_to_rows, rows_to_payload, Activations, Dtype, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment,
     SequenceStart, StepTokens, TokenLogprob, WeightChunk,
 };
@@ -44,4 +44,4 @@ pub use message::{Kind, Message};
 /// Version of the node-to-node protocol, carried in every frame header and in [`Hello`].
 /// Bumped on any incompatible change to the wire format (a field, a kind, a limit); peers
 /// with a different version are refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;

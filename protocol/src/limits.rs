@@ -14,7 +14,7 @@ use core::mem::size_of;
 
 use crate::control::{ArchivedAssignment, ArchivedHello, ArchivedRefused, ArchivedTensorRef};
 use crate::data::{
-    ArchivedActivations, ArchivedPromptLogprob, ArchivedSampledToken, ArchivedSampledTokens, ArchivedSegment, ArchivedSequenceStart,
+    ArchivedActivations, ArchivedAllowedTokens, ArchivedPromptLogprob, ArchivedSampledToken, ArchivedSampledTokens, ArchivedSegment, ArchivedSequenceStart,
     ArchivedStepTokens, ArchivedTokenLogprob, ArchivedWeightChunk,
 };
 use crate::frame::HEADER_BYTES;
@@ -80,6 +80,15 @@ pub const LOGIT_BIAS_TOKENS_MAX: u32 = 1024;
 /// `sampler::LOGIT_BIAS_MAX`; the node crate's tests hold the two equal).
 pub const LOGIT_BIAS_ABS_MAX: f32 = 100.0;
 
+/// Largest vocabulary a token mask ([`crate::AllowedTokens`]) covers: Gemma 3's 262,144 is
+/// the largest in common use. One mask is then 32 KiB.
+pub const TOKEN_MASK_VOCAB_MAX: u32 = 256 * KIB;
+
+/// Most segments of one step that carry a token mask: the coordinator's
+/// `ACTIVE_SEQUENCES_MAX` (16). Bounds the masks in a step to 512 KiB, which the frame
+/// limits below make room for.
+pub const MASKED_SEGMENTS_MAX: u32 = 16;
+
 /// Longest node id, node name, backend name or tensor name, in bytes (GGUF tensor names
 /// are at most 63 bytes in ggml).
 pub const NAME_BYTES_MAX: u32 = 256;
@@ -130,10 +139,15 @@ const fn widen(value: u32) -> u64 {
 /// Largest activation payload: every row, the widest hidden size, f32.
 pub const ACTIVATION_PAYLOAD_BYTES_MAX: u64 = widen(ACTIVATION_ROWS_MAX) * widen(HIDDEN_DIM_MAX) * 4;
 
+/// Largest set of token masks in one step's segments.
+pub const TOKEN_MASKS_BYTES_MAX: u64 =
+    widen(MASKED_SEGMENTS_MAX) * (archived::<ArchivedAllowedTokens>() + widen(TOKEN_MASK_VOCAB_MAX) / 8);
+
 const _: () = assert!(
     HEADER
         + archived::<ArchivedActivations>()
         + widen(SEGMENTS_MAX) * archived::<ArchivedSegment>()
+        + TOKEN_MASKS_BYTES_MAX
         + ACTIVATION_PAYLOAD_BYTES_MAX
         <= widen(ACTIVATIONS_FRAME_BYTES_MAX),
     "the largest legal activation frame must fit its frame limit"
@@ -169,6 +183,7 @@ const _: () = assert!(
     HEADER
         + archived::<ArchivedStepTokens>()
         + widen(SEGMENTS_MAX) * archived::<ArchivedSegment>()
+        + TOKEN_MASKS_BYTES_MAX
         + widen(ACTIVATION_ROWS_MAX) * 4
         <= widen(CONTROL_FRAME_BYTES_MAX),
     "the largest step-tokens frame must fit a control frame"
@@ -207,7 +222,8 @@ mod tests {
     /// above add up are the packed field sizes.
     #[test]
     fn archives_are_packed() {
-        assert_eq!(archived::<ArchivedSegment>(), 8 + 4 + 4 + 1);
+        // sequence_id, first_position, n_rows, sample; allowed: Option tag, vocab, words (offset, length).
+        assert_eq!(archived::<ArchivedSegment>(), 8 + 4 + 4 + 1 + (1 + 4 + 4 + 4));
         assert_eq!(archived::<ArchivedTokenLogprob>(), 4 + 4);
         assert_eq!(archived::<ArchivedActivations>(), 8 + 8 + 1 + 4 + 8);
     }

@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::ApiError;
 use crate::generation::GenerateRequest;
 use crate::state::AppState;
+use crate::structured::Grammar;
 use crate::text::{STOP_STRINGS_MAX, STOP_STRING_BYTES_MAX};
 
 /// Largest request body accepted; bigger ones get a 413. A prompt longer than the context is
@@ -131,8 +132,8 @@ pub(super) struct Prepared {
 
 impl CommonParams {
     /// A 400 naming the first field set to something this server cannot do yet. Empty or
-    /// neutral values (`"type": "text"`, no tools, `tool_choice: "none"`, an empty suffix)
-    /// ask for nothing and pass.
+    /// neutral values (no tools, `tool_choice: "none"`, an empty suffix) ask for nothing and
+    /// pass.
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
         let unsupported = |param: &'static str, what: &str| {
             Err(ApiError::bad_request(format!("{param} is not supported by this server yet: {what}")).param(param).code("unsupported_parameter"))
@@ -143,11 +144,6 @@ impl CommonParams {
             Some(Value::String(s)) => !s.is_empty() && s != "none",
             Some(_) => true,
         };
-        if let Some(format) = self.response_format.as_ref().filter(|f| !f.is_null()) {
-            if format.get("type").and_then(Value::as_str) != Some("text") {
-                return unsupported("response_format", "only {\"type\": \"text\"}; JSON mode and JSON schemas (structured outputs) are not implemented");
-            }
-        }
         for (value, param) in [(&self.tools, "tools"), (&self.tool_choice, "tool_choice"), (&self.functions, "functions"), (&self.function_call, "function_call")] {
             if set(value) {
                 return unsupported(param, "tool and function calls are not implemented");
@@ -157,6 +153,21 @@ impl CommonParams {
             return unsupported("suffix", "fill-in-the-middle is not implemented");
         }
         Ok(())
+    }
+
+    /// The grammar `response_format` asks for: none for `{"type": "text"}` or no field; a
+    /// JSON schema's (or any JSON object's, for `json_object`) otherwise. A schema the
+    /// grammar engine cannot enforce is a 400 that says which part.
+    fn grammar(&self, state: &AppState) -> Result<Option<Grammar>, ApiError> {
+        let Some(format) = self.response_format.as_ref().filter(|f| !f.is_null()) else { return Ok(None) };
+        let bad = |message: String| ApiError::bad_request(message).param("response_format").code("invalid_response_format");
+        if !format.is_object() {
+            return Err(bad("response_format is an object such as {\"type\": \"json_object\"}".into()));
+        }
+        let Some(factory) = &state.grammars else {
+            return Err(bad("structured outputs are unavailable for this model's vocabulary (see the server's log)".into()));
+        };
+        factory.for_response_format(format).map_err(|e| bad(format!("response_format cannot be enforced: {e}")))
     }
 
     /// `logit_bias` as the engine takes it: each key a token id of the vocabulary, each value
@@ -273,6 +284,7 @@ impl CommonParams {
                 logprobs: want_logprobs,
                 top_logprobs,
                 prompt_logprobs: false,
+                grammar: self.grammar(state)?,
             },
             prompt,
             stops,

@@ -79,7 +79,7 @@ pub fn sequence_start() -> SequenceStart {
 }
 
 pub fn segment(sequence_id: u64, first_position: u32, n_rows: u32) -> Segment {
-    Segment { sequence_id, first_position, n_rows, sample: true }
+    Segment { sequence_id, first_position, n_rows, sample: true, allowed: None }
 }
 
 pub fn step_tokens() -> StepTokens {

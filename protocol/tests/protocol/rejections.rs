@@ -707,3 +707,40 @@ fn load_progress_past_the_total_is_refused() {
         ProtocolError::InvalidValue { field: "bytes_done", reason: "exceeds bytes_total" },
     );
 }
+
+#[test]
+fn bad_token_masks_are_refused() {
+    let masked = |allowed: AllowedTokens, sample: bool| {
+        Message::StepTokens(StepTokens {
+            step: 1,
+            segments: vec![Segment { allowed: Some(allowed), sample, ..segment(1, 0, 1) }],
+            tokens: vec![0],
+        })
+    };
+    let ok = AllowedTokens { vocab: 100, words: vec![1, 1] };
+    let invalid = |field, reason| ProtocolError::InvalidValue { field, reason };
+    assert_refused(masked(ok.clone(), false), invalid("allowed", "a mask on a segment that does not sample"));
+    assert_refused(
+        masked(AllowedTokens { vocab: 100, words: vec![1] }, true),
+        invalid("allowed.words", "not vocab.div_ceil(64) words"),
+    );
+    assert_refused(
+        masked(AllowedTokens { vocab: 100, words: vec![0, 1 << 36] }, true),
+        invalid("allowed.words", "a bit past the vocabulary is set"),
+    );
+    assert_refused(masked(AllowedTokens { vocab: 100, words: vec![0, 0] }, true), invalid("allowed.words", "the mask allows no token"));
+    assert_refused(
+        masked(AllowedTokens { vocab: TOKEN_MASK_VOCAB_MAX + 64, words: vec![1; (TOKEN_MASK_VOCAB_MAX / 64 + 1) as usize] }, true),
+        invalid("allowed.vocab", "not in 1..=TOKEN_MASK_VOCAB_MAX"),
+    );
+    let n = MASKED_SEGMENTS_MAX + 1;
+    let message = StepTokens {
+        step: 1,
+        segments: (0..n).map(|i| Segment { allowed: Some(ok.clone()), ..segment(u64::from(i), 0, 1) }).collect(),
+        tokens: vec![0; n as usize],
+    };
+    assert_refused(
+        Message::StepTokens(message),
+        ProtocolError::TooLong { field: "masked segments", len: u64::from(n), max: u64::from(MASKED_SEGMENTS_MAX) },
+    );
+}

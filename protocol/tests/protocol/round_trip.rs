@@ -146,6 +146,8 @@ fn segments_strategy() -> impl Strategy<Value = Vec<Segment>> {
                     first_position,
                     n_rows,
                     sample,
+                    // A grammar's mask rides on sampling segments (tested apart below).
+                    allowed: None,
                 })
                 .collect()
         })
@@ -378,10 +380,36 @@ fn longest(max: u32) -> String {
     "x".repeat(max as usize)
 }
 
+/// Every segment a step may hold, the first [`MASKED_SEGMENTS_MAX`] with the widest mask.
+fn largest_segments(rows_per_segment: u32) -> Vec<Segment> {
+    (0..SEGMENTS_MAX)
+        .map(|i| Segment {
+            allowed: (i < MASKED_SEGMENTS_MAX).then(|| AllowedTokens {
+                vocab: TOKEN_MASK_VOCAB_MAX,
+                words: vec![u64::MAX; (TOKEN_MASK_VOCAB_MAX / 64) as usize],
+            }),
+            ..segment(u64::from(i), 0, rows_per_segment)
+        })
+        .collect()
+}
+
+#[test]
+fn a_token_mask_round_trips() {
+    let allowed = AllowedTokens { vocab: 130, words: vec![1 << 7, 0, 0b11] };
+    assert!(allowed.is_allowed(7) && allowed.is_allowed(128) && allowed.is_allowed(129));
+    assert!(!allowed.is_allowed(8) && !allowed.is_allowed(130));
+    let message = Message::StepTokens(StepTokens {
+        step: 2,
+        segments: vec![Segment { allowed: Some(allowed), ..segment(5, 3, 1) }],
+        tokens: vec![11],
+    });
+    assert_eq!(decode(&encode(&message).unwrap()).unwrap(), message);
+}
+
 #[test]
 fn largest_activation_frame_fits() {
     let rows_per_segment = ACTIVATION_ROWS_MAX / SEGMENTS_MAX;
-    let segments = (0..SEGMENTS_MAX).map(|i| segment(u64::from(i), 0, rows_per_segment)).collect();
+    let segments = largest_segments(rows_per_segment);
     let payload = vec![0x3C; ACTIVATION_PAYLOAD_BYTES_MAX as usize];
     assert_fits(Message::Activations(Activations {
         step: u64::MAX,
@@ -425,7 +453,7 @@ fn largest_control_messages_fit() {
     let rows_per_segment = ACTIVATION_ROWS_MAX / SEGMENTS_MAX;
     assert_fits(Message::StepTokens(StepTokens {
         step: 1,
-        segments: (0..SEGMENTS_MAX).map(|i| segment(u64::from(i), 0, rows_per_segment)).collect(),
+        segments: largest_segments(rows_per_segment),
         tokens: vec![u32::MAX; ACTIVATION_ROWS_MAX as usize],
     }));
     let top = vec![TokenLogprob { token: 1, logprob: -1.0 }; TOP_LOGPROBS_MAX as usize];
