@@ -37,6 +37,9 @@ pub const STEP_ROWS_MAX: usize = 512;
 pub const STEP_TIMEOUT_MS: u64 = 120_000;
 /// How often the idle generation thread looks for a new pipeline.
 const IDLE_POLL_MS: u64 = 50;
+/// Shortest shared prefix worth starting from a kept cache (prefix caching): below this the
+/// copy saves less than a step costs.
+pub const PREFIX_REUSE_TOKENS_MIN: usize = 16;
 
 // A step must fit one activations message, one segment per sequence; a prompt chunk must fit
 // a step.
@@ -64,6 +67,9 @@ pub struct GenerateRequest {
     /// Holds the answer to a grammar (a JSON schema): each step's sampling segment carries
     /// the tokens it allows, and each token drawn advances it.
     pub grammar: Option<crate::structured::Grammar>,
+    /// Prefix caching (llama-server's `cache_prompt`): start from the kept cache of an
+    /// earlier request with the same first tokens, and keep this one's cache when it ends.
+    pub cache_prompt: bool,
 }
 
 /// The log-probability of the prompt token at `position` (≥ 1) given those before it.
@@ -91,6 +97,9 @@ pub enum GenerateEvent {
     /// request asked for them; all of them arrive before the first `Token`).
     PromptLogprobs(Vec<PromptTokenLogprob>),
     Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// This many prompt tokens come from a kept cache (prefix caching) and are not computed
+    /// again; sent at admission, before anything else, only when there are some.
+    PromptCached(usize),
     Failed(String),
     /// The model cannot run now (the cluster lost the memory it needs, or has no workers
     /// yet): the client should retry later (HTTP 503).
@@ -130,6 +139,8 @@ pub struct ServiceStats {
     pub requests_finished: AtomicU64,
     pub requests_failed: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens taken from kept caches (prefix caching) instead of computed.
+    pub prompt_tokens_cached: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub step_rows: AtomicU64,
@@ -148,7 +159,13 @@ pub struct ServiceStats {
 impl GenerationService {
     /// Starts the generation thread over `pipeline`; sequences hold `context_length` tokens
     /// at most (the caller clamps it to the model's).
-    pub fn start(pipeline: Box<dyn Pipeline>, context_length: usize, stop_ids: Vec<u32>) -> Self {
+    ///
+    /// With `prefix_caching`, finished sequences' caches stay on every stage (in the slots of
+    /// the [`ACTIVE_SEQUENCES_MAX`] sequences the plan budgeted KV memory for, evicted least
+    /// recently used first when a new sequence needs the slot) and a request whose prompt
+    /// starts with the same tokens starts from a copy. Off for models whose sliding-window
+    /// layers drop old positions (a copy would miss them).
+    pub fn start(pipeline: Box<dyn Pipeline>, context_length: usize, stop_ids: Vec<u32>, prefix_caching: bool) -> Self {
         let (jobs, receiver) = std_mpsc::sync_channel(QUEUED_REQUESTS_MAX);
         let (pipelines, pipeline_receiver) = std_mpsc::channel();
         let stop_ids = Arc::new(stop_ids);
@@ -167,6 +184,8 @@ impl GenerationService {
                     next_step: 1,
                     broken: false,
                     in_flight: Default::default(),
+                    prefix_caching,
+                    kept: Vec::new(),
                 }
                 .run(receiver)
             })
@@ -231,6 +250,19 @@ struct Sequence {
     /// When the sequence was admitted and when its first token was sampled (for the log).
     admitted_at: std::time::Instant,
     first_token_at: Option<std::time::Instant>,
+    /// The kept cache this sequence starts from (its first start only; a replay computes all).
+    prefix: Option<potluck_protocol::PrefixReuse>,
+    /// Prompt tokens that came from a kept cache.
+    cached_tokens: usize,
+    /// Ended normally (not failed): its cache holds exactly its tokens, and may be kept.
+    finished: bool,
+}
+
+/// A finished sequence whose cache every stage still holds, for prefix caching.
+struct Kept {
+    id: u64,
+    /// The tokens in its cache.
+    tokens: Vec<u32>,
 }
 
 struct Generator {
@@ -245,6 +277,10 @@ struct Generator {
     broken: bool,
     /// Steps sent and not yet answered, oldest first (answers come back in send order).
     in_flight: std::collections::VecDeque<InFlight>,
+    prefix_caching: bool,
+    /// Kept caches, least recently used first; with the active sequences, at most
+    /// [`ACTIVE_SEQUENCES_MAX`] (what every stage holds at most).
+    kept: Vec<Kept>,
 }
 
 /// A step in the pipeline: its number and, per sequence, the rows it carries.
@@ -317,18 +353,78 @@ impl Generator {
     /// the step first, and its sampled token is then ignored.)
     fn retire(&mut self, active: &mut Vec<Sequence>) {
         let mut released = Vec::new();
-        active.retain(|s| {
-            let keep = !s.done && !s.events.is_closed();
-            if !keep {
-                released.push(s.id);
+        let mut kept = Vec::new();
+        let caching = self.prefix_caching && !self.broken;
+        active.retain_mut(|s| {
+            let stays = !s.done && !s.events.is_closed();
+            if !stays {
+                if caching && s.finished && s.request.cache_prompt && !s.request.prompt_logprobs && s.n_cached >= PREFIX_REUSE_TOKENS_MIN {
+                    kept.push(Kept { id: s.id, tokens: s.tokens[..s.n_cached].to_vec() });
+                } else {
+                    released.push(s.id);
+                }
             }
-            keep
+            stays
         });
+        for new in kept {
+            // A kept cache whose tokens begin the new one's is of no more use.
+            let (covered, others): (Vec<Kept>, Vec<Kept>) =
+                std::mem::take(&mut self.kept).into_iter().partition(|k| new.tokens.starts_with(&k.tokens));
+            self.kept = others;
+            released.extend(covered.iter().map(|k| k.id));
+            self.kept.push(new);
+        }
+        while active.len() + self.kept.len() > ACTIVE_SEQUENCES_MAX {
+            released.push(self.kept.remove(0).id);
+        }
         for id in released {
             if let Err(e) = self.pipeline.send(Message::release(id)) {
                 tracing::debug!(sequence = id, error = %e, "could not release a sequence's caches");
             }
         }
+    }
+
+    /// The kept cache that shares the longest prefix with `prompt` (at least
+    /// [`PREFIX_REUSE_TOKENS_MIN`] tokens, and never the whole prompt: its last token must be
+    /// computed to sample from), marked most recently used; and room made for one more
+    /// sequence beside `active` by evicting the least recently used others.
+    fn reuse_for(&mut self, prompt: &[u32], active: usize) -> Option<potluck_protocol::PrefixReuse> {
+        let best = self
+            .kept
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i, k.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1)))
+            .filter(|&(_, n)| n >= PREFIX_REUSE_TOKENS_MIN)
+            .max_by_key(|&(i, n)| (n, i));
+        let chosen = best.map(|(i, n)| {
+            let k = self.kept.remove(i);
+            let reuse = potluck_protocol::PrefixReuse { sequence_id: k.id, positions: n as u32 };
+            self.kept.push(k);
+            reuse
+        });
+        let room = ACTIVE_SEQUENCES_MAX.saturating_sub(active + 1);
+        while self.kept.len() > room {
+            let evicted = self.kept.remove(0);
+            if chosen.is_some_and(|c| c.sequence_id == evicted.id) {
+                // No slot for the new sequence beside its source: it computes everything.
+                let _ = self.pipeline.send(Message::release(evicted.id));
+                return self.reuse_for_evicted(active);
+            }
+            if let Err(e) = self.pipeline.send(Message::release(evicted.id)) {
+                tracing::debug!(sequence = evicted.id, error = %e, "could not release a kept cache");
+            }
+        }
+        chosen
+    }
+
+    /// Eviction took the chosen source too: evict down to the room and reuse nothing.
+    fn reuse_for_evicted(&mut self, active: usize) -> Option<potluck_protocol::PrefixReuse> {
+        let room = ACTIVE_SEQUENCES_MAX.saturating_sub(active + 1);
+        while self.kept.len() > room {
+            let evicted = self.kept.remove(0);
+            let _ = self.pipeline.send(Message::release(evicted.id));
+        }
+        None
     }
 
     /// Switches to a new pipeline if one was offered, replaying every active sequence.
@@ -348,9 +444,15 @@ impl Generator {
         self.pipeline = pipeline;
         // Steps in flight on the old pipeline are lost; their sequences replay from scratch.
         self.in_flight.clear();
+        // Kept caches were the old pipeline's. A stage that serves the new one too may
+        // still hold them: release them there, so they do not take its slots.
+        for kept in std::mem::take(&mut self.kept) {
+            let _ = self.pipeline.send(Message::release(kept.id));
+        }
         for seq in active.iter_mut() {
             seq.n_cached = 0;
             seq.n_sent = 0;
+            seq.prefix = None;
             if let Err(e) = self.pipeline.send(sequence_start(seq)) {
                 let _ = seq.events.send(GenerateEvent::Unavailable(format!("the request cannot go on: {e}")));
                 seq.done = true;
@@ -395,9 +497,27 @@ impl Generator {
             done: false,
             admitted_at: std::time::Instant::now(),
             first_token_at: None,
+            prefix: None,
+            cached_tokens: 0,
+            finished: false,
             request,
             events,
         };
+        let mut seq = seq;
+        if self.prefix_caching && !self.broken && seq.request.cache_prompt && !seq.request.prompt_logprobs {
+            if let Some(reuse) = self.reuse_for(&seq.request.prompt, active.len()) {
+                let n = reuse.positions as usize;
+                seq.prefix = Some(reuse);
+                seq.n_cached = n;
+                seq.n_sent = n;
+                seq.cached_tokens = n;
+                self.stats.prompt_tokens_cached.fetch_add(n as u64, Ordering::Relaxed);
+                let _ = seq.events.send(GenerateEvent::PromptCached(n));
+            }
+        } else {
+            // Room for the new sequence beside the kept caches all the same.
+            self.reuse_for_evicted(active.len());
+        }
         // While the pipeline is broken the next one's replay opens the sequence.
         if self.broken {
             active.push(seq);
@@ -616,6 +736,7 @@ fn sequence_start(seq: &Sequence) -> Message {
         top_logprobs: seq.request.top_logprobs.min(TOP_LOGPROBS_MAX as usize) as u32,
         history: seq.tokens[seq.tokens.len() - window..].to_vec(),
         prompt: if seq.request.prompt_logprobs { seq.request.prompt.clone() } else { Vec::new() },
+        prefix: seq.prefix,
     })
 }
 
@@ -631,6 +752,7 @@ fn finish(seq: &mut Sequence, reason: FinishReason, stats: &ServiceStats) {
         completion_tokens = seq.n_generated,
         ?reason,
         time_to_first_token_ms = (first - seq.admitted_at).as_millis() as u64,
+        cached_prompt_tokens = seq.cached_tokens,
         decode_tokens_per_s = if decode_s > 0.0 { ((seq.n_generated.saturating_sub(1)) as f64 / decode_s).round() } else { 0.0 },
         "request finished"
     );
@@ -640,6 +762,7 @@ fn finish(seq: &mut Sequence, reason: FinishReason, stats: &ServiceStats) {
         completion_tokens: seq.n_generated,
     });
     seq.done = true;
+    seq.finished = true;
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

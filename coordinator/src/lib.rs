@@ -29,6 +29,7 @@ pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod structured;
+pub mod tools;
 pub mod text;
 
 use potluck_node::model::{self, ModelSpec, ResolvedModel};
@@ -133,7 +134,9 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
             Box::new(pipeline::LocalPipeline::new(runner))
         }
     };
-    let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec());
+    // Sliding-window layers drop old positions, so a kept cache may lack what a copy needs.
+    let prefix_caching = profile.sliding_layers.is_empty();
+    let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec(), prefix_caching);
     let tokenizer = Arc::new(tokenizer);
     let grammar_started = std::time::Instant::now();
     let grammars = match structured::GrammarFactory::new(tokenizer.clone(), profile.vocab_size, tokenizer.stop_ids().to_vec()) {
@@ -146,8 +149,10 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
             None
         }
     };
+    let tool_format = template.as_ref().map(tools::ToolFormat::detect);
     Ok(Arc::new(state::AppState {
         grammars,
+        tool_format,
         whole_model_local: unavailable.is_none(),
         cluster: cluster::ClusterStatus::local(profile.n_layers),
         model_path: path.clone(),

@@ -29,6 +29,8 @@ pub struct AppState {
     /// Compiles `response_format` schemas over the model's vocabulary; None when the
     /// vocabulary could not be indexed (such requests then get a 400 saying so).
     pub grammars: Option<Arc<crate::structured::GrammarFactory>>,
+    /// How the chat template's model family writes tool calls (None without a template).
+    pub tool_format: Option<crate::tools::ToolFormat>,
     /// The GGUF's chat template; None for a base model (the chat endpoint then refuses).
     pub template: Option<Arc<ChatTemplate>>,
     /// The name `/v1/models` reports; requests may name any model and get this one.

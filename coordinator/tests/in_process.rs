@@ -147,7 +147,7 @@ fn open_model() -> Model {
 fn local_service(model: &Model, sequences_max: usize) -> GenerationService {
     let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
     let runner = StageRunner::new(slice, CONTEXT_TOKENS, sequences_max, potluck_protocol::Dtype::F32);
-    GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec())
+    GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), true)
 }
 
 fn request(model: &Model, prompt: &str, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
@@ -165,19 +165,32 @@ fn request(model: &Model, prompt: &str, max_tokens: usize, sampling: SamplingPar
         top_logprobs: 0,
         prompt_logprobs: false,
         grammar: None,
+        cache_prompt: true,
     }
 }
 
 /// Every token of one request, and how it finished.
-async fn tokens_of(mut events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) -> (Vec<u32>, FinishReason) {
+async fn tokens_of(events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) -> (Vec<u32>, FinishReason) {
+    let (tokens, reason, _) = tokens_and_cached(events).await;
+    (tokens, reason)
+}
+
+/// Every token of one request, how it finished, and how many prompt tokens came from a kept
+/// cache.
+async fn tokens_and_cached(mut events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) -> (Vec<u32>, FinishReason, usize) {
     let mut tokens = Vec::new();
+    let mut cached = 0;
     let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await.expect("the request ends in time") {
+            Some(GenerateEvent::PromptCached(n)) => {
+                assert!(tokens.is_empty(), "the cached count comes first");
+                cached = n;
+            }
             Some(GenerateEvent::Token { id, .. }) => tokens.push(id),
             Some(GenerateEvent::Finished { reason, completion_tokens, .. }) => {
                 assert_eq!(completion_tokens, tokens.len());
-                return (tokens, reason);
+                return (tokens, reason, cached);
             }
             Some(other) => panic!("unexpected event {other:?}"),
             None => panic!("the service dropped the request"),
@@ -204,6 +217,37 @@ async fn sequences_batched_together_sample_what_each_samples_alone() {
     assert_eq!(greedy_together, greedy_alone, "the greedy sequence, batched vs alone");
     assert_eq!(drawn_together, drawn_alone, "the seeded sequence, batched vs alone");
     assert!(service.stats().steps.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// Prefix caching: a conversation's next turn starts from the kept cache of the one before
+/// (its prompt and answer), computes only what is new, and draws exactly the tokens a
+/// service without the cache draws.
+#[tokio::test]
+async fn a_kept_prefix_gives_the_same_tokens_and_skips_its_computation() {
+    let model = open_model();
+    let cached = local_service(&model, ACTIVE_SEQUENCES_MAX);
+    let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
+    let runner = StageRunner::new(slice, CONTEXT_TOKENS, ACTIVE_SEQUENCES_MAX, potluck_protocol::Dtype::F32);
+    let plain = GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), false);
+    let first = request(&model, "The three primary colors of light are red, green and blue. Mixing all three gives", 12, SamplingParams::greedy());
+    let (answer, _, none) = tokens_and_cached(cached.submit(first.clone()).unwrap()).await;
+    assert_eq!(none, 0, "nothing is kept before the first request");
+    let mut second = first.clone();
+    second.prompt.extend(&answer);
+    second.prompt.extend(model.tokenizer.encode(" In the same way, mixing red and green light gives", false));
+    second.sampling = SamplingParams { temperature: 0.8, seed: Some(7), ..SamplingParams::default() };
+    let (with_cache, _, reused) = tokens_and_cached(cached.submit(second.clone()).unwrap()).await;
+    // Every position the first request computed: its prompt and all but its last token.
+    assert_eq!(reused, first.prompt.len() + answer.len() - 1);
+    let (without, _, none) = tokens_and_cached(plain.submit(second.clone()).unwrap()).await;
+    assert_eq!(none, 0);
+    assert_eq!(with_cache, without, "the same tokens with and without the kept cache");
+    assert_eq!(cached.stats().prompt_tokens_cached.load(std::sync::atomic::Ordering::Relaxed), reused as u64);
+    // Opting out computes everything.
+    let mut opted_out = second.clone();
+    opted_out.cache_prompt = false;
+    let (again, _, none) = tokens_and_cached(cached.submit(opted_out).unwrap()).await;
+    assert_eq!((none, again), (0, without));
 }
 
 #[tokio::test]
@@ -240,6 +284,7 @@ async fn a_request_after_a_new_pipeline_runs_on_it() {
         Box::new(UnavailablePipeline::new("no worker yet".into())),
         CONTEXT_TOKENS,
         model.tokenizer.stop_ids().to_vec(),
+        true,
     );
     let mut refused = service.submit(request(&model, "Hi", 2, SamplingParams::greedy())).unwrap();
     let first = tokio::time::timeout(WAIT_TIMEOUT, refused.recv()).await.expect("an answer in time");

@@ -28,21 +28,30 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>'
 
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// One turn of a conversation.
+/// One turn of a conversation, as Hugging Face templates read it: `role` and `content`, and
+/// for tool use an assistant's `tool_calls` (OpenAI's shape, `function.arguments` as a JSON
+/// object, as HF and llama.cpp hand templates) and a tool result's `tool_call_id` / `name`.
+/// Absent fields stay undefined in the template, as they are for HF.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None, name: None }
     }
 }
+
+/// The tool a template is shown to find out whether it renders tools at all.
+const PROBE_TOOL_NAME: &str = "potluck_probe_tool";
 
 /// A compiled chat template with the token texts it may refer to.
 #[derive(Clone)]
@@ -134,12 +143,25 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the tools the model may call (OpenAI's `tools` list:
+    /// `{"type": "function", "function": {"name", "description", "parameters"}}`), passed
+    /// as HF's `apply_chat_template(tools=…)` passes them; `None` is the template's `none`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| EngineError::ChatTemplate(describe(&e)))?;
         let context = minijinja::context! {
             messages => Value::from_serialize(messages),
+            tools => Value::from_serialize(tools),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -153,6 +175,18 @@ impl ChatTemplate {
             }
         }
         Ok(rendered)
+    }
+}
+
+impl ChatTemplate {
+    /// Whether the template shows the model the tools it is given (llama.cpp decides the
+    /// same way: render a conversation with a probe tool and look for its name). A template
+    /// that ignores `tools` (SmolLM2's, for one) needs them described some other way.
+    pub fn renders_tools(&self) -> bool {
+        let probe = serde_json::json!({"type": "function", "function": {
+            "name": PROBE_TOOL_NAME, "description": "a probe", "parameters": {"type": "object", "properties": {}}}});
+        self.render_with_tools(&[ChatMessage::new("user", "hi")], Some(&[probe]), true)
+            .is_ok_and(|text| text.contains(PROBE_TOOL_NAME))
     }
 }
 

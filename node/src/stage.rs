@@ -180,7 +180,14 @@ impl StageRunner {
             top_logprobs: (start.top_logprobs.min(TOP_LOGPROBS_MAX)) as usize,
             prompt: start.prompt.clone(),
         });
-        let cache = self.model.new_cache(self.context_length);
+        let cache = match &start.prefix {
+            None => self.model.new_cache(self.context_length),
+            // Prefix caching: the same tokens' keys and values, computed for an earlier request.
+            Some(prefix) => {
+                let source = self.sequences.get(&prefix.sequence_id).ok_or(StageError::UnknownSequence(prefix.sequence_id))?;
+                source.cache.fork_prefix(prefix.positions as usize)?
+            }
+        };
         self.sequences.insert(start.sequence_id, StageSequence { cache, sampling });
         Ok(())
     }

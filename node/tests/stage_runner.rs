@@ -60,7 +60,7 @@ fn greedy(seed: u64) -> SamplingWire {
 }
 
 fn start(sequence_id: u64, sampling: SamplingWire) -> Message {
-    Message::SequenceStart(SequenceStart { sequence_id, sampling, logprobs: true, top_logprobs: 2, history: Vec::new(), prompt: Vec::new() })
+    Message::SequenceStart(SequenceStart { sequence_id, sampling, logprobs: true, top_logprobs: 2, history: Vec::new(), prompt: Vec::new(), prefix: None })
 }
 
 /// Prefill `prompt`, then decode `n` tokens one step at a time; the sampled tokens.

@@ -83,6 +83,20 @@ pub struct SequenceStart {
     /// computes, the log-probability of the prompt's next token ([`PromptLogprob`]), with
     /// `top_logprobs` alternatives. Empty otherwise; at most [`PROMPT_LOGPROBS_TOKENS_MAX`].
     pub prompt: Vec<u32>,
+    /// Prefix caching: the new sequence's cache starts as a copy of this held sequence's
+    /// first positions (the same tokens, computed for an earlier request), so its first
+    /// step starts at `positions`. Every stage holds the source: the coordinator names only
+    /// sequences it kept on this pipeline.
+    pub prefix: Option<PrefixReuse>,
+}
+
+/// Where a new sequence's cached prefix comes from.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct PrefixReuse {
+    /// A sequence held on every stage, not the new one.
+    pub sequence_id: u64,
+    /// Positions copied: at least 1, below [`SEQUENCE_POSITIONS_MAX`].
+    pub positions: u32,
 }
 
 /// One sequence's rows within a step: rows `first_position .. first_position + n_rows` of
@@ -284,7 +298,16 @@ impl SequenceStart {
         self.sampling.validate()?;
         check_len("top_logprobs", self.top_logprobs as usize, TOP_LOGPROBS_MAX)?;
         check_len("history", self.history.len(), PENALTY_WINDOW_TOKENS_MAX)?;
-        check_len("prompt", self.prompt.len(), PROMPT_LOGPROBS_TOKENS_MAX)
+        check_len("prompt", self.prompt.len(), PROMPT_LOGPROBS_TOKENS_MAX)?;
+        if let Some(prefix) = &self.prefix {
+            if prefix.sequence_id == self.sequence_id {
+                return Err(ProtocolError::InvalidValue { field: "prefix.sequence_id", reason: "a sequence cannot start from itself" });
+            }
+            if prefix.positions == 0 || prefix.positions >= SEQUENCE_POSITIONS_MAX {
+                return Err(ProtocolError::InvalidValue { field: "prefix.positions", reason: "not in 1..SEQUENCE_POSITIONS_MAX" });
+            }
+        }
+        Ok(())
     }
 }
 

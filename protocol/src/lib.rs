@@ -32,7 +32,7 @@ pub use control::{
 };
 pub use data::{
     AllowedTokens, LogitBiasEntry,
-    payload_to_rows, rows_to_payload, Activations, Dtype, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment,
+    payload_to_rows, rows_to_payload, Activations, Dtype, PrefixReuse, PromptLogprob, SampledToken, SampledTokens, SamplingWire, Segment,
     SequenceStart, StepTokens, TokenLogprob, WeightChunk,
 };
 pub use error::ProtocolError;

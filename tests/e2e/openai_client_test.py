@@ -268,10 +268,66 @@ for schema, named in [({"not": {"type": "string"}}, "not"), ({"type": "string", 
 status, body = http("POST", "/v1/chat/completions", json.dumps({"messages": ask, "max_tokens": 1, "response_format": {"type": "yaml"}}))
 check(status == 400 and body["error"]["param"] == "response_format", f"an unknown response_format type is a 400: {body}")
 
+# Tool calls. The default model's template ignores tools, so the generic format describes them
+# in a system message and holds the answer to {"tool_call": …} or {"response": …}; a forced
+# call's arguments are held to the function's schema.
+weather = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather forecast for a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "unit", "days"], "additionalProperties": False}}}
+clock = {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone",
+                                          "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}}
+schemas = {"get_weather": weather["function"]["parameters"], "get_time": clock["function"]["parameters"]}
+ask = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+for choice in ["required", {"type": "function", "function": {"name": "get_weather"}}]:
+    r = client.chat.completions.create(model="x", messages=ask, tools=[weather, clock], tool_choice=choice, max_tokens=100, temperature=0)
+    calls = r.choices[0].message.tool_calls
+    check(r.choices[0].finish_reason == "tool_calls" and len(calls) == 1 and calls[0].id.startswith("call_"),
+          f"tool_choice {choice}: one call, finish_reason tool_calls: {r.choices[0].message}")
+    jsonschema.validate(json.loads(calls[0].function.arguments), schemas[calls[0].function.name])
+    check(choice == "required" or calls[0].function.name == "get_weather",
+          f"tool_choice {choice}: the arguments validate against the tool's schema: {calls[0].function}")
+r = client.chat.completions.create(model="x", messages=ask, tools=[weather, clock], tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                   max_tokens=100, temperature=0)
+check(r.choices[0].message.tool_calls[0].function.name == "get_time", "a named function is the one called")
+stream = client.chat.completions.create(model="x", messages=ask, tools=[weather], tool_choice="required", max_tokens=100, temperature=0, stream=True)
+pieces, name, call_id, finish = [], None, None, None
+for chunk in stream:
+    if not chunk.choices:
+        continue
+    for delta in chunk.choices[0].delta.tool_calls or []:
+        name = name or delta.function.name
+        call_id = call_id or delta.id
+        pieces.append(delta.function.arguments or "")
+    finish = chunk.choices[0].finish_reason or finish
+jsonschema.validate(json.loads("".join(pieces)), schemas["get_weather"])
+check(name == "get_weather" and call_id and len([p for p in pieces if p]) > 3 and finish == "tool_calls",
+      f"a streamed tool call: name first, arguments in {len(pieces)} deltas that validate when joined")
+r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Say hello to me."}], tools=[weather],
+                                   max_tokens=60, temperature=0)
+m = r.choices[0].message
+check((m.tool_calls and r.choices[0].finish_reason == "tool_calls") or (m.content and not m.tool_calls and r.choices[0].finish_reason == "stop"),
+      f"tool_choice auto answers a call or text, each well formed: {m}")
+# The conversation goes on with the call and its result.
+follow = ask + [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius", "days": 3})}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"forecast": "sunny, 21 C"})}]
+r = client.chat.completions.create(model="x", messages=follow, tools=[weather], max_tokens=60, temperature=0)
+check(r.choices[0].finish_reason in ("stop", "tool_calls", "length"), f"a turn after a tool result is answered: {r.choices[0].message}")
+for extra, param in [({"tool_choice": "required"}, "tool_choice"), ({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+                     ({"tools": [weather], "response_format": {"type": "json_object"}}, "response_format")]:
+    status, body = http("POST", "/v1/chat/completions", json.dumps({"messages": ask, "max_tokens": 1, **extra}))
+    check(status == 400 and body["error"]["param"] == param, f"bad tool fields are a 400 naming {param}: {body}")
+status, body = http("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1, "tools": [weather]}))
+check(status == 400 and body["error"]["param"] == "tools", f"tools on /v1/completions is a 400: {body}")
+
 # What we cannot honour yet is refused by name, never answered as if honoured; what changes
 # nothing here is accepted.
-for extra, param in [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                     ({"tool_choice": "required"}, "tool_choice")]:
+for extra, param in [({"functions": [{"name": "f", "parameters": {}}]}, "functions"), ({"function_call": "auto"}, "function_call")]:
     status, body = http("POST", "/v1/chat/completions",
                         json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra}))
     check(status == 400 and body["error"]["param"] == param and body["error"]["code"] == "unsupported_parameter",

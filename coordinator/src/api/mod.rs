@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use crate::generation::SubmitError;
 use crate::snapshot::ClusterSnapshot;
 use crate::state::AppState;
+use crate::tools::{ToolFormat, ToolRequest};
 use responses::{run_generation, Endpoint};
 use validation::{ChatRequest, CompletionRequest, PromptInput};
 
@@ -244,6 +245,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes
     let request: ChatRequest = parse_json(&body)?;
     let messages = request.messages()?;
     let top_logprobs = request.top_logprobs()?;
+    let tool_request = request.tool_request()?;
     let tokenizer = state.tokenizer.clone();
     let Some(template) = state.template.clone() else {
         return Err(ApiError::bad_request(format!(
@@ -253,8 +255,22 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes
         ))
         .code("no_chat_template"));
     };
+    let format = state.tool_format.unwrap_or(ToolFormat::Generic);
+    let shown = tool_request.clone();
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
-        let text = template.render(&messages, true).map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
+        let mut text = match &shown {
+            None => template.render(&messages, true),
+            Some(tools) => {
+                let messages = crate::tools::messages_for_template(messages, tools, format);
+                let given = (format != ToolFormat::Generic).then_some(tools.tools.as_slice());
+                template.render_with_tools(&messages, given, true)
+            }
+        }
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
+        if shown.as_ref().is_some_and(ToolRequest::forced) {
+            // The call's opening is the prompt's: the model writes the call itself.
+            text.push_str(format.forced_opening());
+        }
         let mut ids = Vec::new();
         if tokenizer.add_bos() {
             ids.extend(tokenizer.bos_id());
@@ -266,13 +282,26 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes
     .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
     let max_tokens = request.max_completion_tokens.or(request.common.max_tokens);
     let want_logprobs = request.logprobs.unwrap_or(false);
-    let prepared = request.common.prepare(prompt, max_tokens, None, (want_logprobs, top_logprobs), &state)?;
+    let mut prepared = request.common.prepare(prompt, max_tokens, None, (want_logprobs, top_logprobs), &state)?;
+    if let Some(tools) = &tool_request {
+        if let Some(schema) = tools.grammar_schema(format) {
+            let factory = state.grammars.as_ref().ok_or_else(|| {
+                ApiError::bad_request("tool calls need constrained decoding, unavailable for this model's vocabulary").param("tools")
+            })?;
+            let grammar = factory
+                .json_schema(schema)
+                .map_err(|e| ApiError::bad_request(format!("a tool's parameters cannot be enforced: {e}")).param("tools"))?;
+            prepared.generate.grammar = Some(grammar);
+        }
+        prepared.tools = Some((format, tools.forced()));
+    }
     run_generation(state, prepared, Endpoint::Chat).await
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body?;
     let request: CompletionRequest = parse_json(&body)?;
+    request.refuse_tools()?;
     let prompt = match request.prompt_input()? {
         PromptInput::Ids(ids) => ids,
         PromptInput::Text(text) => {

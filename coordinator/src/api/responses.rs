@@ -126,14 +126,18 @@ struct Outcome {
     finish_reason: &'static str,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
     /// Chat's `logprobs.content` entries.
     logprobs: Vec<Value>,
     /// Completions' `logprobs` object, when asked for.
     completion_logprobs: Option<CompletionLogprobs>,
 }
 
-pub(super) fn usage_json(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+/// OpenAI's `usage`; `prompt_tokens_details.cached_tokens` counts the prompt tokens that came
+/// from a kept cache (prefix caching).
+pub(super) fn usage_json(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}})
 }
 
 /// Puts a request on the dashboard's list when it ends, however it ends (a client that
@@ -187,13 +191,31 @@ pub(super) async fn run_generation(state: Arc<AppState>, prepared: Prepared, end
     recorder.finish_reason = outcome.finish_reason;
     recorder.completion_tokens = outcome.completion_tokens;
     let model = &state.model_id;
-    let usage = usage_json(outcome.prompt_tokens, outcome.completion_tokens);
+    let usage = usage_json(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens);
     let body = match endpoint {
         Endpoint::Chat => {
             let logprobs = if prepared.want_logprobs { json!({"content": outcome.logprobs}) } else { Value::Null };
+            let mut message = json!({"role": "assistant", "content": outcome.text});
+            let mut finish_reason = outcome.finish_reason;
+            if let Some((format, forced)) = prepared.tools {
+                let mut stream = crate::tools::ToolStream::new(format, forced);
+                let mut deltas = stream.push(&outcome.text);
+                deltas.extend(stream.finish());
+                let (content, calls) = crate::tools::assemble(deltas);
+                if !calls.is_empty() {
+                    // OpenAI: a message that calls tools has null content when it says nothing.
+                    message = json!({"role": "assistant", "content": if content.trim().is_empty() { Value::Null } else { json!(content) }, "tool_calls": calls});
+                    if finish_reason == "stop" {
+                        finish_reason = "tool_calls";
+                    }
+                } else {
+                    message["content"] = json!(content);
+                }
+            }
+            recorder.finish_reason = finish_reason;
             json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.text}, "logprobs": logprobs, "finish_reason": outcome.finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
                 "usage": usage,
             })
         }
@@ -222,8 +244,10 @@ async fn collect(
     };
     let mut logprobs = Vec::new();
     let mut completion_tokens = 0;
+    let mut cached_tokens = 0;
     while let Some(event) = receiver.recv().await {
         match event {
+            GenerateEvent::PromptCached(n) => cached_tokens = n,
             GenerateEvent::PromptLogprobs(entries) => {
                 if let Some(lp) = completion_logprobs.as_mut() {
                     for e in entries {
@@ -243,13 +267,13 @@ async fn collect(
                     // Dropping the receiver cancels the rest of the generation.
                     let prompt_tokens = prepared.prompt.len();
                     let finish_reason = "stop";
-                    return Ok(Outcome { text, finish_reason, prompt_tokens, completion_tokens, logprobs, completion_logprobs });
+                    return Ok(Outcome { text, finish_reason, prompt_tokens, completion_tokens, cached_tokens, logprobs, completion_logprobs });
                 }
             }
             GenerateEvent::Finished { reason, prompt_tokens, completion_tokens } => {
                 text.push_str(&assembler.finish());
                 let finish_reason = if assembler.stopped() { "stop" } else { finish_reason_str(reason) };
-                return Ok(Outcome { text, finish_reason, prompt_tokens, completion_tokens, logprobs, completion_logprobs });
+                return Ok(Outcome { text, finish_reason, prompt_tokens, completion_tokens, cached_tokens, logprobs, completion_logprobs });
             }
             GenerateEvent::Failed(message) => return Err(ApiError::internal(message)),
             GenerateEvent::Unavailable(message) => return Err(ApiError::unavailable(message)),

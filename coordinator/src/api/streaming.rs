@@ -64,6 +64,12 @@ async fn stream_events(
                        "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}]}),
         }
     };
+    // A chunk whose delta is a tool-call piece (or content, for requests with tools).
+    let delta_chunk = |delta: Value| -> Value {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]})
+    };
+    let mut tool_stream = prepared.tools.map(|(format, forced)| crate::tools::ToolStream::new(format, forced));
     let send = |value: Value| {
         let tx = tx.clone();
         async move { tx.send(Ok(Event::default().data(value.to_string()))).await.is_ok() }
@@ -81,13 +87,14 @@ async fn stream_events(
         Endpoint::Chat => (String::new(), None, 0),
     };
     let mut preamble_pending = endpoint == Endpoint::Completion && prepared.echo;
+    let mut cached_tokens = 0;
     let (finish, prompt_tokens, completion_tokens) = loop {
         let Some(event) = receiver.recv().await else {
             let error = ApiError::internal("the generation service stopped");
             let _ = send(error.body()).await;
             return;
         };
-        if preamble_pending && !matches!(event, GenerateEvent::PromptLogprobs(_)) {
+        if preamble_pending && !matches!(event, GenerateEvent::PromptLogprobs(_) | GenerateEvent::PromptCached(_)) {
             preamble_pending = false;
             let logprobs = completion_logprobs.as_mut().filter(|lp| !lp.is_empty()).map(CompletionLogprobs::take);
             let prompt = std::mem::take(&mut echo);
@@ -96,6 +103,7 @@ async fn stream_events(
             }
         }
         match event {
+            GenerateEvent::PromptCached(n) => cached_tokens = n,
             GenerateEvent::PromptLogprobs(entries) => {
                 if let Some(lp) = completion_logprobs.as_mut() {
                     for e in entries {
@@ -107,6 +115,22 @@ async fn stream_events(
                 completion_tokens += 1;
                 recorder.completion_tokens = completion_tokens;
                 let text = assembler.push(tokenizer, token);
+                if let Some(tools) = tool_stream.as_mut() {
+                    for delta in tools.push(&text) {
+                        if !send(delta_chunk(crate::tools::delta_json(&delta))).await {
+                            return;
+                        }
+                    }
+                    if assembler.stopped() {
+                        for delta in tools.finish() {
+                            if !send(delta_chunk(crate::tools::delta_json(&delta))).await {
+                                return;
+                            }
+                        }
+                        break (if tools.made_calls() { "tool_calls" } else { "stop" }, prepared.prompt.len(), completion_tokens);
+                    }
+                    continue;
+                }
                 let logprobs = match completion_logprobs.as_mut() {
                     Some(lp) => {
                         lp.push(tokenizer, &mut offset, token, logprob, Some(&top));
@@ -125,6 +149,17 @@ async fn stream_events(
             }
             GenerateEvent::Finished { reason, prompt_tokens, completion_tokens } => {
                 let text = assembler.finish();
+                if let Some(tools) = tool_stream.as_mut() {
+                    let mut deltas = tools.push(&text);
+                    deltas.extend(tools.finish());
+                    for delta in deltas {
+                        if !send(delta_chunk(crate::tools::delta_json(&delta))).await {
+                            return;
+                        }
+                    }
+                    let finish = if tools.made_calls() && reason == crate::generation::FinishReason::Stop { "tool_calls" } else { finish_reason_str(reason) };
+                    break (finish, prompt_tokens, completion_tokens);
+                }
                 if !text.is_empty() && !send(chunk(Some(&text), None, None, false)).await {
                     return;
                 }
@@ -156,7 +191,7 @@ async fn stream_events(
     }
     if prepared.include_usage {
         let usage = json!({"id": id, "object": if endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" },
-                           "created": created, "model": model, "choices": [], "usage": usage_json(prompt_tokens, completion_tokens)});
+                           "created": created, "model": model, "choices": [], "usage": usage_json(prompt_tokens, completion_tokens, cached_tokens)});
         if !send(usage).await {
             return;
         }

@@ -16,6 +16,7 @@ use super::ApiError;
 use crate::generation::GenerateRequest;
 use crate::state::AppState;
 use crate::structured::Grammar;
+use crate::tools::{self, ToolFormat, ToolRequest};
 use crate::text::{STOP_STRINGS_MAX, STOP_STRING_BYTES_MAX};
 
 /// Largest request body accepted; bigger ones get a 413. A prompt longer than the context is
@@ -47,6 +48,8 @@ pub(super) struct CommonParams {
     #[serde(alias = "repeat_penalty")]
     repetition_penalty: Option<f32>,
     ignore_eos: Option<bool>,
+    /// llama-server's name: false opts out of prefix caching for this request.
+    cache_prompt: Option<bool>,
     n: Option<u64>,
     /// OpenAI's `logit_bias`: token id (a string key) → bias within [-100, 100]; -100 bans.
     logit_bias: Option<serde_json::Map<String, Value>>,
@@ -89,6 +92,14 @@ struct ChatMessageIn {
     role: String,
     #[serde(default)]
     content: Option<MessageContent>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    /// A tool result's call id, and the function's name.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,12 +139,16 @@ pub(super) struct Prepared {
     pub(super) want_logprobs: bool,
     /// Completions' `echo`: the prompt comes first in the text.
     pub(super) echo: bool,
+    /// Chat with tools: the family's call syntax, and whether a call is forced; the answer's
+    /// text then goes through a [`tools::ToolStream`].
+    pub(super) tools: Option<(ToolFormat, bool)>,
 }
 
 impl CommonParams {
     /// A 400 naming the first field set to something this server cannot do yet. Empty or
-    /// neutral values (no tools, `tool_choice: "none"`, an empty suffix) ask for nothing and
-    /// pass.
+    /// neutral values (no functions, `function_call: "none"`, an empty suffix) ask for
+    /// nothing and pass. (`tools` and `tool_choice` are the chat endpoint's:
+    /// [`ChatRequest::tool_request`]; completions refuse them in [`CompletionRequest::refuse_tools`].)
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
         let unsupported = |param: &'static str, what: &str| {
             Err(ApiError::bad_request(format!("{param} is not supported by this server yet: {what}")).param(param).code("unsupported_parameter"))
@@ -144,9 +159,9 @@ impl CommonParams {
             Some(Value::String(s)) => !s.is_empty() && s != "none",
             Some(_) => true,
         };
-        for (value, param) in [(&self.tools, "tools"), (&self.tool_choice, "tool_choice"), (&self.functions, "functions"), (&self.function_call, "function_call")] {
+        for (value, param) in [(&self.functions, "functions"), (&self.function_call, "function_call")] {
             if set(value) {
-                return unsupported(param, "tool and function calls are not implemented");
+                return unsupported(param, "the deprecated function-call fields are not implemented: send tools and tool_choice");
             }
         }
         if set(&self.suffix) {
@@ -285,6 +300,7 @@ impl CommonParams {
                 top_logprobs,
                 prompt_logprobs: false,
                 grammar: self.grammar(state)?,
+                cache_prompt: self.cache_prompt.unwrap_or(true),
             },
             prompt,
             stops,
@@ -292,6 +308,7 @@ impl CommonParams {
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             want_logprobs,
             echo: false,
+            tools: None,
         })
     }
 }
@@ -319,9 +336,35 @@ impl ChatRequest {
                     text
                 }
             };
-            messages.push(ChatMessage { role: m.role.clone(), content });
+            let mut message = ChatMessage::new(m.role.clone(), content);
+            if let Some(calls) = &m.tool_calls {
+                let mut shown = Vec::with_capacity(calls.len());
+                for call in calls {
+                    let function = call.get("function").filter(|f| f.get("name").is_some_and(Value::is_string)).ok_or_else(|| {
+                        ApiError::bad_request("each tool call in messages has a function with a name").param("messages")
+                    })?;
+                    let arguments = tools::arguments_for_template(function.get("arguments").unwrap_or(&Value::Null));
+                    shown.push(serde_json::json!({"id": call.get("id"), "type": "function",
+                        "function": {"name": function["name"], "arguments": arguments}}));
+                }
+                message.tool_calls = Some(shown);
+            }
+            message.tool_call_id = m.tool_call_id.clone();
+            message.name = m.name.clone();
+            messages.push(message);
         }
         Ok(messages)
+    }
+
+    /// The request's tools, checked; `None` without tools or with `tool_choice: "none"`.
+    pub(super) fn tool_request(&self) -> Result<Option<ToolRequest>, ApiError> {
+        let request = ToolRequest::parse(self.common.tools.as_ref(), self.common.tool_choice.as_ref())
+            .map_err(|e| ApiError::bad_request(e.message).param(e.param))?;
+        if request.is_some() && self.common.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")) {
+            return Err(ApiError::bad_request("response_format cannot be combined with tools: the tool call has its own format")
+                .param("response_format"));
+        }
+        Ok(request)
     }
 
     /// Alternatives per token: `top_logprobs` when `logprobs` is on, else none.
@@ -344,6 +387,18 @@ pub(super) enum PromptInput {
 }
 
 impl CompletionRequest {
+    /// Tools belong to chat: a completion has no template to show them through.
+    pub(super) fn refuse_tools(&self) -> Result<(), ApiError> {
+        for (value, param) in [(&self.common.tools, "tools"), (&self.common.tool_choice, "tool_choice")] {
+            if value.as_ref().is_some_and(|v| !v.is_null() && v != &Value::Array(Vec::new()) && v != "none") {
+                return Err(ApiError::bad_request(format!("{param} is for /v1/chat/completions (a completion has no chat template to show tools through)"))
+                    .param(param)
+                    .code("unsupported_parameter"));
+            }
+        }
+        Ok(())
+    }
+
     /// The one prompt: a string, token ids, or a batch of exactly one of either.
     pub(super) fn prompt_input(&self) -> Result<PromptInput, ApiError> {
         Ok(match &self.prompt {

@@ -75,6 +75,7 @@ pub fn sequence_start() -> SequenceStart {
         top_logprobs: 3,
         history: vec![1, 2, 3],
         prompt: vec![9, 1, 2, 3],
+        prefix: Some(PrefixReuse { sequence_id: 4, positions: 12 }),
     }
 }
 

@@ -744,3 +744,19 @@ fn bad_token_masks_are_refused() {
         ProtocolError::TooLong { field: "masked segments", len: u64::from(n), max: u64::from(MASKED_SEGMENTS_MAX) },
     );
 }
+
+#[test]
+fn bad_prefix_reuse_is_refused() {
+    let own = SequenceStart { prefix: Some(PrefixReuse { sequence_id: 5, positions: 3 }), ..sequence_start() };
+    assert_refused(
+        Message::SequenceStart(own),
+        ProtocolError::InvalidValue { field: "prefix.sequence_id", reason: "a sequence cannot start from itself" },
+    );
+    for positions in [0, SEQUENCE_POSITIONS_MAX] {
+        let message = SequenceStart { prefix: Some(PrefixReuse { sequence_id: 4, positions }), ..sequence_start() };
+        assert_refused(
+            Message::SequenceStart(message),
+            ProtocolError::InvalidValue { field: "prefix.positions", reason: "not in 1..SEQUENCE_POSITIONS_MAX" },
+        );
+    }
+}

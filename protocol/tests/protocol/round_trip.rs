@@ -123,14 +123,16 @@ fn sequence_start_strategy() -> impl Strategy<Value = SequenceStart> {
         0..=TOP_LOGPROBS_MAX,
         vec(any::<u32>(), 0..200),
         vec(any::<u32>(), 0..200),
+        proptest::option::of(1..SEQUENCE_POSITIONS_MAX),
     )
-        .prop_map(|(sequence_id, sampling, logprobs, top_logprobs, history, prompt)| SequenceStart {
+        .prop_map(|(sequence_id, sampling, logprobs, top_logprobs, history, prompt, positions)| SequenceStart {
             sequence_id,
             sampling,
             logprobs,
             top_logprobs,
             history,
             prompt,
+            prefix: positions.map(|positions| PrefixReuse { sequence_id: sequence_id.wrapping_add(1), positions }),
         })
 }
 
