@@ -135,7 +135,7 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
         }
     };
     // Sliding-window layers drop old positions, so a kept cache may lack what a copy needs.
-    let prefix_caching = profile.sliding_layers.is_empty();
+    let prefix_caching = !profile.sliding_layers.iter().any(|&sliding| sliding);
     let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec(), prefix_caching);
     let tokenizer = Arc::new(tokenizer);
     let grammar_started = std::time::Instant::now();

@@ -416,6 +416,34 @@ fn the_default_cluster_gives_one_machines_log_probabilities_bit_for_bit() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Prefix caching on a 2-stage cluster: a 10-turn chat (each turn resending the history)
+/// answers the same with the kept caches and without, its last turn's prompt comes mostly
+/// from the cache, and after a worker is killed with cached prefixes in place the cluster
+/// re-plans and the same chat answers the same again (tests/e2e/prefix_cache_chat.py prints
+/// the last turn's time to first token with and without the cache).
+#[test]
+fn a_chat_reuses_its_cached_prefix_and_survives_a_replan() {
+    let dir = temp_dir("prefix-cache");
+    let coordinator = start_coordinator(&dir, &["--workers", "2", "--no-local-layers", "--planner", "proportional"]);
+    let _w1 = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let w2 = start_worker(&dir, "w2", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    wait_for_stages(&coordinator, 2, Duration::from_secs(180));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("python3")
+        .arg(root.join("tests/e2e/prefix_cache_chat.py"))
+        .arg(format!("http://{}", coordinator.http))
+        .arg(w2.child.id().to_string())
+        .status()
+        .expect("running python3");
+    assert!(status.success(), "prefix_cache_chat.py failed against the cluster");
+    let health = wait_for_stages(&coordinator, 1, Duration::from_secs(60));
+    assert!(health["stages"][0]["name"] == "w1", "{health}");
+    let metrics = get_text(&coordinator.http, "/metrics");
+    let cached = metrics.lines().find_map(|l| l.strip_prefix("potluck_prompt_tokens_cached_total ")).expect("the counter");
+    assert!(cached.trim().parse::<u64>().unwrap() > 1000, "{cached}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A worker with its own copy of the model reads its slice from disk: nothing crosses the
 /// network and the answers are the fixture's, bit for bit; a restart hashes nothing again.
 /// A copy with one byte of its weights changed (the same header: what a fine-tune that kept
