@@ -333,7 +333,21 @@ for extra, param in [({"functions": [{"name": "f", "parameters": {}}]}, "functio
     check(status == 400 and body["error"]["param"] == param and body["error"]["code"] == "unsupported_parameter",
           f"{param} is refused by name: {body}")
 status, body = http("POST", "/v1/completions", json.dumps({"prompt": "def f(", "suffix": "return 1", "max_tokens": 1}))
-check(status == 400 and body["error"]["param"] == "suffix", f"suffix is refused by name: {body}")
+check(status == 400 and body["error"]["param"] == "suffix" and "FIM" in body["error"]["message"],
+      f"suffix on a model without fill-in-the-middle tokens is refused by name: {body}")
+
+# n > 1: one sequence per choice, decoded together.
+c = client.completions.create(model="x", prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=5, n=3)
+check([ch.index for ch in c.choices] == [0, 1, 2] and c.usage.completion_tokens == sum(1 for _ in range(3)) * 8,
+      f"n=3 gives three choices, the prompt counted once: {[ch.text for ch in c.choices]} {c.usage}")
+check(len({ch.text for ch in c.choices}) > 1, f"seeded choices differ (seed, seed+1, seed+2): {[ch.text for ch in c.choices]}")
+again = client.completions.create(model="x", prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=5, n=3)
+check([ch.text for ch in again.choices] == [ch.text for ch in c.choices], "and the same seed gives the same choices")
+r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, n=2)
+check(len(r.choices) == 2 and r.choices[0].message.content == r.choices[1].message.content, "greedy n=2 chat: two equal choices")
+for extra in [{"n": 2, "stream": True}, {"n": 9}, {"n": 0}]:
+    status, body = http("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1, **extra}))
+    check(status == 400 and body["error"]["param"] == "n", f"n with {extra} is a 400: {body}")
 status, body = http("POST", "/v1/chat/completions", json.dumps({
     "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "response_format": {"type": "text"},
     "tools": [], "tool_choice": "none", "user": "u1", "store": False, "metadata": {"k": "v"}, "parallel_tool_calls": True}))

@@ -302,7 +302,8 @@ async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, Byt
     let body = body?;
     let request: CompletionRequest = parse_json(&body)?;
     request.refuse_tools()?;
-    let prompt = match request.prompt_input()? {
+    let fim = request.fill_in_the_middle(&state.tokenizer)?;
+    let prompt = match fim.map_or_else(|| request.prompt_input(), |ids| Ok(PromptInput::Ids(ids)))? {
         PromptInput::Ids(ids) => ids,
         PromptInput::Text(text) => {
             let tokenizer = state.tokenizer.clone();

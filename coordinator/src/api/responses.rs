@@ -170,7 +170,14 @@ impl Drop for Recorder {
 }
 
 pub(super) async fn run_generation(state: Arc<AppState>, prepared: Prepared, endpoint: Endpoint) -> Result<Response, ApiError> {
-    let receiver = state.service.submit(prepared.generate.clone())?;
+    // `n` choices are `n` sequences (seeded `seed`, `seed + 1`, … when a seed is given), all
+    // queued before any is awaited so they are decoded together.
+    let mut receivers = Vec::with_capacity(prepared.n);
+    for i in 0..prepared.n {
+        let mut generate = prepared.generate.clone();
+        generate.sampling.seed = generate.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        receivers.push(state.service.submit(generate)?);
+    }
     let id = response_id(endpoint);
     let created = unix_now();
     let mut recorder = Recorder {
@@ -183,16 +190,36 @@ pub(super) async fn run_generation(state: Arc<AppState>, prepared: Prepared, end
         finish_reason: "cancelled",
     };
     if prepared.stream {
+        let receiver = receivers.pop().expect("a streamed request has one choice");
         return Ok(super::streaming::respond(prepared, receiver, created, recorder));
     }
-    let outcome = collect(&state, &prepared, endpoint, receiver).await;
+    let outcomes = futures::future::join_all(receivers.into_iter().map(|r| collect(&state, &prepared, endpoint, r))).await;
     recorder.finish_reason = "error";
-    let mut outcome = outcome?;
-    recorder.finish_reason = outcome.finish_reason;
-    recorder.completion_tokens = outcome.completion_tokens;
+    let outcomes: Vec<Outcome> = outcomes.into_iter().collect::<Result<_, _>>()?;
+    let completion_tokens = outcomes.iter().map(|o| o.completion_tokens).sum();
+    let (prompt_tokens, cached_tokens) = (outcomes[0].prompt_tokens, outcomes.iter().map(|o| o.cached_tokens).max().unwrap_or(0));
+    let choices: Vec<Value> = outcomes.into_iter().enumerate().map(|(i, o)| choice_json(&prepared, endpoint, i, o)).collect();
+    recorder.finish_reason = choices[0]["finish_reason"].as_str().map_or("stop", finish_reason_static);
+    recorder.completion_tokens = completion_tokens;
     let model = &state.model_id;
-    let usage = usage_json(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens);
-    let body = match endpoint {
+    // The prompt is counted once, as OpenAI does for `n` > 1.
+    let usage = usage_json(prompt_tokens, completion_tokens, cached_tokens);
+    let object = match endpoint {
+        Endpoint::Chat => "chat.completion",
+        Endpoint::Completion => "text_completion",
+    };
+    let body = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices, "usage": usage});
+    Ok(Json(body).into_response())
+}
+
+/// The `&'static str` form of a finish reason this module wrote.
+fn finish_reason_static(reason: &str) -> &'static str {
+    ["stop", "length", "tool_calls", "error"].into_iter().find(|r| *r == reason).unwrap_or("stop")
+}
+
+/// One choice of a non-streamed answer.
+fn choice_json(prepared: &Prepared, endpoint: Endpoint, index: usize, mut outcome: Outcome) -> Value {
+    match endpoint {
         Endpoint::Chat => {
             let logprobs = if prepared.want_logprobs { json!({"content": outcome.logprobs}) } else { Value::Null };
             let mut message = json!({"role": "assistant", "content": outcome.text});
@@ -212,22 +239,12 @@ pub(super) async fn run_generation(state: Arc<AppState>, prepared: Prepared, end
                     message["content"] = json!(content);
                 }
             }
-            recorder.finish_reason = finish_reason;
-            json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
-                "usage": usage,
-            })
+            json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason})
         }
-        Endpoint::Completion => json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": outcome.text,
-                         "logprobs": outcome.completion_logprobs.as_mut().map_or(Value::Null, CompletionLogprobs::take),
-                         "finish_reason": outcome.finish_reason}],
-            "usage": usage,
-        }),
-    };
-    Ok(Json(body).into_response())
+        Endpoint::Completion => json!({"index": index, "text": outcome.text,
+                     "logprobs": outcome.completion_logprobs.as_mut().map_or(Value::Null, CompletionLogprobs::take),
+                     "finish_reason": outcome.finish_reason}),
+    }
 }
 
 async fn collect(

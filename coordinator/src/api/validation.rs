@@ -8,6 +8,7 @@
 
 use potluck_engine::chat_template::ChatMessage;
 use potluck_engine::sampler::SamplingParams;
+use potluck_engine::tokenizer::Tokenizer;
 use potluck_protocol::limits::{LOGIT_BIAS_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, TOP_LOGPROBS_MAX};
 use serde::Deserialize;
 use serde_json::Value;
@@ -142,12 +143,18 @@ pub(super) struct Prepared {
     /// Chat with tools: the family's call syntax, and whether a call is forced; the answer's
     /// text then goes through a [`tools::ToolStream`].
     pub(super) tools: Option<(ToolFormat, bool)>,
+    /// Choices to generate (`n`), each its own sequence.
+    pub(super) n: usize,
 }
+
+/// Most choices one request may ask for (`n`): each is a sequence of the batch, and the
+/// batch holds 16.
+pub const CHOICES_MAX: usize = 8;
 
 impl CommonParams {
     /// A 400 naming the first field set to something this server cannot do yet. Empty or
-    /// neutral values (no functions, `function_call: "none"`, an empty suffix) ask for
-    /// nothing and pass. (`tools` and `tool_choice` are the chat endpoint's:
+    /// neutral values (no functions, `function_call: "none"`) ask for nothing and pass.
+    /// (`suffix` is the completions endpoint's: [`CompletionRequest::fill_in_the_middle`].) (`tools` and `tool_choice` are the chat endpoint's:
     /// [`ChatRequest::tool_request`]; completions refuse them in [`CompletionRequest::refuse_tools`].)
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
         let unsupported = |param: &'static str, what: &str| {
@@ -163,9 +170,6 @@ impl CommonParams {
             if set(value) {
                 return unsupported(param, "the deprecated function-call fields are not implemented: send tools and tool_choice");
             }
-        }
-        if set(&self.suffix) {
-            return unsupported("suffix", "fill-in-the-middle is not implemented");
         }
         Ok(())
     }
@@ -220,10 +224,12 @@ impl CommonParams {
         state: &AppState,
     ) -> Result<Prepared, ApiError> {
         self.refuse_unsupported()?;
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::bad_request("only n = 1 is supported").param("n"));
-            }
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > CHOICES_MAX as u64 {
+            return Err(ApiError::bad_request(format!("n must be in 1..={CHOICES_MAX}")).param("n"));
+        }
+        if n > 1 && self.stream.unwrap_or(false) {
+            return Err(ApiError::bad_request("n > 1 is answered whole, not streamed: send stream: false or n: 1").param("n"));
         }
         let context = state.service.context_length();
         if prompt.is_empty() {
@@ -309,6 +315,7 @@ impl CommonParams {
             want_logprobs,
             echo: false,
             tools: None,
+            n: n as usize,
         })
     }
 }
@@ -399,6 +406,28 @@ impl CompletionRequest {
         Ok(())
     }
 
+    /// Completions' `suffix` (fill-in-the-middle): the prompt's text and the suffix as the
+    /// model's FIM sequence, prefix–suffix–middle as llama.cpp's `/infill` writes it; the
+    /// model then writes the middle. `None` without a suffix (or an empty one, OpenAI's
+    /// neutral value); a 400 when the model's vocabulary has no FIM tokens or the prompt is
+    /// token ids.
+    pub(super) fn fill_in_the_middle(&self, tokenizer: &Tokenizer) -> Result<Option<Vec<u32>>, ApiError> {
+        let suffix = match &self.common.suffix {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(s)) if s.is_empty() => return Ok(None),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(ApiError::bad_request("suffix must be a string").param("suffix")),
+        };
+        let PromptInput::Text(prefix) = self.prompt_input()? else {
+            return Err(ApiError::bad_request("suffix needs the prompt as text, not token ids").param("suffix"));
+        };
+        fim_prompt(tokenizer, &prefix, &suffix).map(Some).ok_or_else(|| {
+            ApiError::bad_request("suffix (fill-in-the-middle) needs a model trained for it: this model's vocabulary has no FIM tokens")
+                .param("suffix")
+                .code("unsupported_parameter")
+        })
+    }
+
     /// The one prompt: a string, token ids, or a batch of exactly one of either.
     pub(super) fn prompt_input(&self) -> Result<PromptInput, ApiError> {
         Ok(match &self.prompt {
@@ -441,4 +470,56 @@ fn token_ids(value: &Value) -> Result<Vec<u32>, ApiError> {
         .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
         .collect::<Option<Vec<u32>>>()
         .ok_or_else(|| ApiError::bad_request("token ids must be non-negative integers").param("prompt"))
+}
+
+/// The FIM tokens of the families that have them, as (prefix, suffix, middle): Qwen 2.5
+/// Coder's, StarCoder's, CodeLlama's, DeepSeek Coder's.
+const FIM_TOKENS: [(&str, &str, &str); 4] = [
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("▁<PRE>", "▁<SUF>", "▁<MID>"),
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+];
+
+/// `[BOS] PRE prefix SUF suffix MID` in the model's FIM tokens, or None when it has none.
+pub fn fim_prompt(tokenizer: &Tokenizer, prefix: &str, suffix: &str) -> Option<Vec<u32>> {
+    let (pre, suf, mid) = FIM_TOKENS.iter().find_map(|(p, s, m)| Some((tokenizer.token_id(p)?, tokenizer.token_id(s)?, tokenizer.token_id(m)?)))?;
+    let mut ids = Vec::new();
+    if tokenizer.add_bos() {
+        ids.extend(tokenizer.bos_id());
+    }
+    ids.push(pre);
+    ids.extend(tokenizer.encode(prefix, false));
+    ids.push(suf);
+    ids.extend(tokenizer.encode(suffix, false));
+    ids.push(mid);
+    Some(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Qwen vocabulary (DeepSeek-R1-Distill-Qwen-7B's header; scripts/test.sh fetches it) has
+    /// Qwen's FIM tokens; SmolLM2's has none.
+    #[test]
+    fn fill_in_the_middle_uses_the_models_own_tokens() {
+        let home = std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"));
+        let donor = std::env::var_os("POTLUCK_QWEN2_TOKENIZER")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| home.join(".cache/potluck/test-data/deepseek-r1-distill-qwen-7b.part-0000.gguf"));
+        let (_, content) = potluck_engine::profile::ModelProfile::from_path(&donor)
+            .unwrap_or_else(|e| panic!("the Qwen tokenizer donor at {} (scripts/test.sh fetches it): {e}", donor.display()));
+        let qwen = Tokenizer::from_gguf(&content).unwrap();
+        let ids = fim_prompt(&qwen, "def add(a, b):\n    return ", "\n\nprint(add(1, 2))").unwrap();
+        let names: Vec<&str> = ids.iter().filter(|&&id| qwen.is_special(id)).filter_map(|&id| qwen.token_text(id)).collect();
+        assert!(names.ends_with(&["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]), "{names:?}");
+        assert_eq!(*ids.last().unwrap(), qwen.token_id("<|fim_middle|>").unwrap());
+        assert_eq!(qwen.decode(&ids, false), "def add(a, b):\n    return \n\nprint(add(1, 2))");
+        let smol = std::env::var_os("POTLUCK_MODEL")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| home.join(".cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        let (_, content) = potluck_engine::profile::ModelProfile::from_path(&smol).unwrap();
+        assert_eq!(fim_prompt(&Tokenizer::from_gguf(&content).unwrap(), "a", "b"), None);
+    }
 }
