@@ -110,6 +110,18 @@ pub struct ClusterView {
 #[derive(Clone, Default)]
 pub struct ClusterStatus {
     view: Arc<RwLock<ClusterView>>,
+    /// The running cluster driver's inbox (None on one machine, `--no-cluster`): how the API
+    /// asks it for an operator's action.
+    driver: Arc<Mutex<Option<mpsc::UnboundedSender<Event>>>>,
+}
+
+/// Why a worker could not be drained.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("this coordinator runs no cluster (--no-cluster)")]
+    NoCluster,
+    #[error("no connected worker has the node id {0}")]
+    UnknownWorker(String),
 }
 
 impl ClusterStatus {
@@ -132,6 +144,17 @@ impl ClusterStatus {
 
     fn update(&self, f: impl FnOnce(&mut ClusterView)) {
         f(&mut self.view.write().expect("cluster view lock"));
+    }
+
+    /// Drains a worker (the dashboard's control, `POST /admin/workers/{id}/drain`): the
+    /// coordinator tells it to shut down, it leaves as on SIGTERM (its process exits 0), and
+    /// the cluster re-plans over the others at once; answers in flight replay and go on.
+    /// Returns the worker's name.
+    pub async fn drain(&self, node_id: &str) -> Result<String, DrainError> {
+        let driver = self.driver.lock().expect("driver lock").clone().ok_or(DrainError::NoCluster)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        driver.send(Event::Drain { node_id: node_id.to_string(), reply }).map_err(|_| DrainError::NoCluster)?;
+        answer.await.map_err(|_| DrainError::NoCluster)?
     }
 }
 
@@ -159,6 +182,8 @@ enum Event {
     PlanFailed { generation: u64, reason: String },
     /// A weight stream to a worker finished: how many bytes in how long (a link measurement).
     WeightsDelivered { connection_id: ConnectionId, bytes: u64, elapsed: Duration },
+    /// The operator drains a worker.
+    Drain { node_id: String, reply: tokio::sync::oneshot::Sender<Result<String, DrainError>> },
 }
 
 struct Worker {
@@ -294,6 +319,7 @@ pub async fn start(
     let data = Arc::new(DataPlane::start(identity, data_bind)?);
     println!("potluck: data endpoint on {} (QUIC)", data.local_addr);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    status.driver.lock().expect("driver lock").replace(events_tx.clone());
     let broken_route: BrokenRoute = Arc::new(Mutex::new(None));
     spawn_acceptor(endpoint.clone(), config.token.clone(), node_id.clone(), events_tx.clone(), weights.clone());
     let driver = Driver {
@@ -609,6 +635,18 @@ impl Driver {
             Event::AssignmentReady { generation, node_id, assignment } => {
                 let actions = self.rollout.assignment_ready(now, generation, &node_id, assignment);
                 self.apply(actions).await;
+            }
+            Event::Drain { node_id, reply } => {
+                let worker = self.workers.values().find(|w| w.node_id == node_id);
+                let answer = match worker {
+                    Some(worker) => {
+                        tracing::info!(node = %node_id, name = %worker.name, "draining a worker at the operator's request: it shuts down and the cluster re-plans");
+                        let _ = worker.control.send(Message::Shutdown);
+                        Ok(worker.name.clone())
+                    }
+                    None => Err(DrainError::UnknownWorker(node_id)),
+                };
+                let _ = reply.send(answer);
             }
             Event::WeightsDelivered { connection_id, bytes, elapsed } => {
                 if let Some(w) = self.workers.get(&connection_id) {

@@ -297,7 +297,8 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     let out = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/dashboard_browser.py"))
         .args(["--url", &format!("http://{}", coordinator.http), "--expect-stages", "2", "--expect-layers", &expected_layers])
-        .args(["--stream-prompt", "Count from 1 to 100, one number per line:", "--stream-max-tokens", "200", "--timeout", "120"])
+        .args(["--stream-prompt", "Count from 1 to 100, one number per line:", "--stream-max-tokens", "200", "--timeout", "180"])
+        .args(["--chat", "What is the capital of France?", "--drain", &name(1)])
         .arg("--screenshot")
         .arg(&screenshot)
         .output()
@@ -308,6 +309,11 @@ fn two_workers_on_loopback_answer_exactly_as_one_machine() {
     let names: Vec<&str> = summary["stages"].as_array().map_or(vec![], |s| s.iter().filter_map(|s| s["node"].as_str()).collect());
     assert_eq!(names, [name(0), name(1)], "the page names the stages' workers, in order: {stdout}");
     assert!(std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000), "a screenshot at {}", screenshot.display());
+    assert!(summary["chat_answer"].as_str().is_some_and(|a| !a.is_empty()), "the chat box answered: {stdout}");
+    // Drained from the page: the worker shut down (exit 0) and the cluster re-planned onto w1.
+    assert_eq!(summary["drained"], name(1), "{stdout}");
+    let health = wait_for_stages(&coordinator, 1, Duration::from_secs(60));
+    assert_eq!(health["stages"][0]["name"], name(0), "{health}");
     println!("dashboard screenshot: {}", screenshot.display());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -480,6 +480,39 @@ def run(args, browser, deadline, summary, state):
         summary["tps_seen"] = [tps_text]
         time.sleep(deadline.cap(1.5))  # a second event, so the chart has a line
 
+    if args.chat:
+        # The chat box: typed in, sent, and the streamed answer appears.
+        page.eval(f"(() => {{ document.getElementById('chat-input').value = {json.dumps(args.chat)}; "
+                  "document.getElementById('chat-send').click(); return true; })()")
+        answer = None
+        while answer is None:
+            deadline.check("waiting for the chat box's answer")
+            answer = page.eval("(() => { const b = document.querySelector('.bubble.assistant[data-done]'); "
+                               "return b ? b.textContent : null; })()")
+            time.sleep(deadline.cap(0.2))
+        if not answer or answer.startswith("Error") or answer == "(no answer)":
+            raise Failure(f"the chat box got no answer: {answer!r}")
+        summary["chat_answer"] = answer
+        log(f"chat box answered: {answer[:80]!r}")
+
+    if args.drain:
+        # The drain control: two clicks on the worker's card; it shuts down and leaves the plan.
+        click = ("(() => { const b = document.querySelector('[data-node=\"%s\"] button.drain'); "
+                 "if (!b || b.classList.contains('hidden')) return false; b.click(); return true; })()" % args.drain)
+        for _ in range(2):
+            while not page.eval(click):
+                deadline.check(f"waiting for {args.drain}'s drain button")
+                time.sleep(deadline.cap(0.2))
+        while True:
+            deadline.check(f"waiting for {args.drain} to leave the plan after the drain")
+            cards = page.eval(CARDS_JS) or []
+            mine = [c for c in cards if c["node"] == args.drain]
+            if mine and all(c["stage"] is None and str(c["state"]).startswith("gone") for c in mine):
+                break
+            time.sleep(deadline.cap(0.25))
+        summary["drained"] = args.drain
+        log(f"drained {args.drain}: its card shows it gone and out of the pipeline")
+
     if not shot_taken:
         page.screenshot(args.screenshot, args.full_page)
         log(f"screenshot: {args.screenshot}")
@@ -507,6 +540,8 @@ def main():
     ap.add_argument("--screenshot", required=True, help="PNG path (parent directories are created)")
     ap.add_argument("--stream-prompt")
     ap.add_argument("--stream-max-tokens", type=int, default=120)
+    ap.add_argument("--chat", help="send this through the page's chat box and wait for the answer")
+    ap.add_argument("--drain", help="drain the worker of this name with its card's control and wait for it to leave")
     ap.add_argument("--timeout", type=float, default=60.0, help="overall limit in seconds")
     ap.add_argument("--viewport", default="1400x1000", help="WIDTHxHEIGHT in CSS pixels")
     ap.add_argument("--full-page", action="store_true", help="capture the whole page, not just the viewport")

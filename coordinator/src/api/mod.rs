@@ -48,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/admin/workers/{node_id}/drain", post(drain_worker))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .merge(v1)
@@ -238,6 +239,20 @@ async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, Byte
         .await
         .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?;
     Ok(Json(json!({ "content": content })))
+}
+
+/// The dashboard's drain control: the worker shuts down and the cluster re-plans without it.
+async fn drain_worker(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(node_id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state.cluster.drain(&node_id).await {
+        Ok(name) => Ok(Json(json!({"drained": node_id, "name": name}))),
+        Err(e @ crate::cluster::DrainError::UnknownWorker(_)) => {
+            Err(ApiError::bad_request(e.to_string()).status(StatusCode::NOT_FOUND, "not_found_error"))
+        }
+        Err(e) => Err(ApiError::bad_request(e.to_string()).status(StatusCode::CONFLICT, "invalid_request_error")),
+    }
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
