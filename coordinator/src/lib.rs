@@ -138,17 +138,7 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
     let prefix_caching = !profile.sliding_layers.iter().any(|&sliding| sliding);
     let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec(), prefix_caching);
     let tokenizer = Arc::new(tokenizer);
-    let grammar_started = std::time::Instant::now();
-    let grammars = match structured::GrammarFactory::new(tokenizer.clone(), profile.vocab_size, tokenizer.stop_ids().to_vec()) {
-        Ok(factory) => {
-            tracing::debug!(ms = grammar_started.elapsed().as_millis() as u64, "token trie for structured outputs built");
-            Some(Arc::new(factory))
-        }
-        Err(error) => {
-            tracing::warn!(%error, "structured outputs are unavailable for this model's vocabulary");
-            None
-        }
-    };
+    let grammars = structured::LazyGrammars::new(tokenizer.clone(), profile.vocab_size, tokenizer.stop_ids().to_vec());
     let tool_format = template.as_ref().map(tools::ToolFormat::detect);
     Ok(Arc::new(state::AppState {
         grammars,

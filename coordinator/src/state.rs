@@ -26,9 +26,10 @@ pub struct AppState {
     pub model_path: std::path::PathBuf,
     pub profile: ModelProfile,
     pub tokenizer: Arc<Tokenizer>,
-    /// Compiles `response_format` schemas over the model's vocabulary; None when the
-    /// vocabulary could not be indexed (such requests then get a 400 saying so).
-    pub grammars: Option<Arc<crate::structured::GrammarFactory>>,
+    /// Compiles `response_format` schemas and tool-call grammars over the model's
+    /// vocabulary (built on first use; a vocabulary that cannot be indexed gets such
+    /// requests a 400 saying so).
+    pub grammars: crate::structured::LazyGrammars,
     /// How the chat template's model family writes tool calls (None without a template).
     pub tool_format: Option<crate::tools::ToolFormat>,
     /// The GGUF's chat template; None for a base model (the chat endpoint then refuses).

@@ -300,9 +300,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes
     let mut prepared = request.common.prepare(prompt, max_tokens, None, (want_logprobs, top_logprobs), &state)?;
     if let Some(tools) = &tool_request {
         if let Some(schema) = tools.grammar_schema(format) {
-            let factory = state.grammars.as_ref().ok_or_else(|| {
-                ApiError::bad_request("tool calls need constrained decoding, unavailable for this model's vocabulary").param("tools")
-            })?;
+            let factory = state.grammars.get().map_err(|e| ApiError::bad_request(e).param("tools"))?;
             let grammar = factory
                 .json_schema(schema)
                 .map_err(|e| ApiError::bad_request(format!("a tool's parameters cannot be enforced: {e}")).param("tools"))?;

@@ -183,9 +183,7 @@ impl CommonParams {
         if !format.is_object() {
             return Err(bad("response_format is an object such as {\"type\": \"json_object\"}".into()));
         }
-        let Some(factory) = &state.grammars else {
-            return Err(bad("structured outputs are unavailable for this model's vocabulary (see the server's log)".into()));
-        };
+        let factory = state.grammars.get().map_err(bad)?;
         factory.for_response_format(format).map_err(|e| bad(format!("response_format cannot be enforced: {e}")))
     }
 
