@@ -48,6 +48,23 @@ const _: () = assert!(ACTIVE_SEQUENCES_MAX <= SEGMENTS_MAX as usize, "a step's s
 const _: () = assert!(ACTIVE_SEQUENCES_MAX <= MASKED_SEGMENTS_MAX as usize, "every sequence of a step may carry a grammar's mask");
 const _: () = assert!(PREFILL_CHUNK_ROWS <= STEP_ROWS_MAX, "a prompt chunk fits a step");
 
+/// What the generation thread may do beyond plain decoding (the defaults: both on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationOptions {
+    /// Keep finished sequences' caches for requests that start with the same tokens (off
+    /// for models whose sliding-window layers drop old positions).
+    pub prefix_caching: bool,
+    /// Speculative decoding with prompt-lookup drafts (`--no-speculative` turns it off; off
+    /// for sliding-window models too, whose caches cannot always roll back).
+    pub speculative: bool,
+}
+
+impl Default for GenerationOptions {
+    fn default() -> Self {
+        Self { prefix_caching: true, speculative: true }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
@@ -70,6 +87,8 @@ pub struct GenerateRequest {
     /// Prefix caching (llama-server's `cache_prompt`): start from the kept cache of an
     /// earlier request with the same first tokens, and keep this one's cache when it ends.
     pub cache_prompt: bool,
+    /// Speculative decoding for this request (`"speculative": false` turns it off).
+    pub speculative: bool,
 }
 
 /// The log-probability of the prompt token at `position` (≥ 1) given those before it.
@@ -141,6 +160,10 @@ pub struct ServiceStats {
     pub prompt_tokens: AtomicU64,
     /// Prompt tokens taken from kept caches (prefix caching) instead of computed.
     pub prompt_tokens_cached: AtomicU64,
+    /// Speculative decoding: steps that carried a draft, tokens proposed, tokens accepted.
+    pub draft_steps: AtomicU64,
+    pub draft_tokens_proposed: AtomicU64,
+    pub draft_tokens_accepted: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub step_rows: AtomicU64,
@@ -165,7 +188,10 @@ impl GenerationService {
     /// recently used first when a new sequence needs the slot) and a request whose prompt
     /// starts with the same tokens starts from a copy. Off for models whose sliding-window
     /// layers drop old positions (a copy would miss them).
-    pub fn start(pipeline: Box<dyn Pipeline>, context_length: usize, stop_ids: Vec<u32>, prefix_caching: bool) -> Self {
+    ///
+    /// With `options.speculative`, eligible sequences (no log-probabilities, no grammar)
+    /// carry prompt-lookup drafts in their decode steps ([`crate::speculative`]).
+    pub fn start(pipeline: Box<dyn Pipeline>, context_length: usize, stop_ids: Vec<u32>, options: GenerationOptions) -> Self {
         let (jobs, receiver) = std_mpsc::sync_channel(QUEUED_REQUESTS_MAX);
         let (pipelines, pipeline_receiver) = std_mpsc::channel();
         let stop_ids = Arc::new(stop_ids);
@@ -184,7 +210,8 @@ impl GenerationService {
                     next_step: 1,
                     broken: false,
                     in_flight: Default::default(),
-                    prefix_caching,
+                    prefix_caching: options.prefix_caching,
+                    speculative: options.speculative,
                     kept: Vec::new(),
                 }
                 .run(receiver)
@@ -256,6 +283,9 @@ struct Sequence {
     cached_tokens: usize,
     /// Ended normally (not failed): its cache holds exactly its tokens, and may be kept.
     finished: bool,
+    /// The draft in flight (speculative decoding), and the draft length's pacing.
+    draft: Vec<u32>,
+    pacing: crate::speculative::Pacing,
 }
 
 /// A finished sequence whose cache every stage still holds, for prefix caching.
@@ -278,6 +308,7 @@ struct Generator {
     /// Steps sent and not yet answered, oldest first (answers come back in send order).
     in_flight: std::collections::VecDeque<InFlight>,
     prefix_caching: bool,
+    speculative: bool,
     /// Kept caches, least recently used first; with the active sequences, at most
     /// [`ACTIVE_SEQUENCES_MAX`] (what every stage holds at most).
     kept: Vec<Kept>,
@@ -453,6 +484,7 @@ impl Generator {
             seq.n_cached = 0;
             seq.n_sent = 0;
             seq.prefix = None;
+            seq.draft.clear();
             if let Err(e) = self.pipeline.send(sequence_start(seq)) {
                 let _ = seq.events.send(GenerateEvent::Unavailable(format!("the request cannot go on: {e}")));
                 seq.done = true;
@@ -500,6 +532,8 @@ impl Generator {
             prefix: None,
             cached_tokens: 0,
             finished: false,
+            draft: Vec::new(),
+            pacing: Default::default(),
             request,
             events,
         };
@@ -535,6 +569,7 @@ impl Generator {
     /// sequences with rows to send: decoding ones not in a step already, and the next chunk
     /// of each prompt (a prompt's chunks need not wait for each other).
     fn fill(&mut self, active: &mut [Sequence]) {
+        let context_length = self.context_length;
         let depth = self.pipeline.depth().max(1);
         // Sequences per step: an even share, so the steps in flight are alike in size.
         let share = active.len().div_ceil(depth).max(1);
@@ -567,13 +602,28 @@ impl Generator {
                     None => None,
                 };
                 tokens.extend_from_slice(&seq.tokens[seq.n_sent..seq.n_sent + n]);
+                // Speculative decoding: a decode step may carry proposed tokens after its one.
+                let draft = if self.speculative && n == 1 && pending == 1 && drafts_allowed(&seq.request) {
+                    let room = (context_length - 1).saturating_sub(seq.tokens.len()).min(STEP_ROWS_MAX - tokens.len());
+                    let length = seq.pacing.next_length().min(room);
+                    crate::speculative::propose(&seq.tokens, length)
+                } else {
+                    Vec::new()
+                };
+                tokens.extend_from_slice(&draft);
                 segments.push(Segment {
                     sequence_id: seq.id,
                     first_position: seq.n_sent as u32,
-                    n_rows: n as u32,
+                    n_rows: (n + draft.len()) as u32,
                     sample,
                     allowed,
+                    draft: draft.clone(),
                 });
+                if !draft.is_empty() {
+                    self.stats.draft_steps.fetch_add(1, Ordering::Relaxed);
+                    self.stats.draft_tokens_proposed.fetch_add(draft.len() as u64, Ordering::Relaxed);
+                }
+                seq.draft = draft;
                 members.push((seq.id, n));
                 seq.n_sent += n;
             }
@@ -631,8 +681,39 @@ impl Generator {
                 finish(seq, FinishReason::Length, &self.stats);
                 continue;
             }
-            let id = token.token;
             seq.first_token_at.get_or_insert_with(std::time::Instant::now);
+            // The draft's accepted tokens come first: already in every stage's cache.
+            let draft = std::mem::take(&mut seq.draft);
+            let accepted = (token.accepted as usize).min(draft.len());
+            seq.pacing.record(draft.len(), accepted);
+            self.stats.draft_tokens_accepted.fetch_add(accepted as u64, Ordering::Relaxed);
+            let mut ended = false;
+            for &id in &draft[..accepted] {
+                if !seq.request.ignore_eos && self.stop_ids.contains(&id) {
+                    finish(seq, FinishReason::Stop, &self.stats);
+                    ended = true;
+                    break;
+                }
+                seq.tokens.push(id);
+                seq.n_cached += 1;
+                seq.n_sent += 1;
+                seq.n_generated += 1;
+                self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                if seq.events.send(GenerateEvent::Token { id, logprob: None, top: Vec::new() }).is_err() {
+                    seq.done = true; // client gone
+                    ended = true;
+                    break;
+                }
+                if seq.n_generated >= seq.request.max_tokens || seq.tokens.len() >= context_length {
+                    finish(seq, FinishReason::Length, &self.stats);
+                    ended = true;
+                    break;
+                }
+            }
+            if ended {
+                continue;
+            }
+            let id = token.token;
             let logprob = token.logprob;
             let top: Vec<(u32, f32)> = token.top.iter().map(|t| (t.token, t.logprob)).collect();
             // A grammar allows an end-of-sequence token only where the answer is complete,
@@ -738,6 +819,13 @@ fn sequence_start(seq: &Sequence) -> Message {
         prompt: if seq.request.prompt_logprobs { seq.request.prompt.clone() } else { Vec::new() },
         prefix: seq.prefix,
     })
+}
+
+/// Whether a request's decode steps may carry drafts: not when it wants log-probabilities
+/// (the stage reports none for drafted tokens) or follows a grammar (each drafted position
+/// would need its own mask).
+fn drafts_allowed(request: &GenerateRequest) -> bool {
+    request.speculative && !request.logprobs && request.grammar.is_none() && !request.prompt_logprobs
 }
 
 fn finish(seq: &mut Sequence, reason: FinishReason, stats: &ServiceStats) {

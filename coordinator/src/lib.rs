@@ -27,6 +27,7 @@ pub mod pipeline;
 pub mod rollout;
 pub mod snapshot;
 pub mod state;
+pub mod speculative;
 pub mod status;
 pub mod structured;
 pub mod tools;
@@ -57,6 +58,8 @@ pub struct ServeConfig {
     pub context_length: usize,
     /// Whether this machine runs the layers itself until workers take them.
     pub local: LocalLayers,
+    /// Speculative decoding with prompt-lookup drafts (`--no-speculative` turns it off).
+    pub speculative: bool,
 }
 
 /// Whether `load` puts every layer on this machine. The plan comes before the loading: a
@@ -134,9 +137,11 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
             Box::new(pipeline::LocalPipeline::new(runner))
         }
     };
-    // Sliding-window layers drop old positions, so a kept cache may lack what a copy needs.
-    let prefix_caching = !profile.sliding_layers.iter().any(|&sliding| sliding);
-    let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec(), prefix_caching);
+    // Sliding-window layers drop old positions, so a kept cache may lack what a copy needs
+    // and a cache may not roll back over a draft.
+    let sliding = profile.sliding_layers.iter().any(|&sliding| sliding);
+    let options = generation::GenerationOptions { prefix_caching: !sliding, speculative: config.speculative && !sliding };
+    let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec(), options);
     let tokenizer = Arc::new(tokenizer);
     let grammars = structured::LazyGrammars::new(tokenizer.clone(), profile.vocab_size, tokenizer.stop_ids().to_vec());
     let tool_format = template.as_ref().map(tools::ToolFormat::detect);

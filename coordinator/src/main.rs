@@ -67,6 +67,10 @@ struct ServeArgs {
     /// Serve alone: no cluster endpoint, no workers.
     #[arg(long)]
     no_cluster: bool,
+    /// Turn speculative decoding off (on by default: decode steps carry prompt-lookup
+    /// drafts, which the stage that samples checks; the text is the same either way).
+    #[arg(long)]
+    no_speculative: bool,
     /// Do not announce the cluster on the LAN (workers then need --coordinator).
     #[arg(long)]
     no_mdns: bool,
@@ -223,6 +227,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         context_length: args.ctx_size.max(16),
         local,
+        speculative: !args.no_speculative,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The HTTP side is light; compute threads are the engine's own pool.

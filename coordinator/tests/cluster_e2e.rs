@@ -614,7 +614,7 @@ fn hostile_peers_cannot_disturb_a_live_worker() {
     let activations = |payload: usize| {
         Message::Activations(Activations {
             step: 1,
-            segments: vec![Segment { sequence_id: 1, first_position: 0, n_rows: 1, sample: false, allowed: None }],
+            segments: vec![Segment { sequence_id: 1, first_position: 0, n_rows: 1, sample: false, allowed: None, draft: Vec::new() }],
             dtype: Dtype::F32,
             hidden: 576,
             payload: vec![0; payload],

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use potluck_coordinator::generation::{
+    GenerationOptions,
     FinishReason, GenerateEvent, GenerateRequest, GenerationService, ACTIVE_SEQUENCES_MAX,
 };
 use potluck_coordinator::pipeline::{LocalPipeline, UnavailablePipeline};
@@ -65,6 +66,7 @@ async fn the_api_answers_in_process_and_stops_on_shutdown() {
         api_key: None,
         context_length: CONTEXT_TOKENS,
         local: LocalLayers::IfFits { memory_budget_bytes: u64::MAX },
+        speculative: true,
     };
     let state = tokio::task::spawn_blocking(move || potluck_coordinator::load(&config)).await.unwrap().expect("loading the model");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -147,7 +149,7 @@ fn open_model() -> Model {
 fn local_service(model: &Model, sequences_max: usize) -> GenerationService {
     let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
     let runner = StageRunner::new(slice, CONTEXT_TOKENS, sequences_max, potluck_protocol::Dtype::F32);
-    GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), true)
+    GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), GenerationOptions::default())
 }
 
 fn request(model: &Model, prompt: &str, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
@@ -166,6 +168,7 @@ fn request(model: &Model, prompt: &str, max_tokens: usize, sampling: SamplingPar
         prompt_logprobs: false,
         grammar: None,
         cache_prompt: true,
+        speculative: true,
     }
 }
 
@@ -228,7 +231,12 @@ async fn a_kept_prefix_gives_the_same_tokens_and_skips_its_computation() {
     let cached = local_service(&model, ACTIVE_SEQUENCES_MAX);
     let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
     let runner = StageRunner::new(slice, CONTEXT_TOKENS, ACTIVE_SEQUENCES_MAX, potluck_protocol::Dtype::F32);
-    let plain = GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), false);
+    let plain = GenerationService::start(
+        Box::new(LocalPipeline::new(runner)),
+        CONTEXT_TOKENS,
+        model.tokenizer.stop_ids().to_vec(),
+        GenerationOptions { prefix_caching: false, ..GenerationOptions::default() },
+    );
     let first = request(&model, "The three primary colors of light are red, green and blue. Mixing all three gives", 12, SamplingParams::greedy());
     let (answer, _, none) = tokens_and_cached(cached.submit(first.clone()).unwrap()).await;
     assert_eq!(none, 0, "nothing is kept before the first request");
@@ -237,8 +245,9 @@ async fn a_kept_prefix_gives_the_same_tokens_and_skips_its_computation() {
     second.prompt.extend(model.tokenizer.encode(" In the same way, mixing red and green light gives", false));
     second.sampling = SamplingParams { temperature: 0.8, seed: Some(7), ..SamplingParams::default() };
     let (with_cache, _, reused) = tokens_and_cached(cached.submit(second.clone()).unwrap()).await;
-    // Every position the first request computed: its prompt and all but its last token.
-    assert_eq!(reused, first.prompt.len() + answer.len() - 1);
+    // Every position the first request computed: its prompt and all but its last token (and
+    // that one too when a speculative draft brought it, already computed).
+    assert!((first.prompt.len() + answer.len() - 1..=first.prompt.len() + answer.len()).contains(&reused), "{reused}");
     let (without, _, none) = tokens_and_cached(plain.submit(second.clone()).unwrap()).await;
     assert_eq!(none, 0);
     assert_eq!(with_cache, without, "the same tokens with and without the kept cache");
@@ -248,6 +257,36 @@ async fn a_kept_prefix_gives_the_same_tokens_and_skips_its_computation() {
     opted_out.cache_prompt = false;
     let (again, _, none) = tokens_and_cached(cached.submit(opted_out).unwrap()).await;
     assert_eq!((none, again), (0, without));
+}
+
+/// Speculative decoding changes no token: greedy and seeded sampling give the same text with
+/// prompt-lookup drafts and without, on a prompt whose answer repeats it (so drafts are
+/// proposed and accepted) and on one that does not.
+#[tokio::test]
+async fn drafts_change_no_token() {
+    let model = open_model();
+    let service = |speculative: bool| {
+        let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
+        let runner = StageRunner::new(slice, CONTEXT_TOKENS, ACTIVE_SEQUENCES_MAX, potluck_protocol::Dtype::F32);
+        let options = GenerationOptions { speculative, prefix_caching: false };
+        GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), options)
+    };
+    let (with, without) = (service(true), service(false));
+    let repeat = "Copy the list exactly.\nList: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon, mango.\nCopy: apple, banana,";
+    let free = "Write a short story about a robot who learns to paint.";
+    for prompt in [repeat, free] {
+        for sampling in [SamplingParams::greedy(), SamplingParams { temperature: 0.8, seed: Some(11), ..SamplingParams::default() }] {
+            let request = request(&model, prompt, 48, sampling);
+            let (a, _) = tokens_of(with.submit(request.clone()).unwrap()).await;
+            let (b, _) = tokens_of(without.submit(request).unwrap()).await;
+            assert_eq!(a, b, "{prompt:?}: the same tokens with drafts and without");
+        }
+    }
+    let stats = with.stats();
+    let (proposed, accepted) = (stats.draft_tokens_proposed.load(std::sync::atomic::Ordering::Relaxed), stats.draft_tokens_accepted.load(std::sync::atomic::Ordering::Relaxed));
+    println!("drafts: {proposed} tokens proposed, {accepted} accepted");
+    assert!(accepted >= 20, "the repeating prompt's drafts are accepted: {accepted} of {proposed}");
+    assert_eq!(without.stats().draft_tokens_proposed.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
@@ -284,7 +323,7 @@ async fn a_request_after_a_new_pipeline_runs_on_it() {
         Box::new(UnavailablePipeline::new("no worker yet".into())),
         CONTEXT_TOKENS,
         model.tokenizer.stop_ids().to_vec(),
-        true,
+        GenerationOptions::default(),
     );
     let mut refused = service.submit(request(&model, "Hi", 2, SamplingParams::greedy())).unwrap();
     let first = tokio::time::timeout(WAIT_TIMEOUT, refused.recv()).await.expect("an answer in time");

@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     let (mut w, mut r, _connection) = streams.expect("connected");
     let message = Message::Activations(Activations {
         step: 1,
-        segments: vec![Segment { sequence_id: 1, first_position: 0, n_rows: rows, sample: true, allowed: None }],
+        segments: vec![Segment { sequence_id: 1, first_position: 0, n_rows: rows, sample: true, allowed: None, draft: Vec::new() }],
         dtype,
         hidden,
         payload: vec![0; hidden as usize * rows as usize * element_bytes],

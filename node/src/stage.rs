@@ -64,6 +64,9 @@ struct StageSequence {
     cache: SequenceCache,
     /// Last stage only.
     sampling: Option<SamplingState>,
+    /// Rows at the end of the cache that were a draft (speculative decoding): the sequence's
+    /// next step may start up to this many positions early, rolling the cache back.
+    draft_rows: usize,
 }
 
 struct SamplingState {
@@ -188,7 +191,7 @@ impl StageRunner {
                 source.cache.fork_prefix(prefix.positions as usize)?
             }
         };
-        self.sequences.insert(start.sequence_id, StageSequence { cache, sampling });
+        self.sequences.insert(start.sequence_id, StageSequence { cache, sampling, draft_rows: 0 });
         Ok(())
     }
 
@@ -201,7 +204,11 @@ impl StageRunner {
                 return Err(StageError::RepeatedSequence(s.sequence_id));
             }
             let seq = self.sequences.get(&s.sequence_id).ok_or(StageError::UnknownSequence(s.sequence_id))?;
-            if seq.cache.len() != s.first_position as usize {
+            // The step starts where the cache ends, or inside the last step's draft (its
+            // rejected rows are rolled back).
+            let held = seq.cache.len();
+            let first = s.first_position as usize;
+            if first > held || first < held - seq.draft_rows.min(held) {
                 return Err(StageError::PositionMismatch {
                     sequence_id: s.sequence_id,
                     got: s.first_position,
@@ -225,6 +232,11 @@ impl StageRunner {
             let mut caches: Vec<&mut SequenceCache> = Vec::with_capacity(segments.len());
             for s in &segments {
                 let seq = by_id.remove(&s.sequence_id).ok_or(StageError::UnknownSequence(s.sequence_id))?;
+                if seq.cache.len() > s.first_position as usize {
+                    // The last draft's rejected rows (checked: within it).
+                    seq.cache.truncate(s.first_position as usize)?;
+                }
+                seq.draft_rows = s.draft.len();
                 caches.push(&mut seq.cache);
             }
             self.model.forward_layers(&mut hidden, &rows, &mut caches)?;
@@ -259,8 +271,10 @@ impl StageRunner {
         for s in segments {
             row_end += s.n_rows as usize;
             if s.sample {
-                head_rows.extend_from_slice(&hidden[(row_end - 1) * n_embd..row_end * n_embd]);
-                samplers.push((s.sequence_id, s.allowed.as_ref()));
+                // The last row, and with a draft the rows that predict each draft token too.
+                let first = row_end - 1 - s.draft.len();
+                head_rows.extend_from_slice(&hidden[first * n_embd..row_end * n_embd]);
+                samplers.push((s.sequence_id, s.allowed.as_ref(), s.draft.as_slice()));
             }
         }
         let prompt = self.prompt_logprobs(segments, hidden)?;
@@ -270,10 +284,18 @@ impl StageRunner {
         }
         let logits = self.model.head(&head_rows)?;
         let vocab = self.model.profile().vocab_size;
-        for (row, (id, allowed)) in samplers.into_iter().enumerate() {
+        let mut row = 0;
+        for (id, allowed, draft) in samplers {
             let seq = self.sequences.get_mut(&id).ok_or(StageError::UnknownSequence(id))?;
             let state = seq.sampling.as_mut().expect("the last stage keeps a sampler per sequence");
+            if !draft.is_empty() {
+                let rows = &logits[row * vocab..(row + draft.len() + 1) * vocab];
+                row += draft.len() + 1;
+                tokens.push(verify_draft(state, id, rows, vocab, draft));
+                continue;
+            }
             let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            row += 1;
             // Log-probabilities are of the raw logits (before penalties), as llama.cpp and
             // OpenAI report them; computed only when asked for.
             let raw = state.logprobs.then(|| row_logits.clone());
@@ -286,7 +308,7 @@ impl StageRunner {
                 Some(raw) => (Some(log_softmax_at(raw, &[token])[0]), top_wire(raw, state.top_logprobs)),
                 None => (None, Vec::new()),
             };
-            tokens.push(SampledToken { sequence_id: id, token, logprob, top });
+            tokens.push(SampledToken { sequence_id: id, token, logprob, top, accepted: 0 });
         }
         Ok(SampledTokens { step, tokens, prompt })
     }
@@ -337,6 +359,24 @@ impl StageRunner {
 
 fn top_wire(logits: &[f32], n: usize) -> Vec<TokenLogprob> {
     top_logprobs(logits, n).into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect()
+}
+
+/// A draft checked by the sequence's sampler ([`Sampler::verify`]: row `i` is drawn from as
+/// plain decoding would draw there, one random number per row, so a seed gives the same text
+/// with or without drafts); the accepted tokens and the next one join the history. A sampler
+/// that cannot draw (a bias that bans every token) takes no draft token and draws the first
+/// row as plain decoding does.
+fn verify_draft(state: &mut SamplingState, id: u64, rows: &[f32], vocab: usize, draft: &[u32]) -> SampledToken {
+    let (accepted, token) = match state.sampler.verify(rows, vocab, draft, &state.history) {
+        Ok(v) => (v.accepted, v.next),
+        Err(error) => {
+            tracing::warn!(%error, sequence = id, "the draft could not be checked; drawing without it");
+            (0, state.sampler.sample(&mut rows[..vocab].to_vec(), &state.history))
+        }
+    };
+    state.history.extend_from_slice(&draft[..accepted]);
+    state.history.push(token);
+    SampledToken { sequence_id: id, token, logprob: None, top: Vec::new(), accepted: accepted as u32 }
 }
 
 /// Sets every logit the mask does not allow to −∞ (a grammar's constraint: the sampler's

@@ -111,6 +111,7 @@ fn activations() -> Message {
             n_rows: rows,
             sample: true,
             allowed: None,
+            draft: Vec::new(),
         }],
         dtype: Dtype::F16,
         hidden,

@@ -70,7 +70,7 @@ fn generate(stages: &mut [StageRunner], sequence_id: u64, prompt: &[u32], n: usi
     let mut position = 0u32;
     let mut input = prompt.to_vec();
     for step in 0..n as u64 {
-        let segment = Segment { sequence_id, first_position: position, n_rows: input.len() as u32, sample: true, allowed: None };
+        let segment = Segment { sequence_id, first_position: position, n_rows: input.len() as u32, sample: true, allowed: None, draft: Vec::new() };
         let Some(Message::SampledTokens(sampled)) = through(stages, Message::step_tokens(step, vec![segment], input.clone())) else {
             panic!("the last stage must answer a sampling step with SampledTokens");
         };
@@ -106,7 +106,7 @@ fn a_split_pipeline_samples_what_one_stage_samples() {
 fn bad_messages_are_errors_and_the_stage_keeps_serving() {
     let path = tiny_model("bad");
     let mut stages = pipeline(&path, &[0..2, 2..4], Dtype::F32);
-    let segment = |id, first_position, n_rows| Segment { sequence_id: id, first_position, n_rows, sample: true, allowed: None };
+    let segment = |id, first_position, n_rows| Segment { sequence_id: id, first_position, n_rows, sample: true, allowed: None, draft: Vec::new() };
 
     // A step for a sequence nobody started.
     let unknown = stages[0].handle(Message::step_tokens(0, vec![segment(9, 0, 1)], vec![1]));
@@ -157,7 +157,7 @@ fn the_last_stage_draws_only_what_the_mask_allows() {
     }
     let allowed = AllowedTokens { vocab, words };
     assert!(through(&mut stages, start(2, greedy(1))).is_none());
-    let segment = Segment { sequence_id: 2, first_position: 0, n_rows: 3, sample: true, allowed: Some(allowed.clone()) };
+    let segment = Segment { sequence_id: 2, first_position: 0, n_rows: 3, sample: true, allowed: Some(allowed.clone()), draft: Vec::new() };
     let Some(Message::SampledTokens(sampled)) = through(&mut stages, Message::step_tokens(1, vec![segment], prompt.clone())) else {
         panic!("a sampling step answers SampledTokens");
     };
@@ -169,10 +169,45 @@ fn the_last_stage_draws_only_what_the_mask_allows() {
     assert!(through(&mut stages, start(3, greedy(1))).is_none());
     let wrong = AllowedTokens { vocab: vocab + 64, words: vec![1; (vocab + 64).div_ceil(64) as usize] };
     let hidden = stages[0]
-        .handle(Message::step_tokens(2, vec![Segment { sequence_id: 3, first_position: 0, n_rows: 3, sample: true, allowed: Some(wrong) }], prompt.clone()))
+        .handle(Message::step_tokens(2, vec![Segment { sequence_id: 3, first_position: 0, n_rows: 3, sample: true, allowed: Some(wrong), draft: Vec::new() }], prompt.clone()))
         .unwrap()
         .unwrap();
     let refused = stages[1].handle(hidden);
     assert!(matches!(refused, Err(StageError::MaskVocabulary { .. })), "{refused:?}");
     assert_eq!(generate(&mut stages, 4, &prompt, 1)[0].token, free);
+}
+
+/// A draft's rows travel through every stage; the last one keeps what its sampler draws
+/// itself, and the next step rolls every stage's cache back over the rejected rows — the
+/// tokens are those of plain decoding. A step may not start before the last draft.
+#[test]
+fn drafts_roll_back_on_every_stage_and_change_no_token() {
+    let path = tiny_model("draft");
+    let prompt = vec![5u32, 17, 300, 42, 7];
+    let plain: Vec<u32> = generate(&mut pipeline(&path, &[0..4], Dtype::F32), 1, &prompt, 6).iter().map(|t| t.token).collect();
+    let mut stages = pipeline(&path, &[0..1, 1..3, 3..4], Dtype::F32);
+    assert!(through(&mut stages, start(1, greedy(1))).is_none());
+    let step = |stages: &mut [StageRunner], n: u64, first: u32, input: Vec<u32>, draft: Vec<u32>| {
+        let segment = Segment { sequence_id: 1, first_position: first, n_rows: input.len() as u32, sample: true, allowed: None, draft };
+        let Some(Message::SampledTokens(sampled)) = through(stages, Message::step_tokens(n, vec![segment], input)) else {
+            panic!("a sampling step answers SampledTokens");
+        };
+        sampled.tokens[0].clone()
+    };
+    let first = step(&mut stages, 0, 0, prompt.clone(), vec![]);
+    assert_eq!(first.token, plain[0]);
+    let at = prompt.len() as u32;
+    // Right draft (plain's next two tokens): both accepted, then the token after them.
+    let good = step(&mut stages, 1, at, vec![plain[0], plain[1], plain[2]], vec![plain[1], plain[2]]);
+    assert_eq!((good.accepted, good.token), (2, plain[3]));
+    // Wrong draft: nothing accepted; the next token is plain's, and 2 rows are to roll back.
+    let wrong_token = (plain[4] + 1) % 256;
+    let bad = step(&mut stages, 2, at + 3, vec![plain[3], wrong_token, wrong_token], vec![wrong_token, wrong_token]);
+    assert_eq!((bad.accepted, bad.token), (0, plain[4]));
+    // Starting before the draft is refused; inside it rolls back.
+    let early = Segment { sequence_id: 1, first_position: at + 2, n_rows: 1, sample: true, allowed: None, draft: vec![] };
+    let refused = stages[0].handle(Message::step_tokens(3, vec![early], vec![plain[4]]));
+    assert!(matches!(refused, Err(StageError::PositionMismatch { .. })), "{refused:?}");
+    let after = step(&mut stages, 4, at + 4, vec![plain[4]], vec![]);
+    assert_eq!(after.token, plain[5], "the rolled-back caches give plain decoding's token");
 }

@@ -11,7 +11,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::check::check_len;
 use crate::limits::{
-    ACTIVATION_ROWS_MAX, HIDDEN_DIM_MAX, LOGIT_BIAS_ABS_MAX, MASKED_SEGMENTS_MAX, TOKEN_MASK_VOCAB_MAX, LOGIT_BIAS_TOKENS_MAX, PENALTY_WINDOW_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
+    ACTIVATION_ROWS_MAX, DRAFT_TOKENS_MAX, HIDDEN_DIM_MAX, LOGIT_BIAS_ABS_MAX, MASKED_SEGMENTS_MAX, TOKEN_MASK_VOCAB_MAX, LOGIT_BIAS_TOKENS_MAX, PENALTY_WINDOW_TOKENS_MAX, PROMPT_LOGPROBS_TOKENS_MAX, SAMPLED_TOKENS_MAX, SEGMENTS_MAX,
     SEQUENCE_POSITIONS_MAX, TENSORS_PER_ASSIGNMENT_MAX, TENSOR_BYTES_MAX, TOP_LOGPROBS_MAX, WEIGHT_CHUNK_BYTES_MAX,
 };
 use crate::ProtocolError;
@@ -116,6 +116,13 @@ pub struct Segment {
     /// back); the sampling stage sets every other logit to −∞ before its sampler runs.
     /// Only on a sampling segment; at most [`MASKED_SEGMENTS_MAX`] per step.
     pub allowed: Option<AllowedTokens>,
+    /// Speculative decoding: the segment's last `draft.len()` rows are proposed tokens (these
+    /// ids), not yet part of the sequence. The last stage runs the head over them and the row
+    /// before, keeps the longest prefix its sampler draws itself ([`SampledToken::accepted`])
+    /// and the token after it; every stage may be asked to roll its cache back over the rest
+    /// by the sequence's next step. Only on a sampling segment, shorter than `n_rows`, at
+    /// most [`DRAFT_TOKENS_MAX`].
+    pub draft: Vec<u32>,
 }
 
 /// A set of token ids as a bitmap: bit `t % 64` of `words[t / 64]` allows token `t`.
@@ -212,6 +219,9 @@ pub struct SampledToken {
     pub logprob: Option<f32>,
     /// The most likely alternatives, when asked for; at most [`TOP_LOGPROBS_MAX`].
     pub top: Vec<TokenLogprob>,
+    /// Of the segment's draft, how many tokens were accepted (they come before `token`); at
+    /// most the draft's length (0 without one).
+    pub accepted: u32,
 }
 
 /// The log-probability of one prompt token given the tokens before it.
@@ -329,6 +339,15 @@ fn validate_segments(segments: &[Segment]) -> Result<u64, ProtocolError> {
         }
         if segment.n_rows == 0 {
             return Err(ProtocolError::InvalidValue { field: "n_rows", reason: "a segment has at least one row" });
+        }
+        if !segment.draft.is_empty() {
+            check_len("draft", segment.draft.len(), DRAFT_TOKENS_MAX)?;
+            if !segment.sample || segment.draft.len() >= segment.n_rows as usize {
+                return Err(ProtocolError::InvalidValue {
+                    field: "draft",
+                    reason: "a draft ends a sampling segment and leaves it at least one row of its own",
+                });
+            }
         }
         let end = u64::from(segment.first_position) + u64::from(segment.n_rows);
         if end > u64::from(SEQUENCE_POSITIONS_MAX) {

@@ -370,17 +370,18 @@ mod tests {
 
         let step = Message::StepTokens(StepTokens {
             step: 7,
-            segments: vec![Segment { sequence_id: 9, first_position: 3, n_rows: 2, sample: true, allowed: None }],
+            segments: vec![Segment { sequence_id: 9, first_position: 3, n_rows: 2, sample: true, allowed: None, draft: Vec::new() }],
             tokens: vec![100, 101],
         });
         #[rustfmt::skip]
         let expected = [
-            b'P', b'L', b'C', b'K', 5, 0, 12, 0, 62, 0, 0, 0,  // header: StepTokens, 62-byte body
+            b'P', b'L', b'C', b'K', 5, 0, 12, 0, 70, 0, 0, 0,  // header: StepTokens, 70-byte body
             9, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 1, // segment: sequence_id, first_position, n_rows, sample,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,             //   allowed: None (tag 0, then the Some's 12 bytes)
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,             //   allowed: None (tag 0, then the Some's 12 bytes),
+            0xe2, 0xff, 0xff, 0xff, 0, 0, 0, 0,                //   draft: empty (relative offset -30, length 0)
             100, 0, 0, 0, 101, 0, 0, 0,                        // tokens
             7, 0, 0, 0, 0, 0, 0, 0,                            // root: step,
-            0xd2, 0xff, 0xff, 0xff, 1, 0, 0, 0,                //   segments: relative offset -46, length 1
+            0xca, 0xff, 0xff, 0xff, 1, 0, 0, 0,                //   segments: relative offset -54, length 1
             0xe8, 0xff, 0xff, 0xff, 2, 0, 0, 0,                //   tokens: relative offset -24, length 2
         ];
         assert_eq!(encode(&step).unwrap(), expected);

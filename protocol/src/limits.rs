@@ -89,6 +89,10 @@ pub const TOKEN_MASK_VOCAB_MAX: u32 = 256 * KIB;
 /// limits below make room for.
 pub const MASKED_SEGMENTS_MAX: u32 = 16;
 
+/// Most proposed tokens one segment carries (speculative decoding): beyond 16 the chance
+/// that all are accepted is small for any proposer, and each costs a row on every stage.
+pub const DRAFT_TOKENS_MAX: u32 = 16;
+
 /// Longest node id, node name, backend name or tensor name, in bytes (GGUF tensor names
 /// are at most 63 bytes in ggml).
 pub const NAME_BYTES_MAX: u32 = 256;
@@ -139,6 +143,10 @@ const fn widen(value: u32) -> u64 {
 /// Largest activation payload: every row, the widest hidden size, f32.
 pub const ACTIVATION_PAYLOAD_BYTES_MAX: u64 = widen(ACTIVATION_ROWS_MAX) * widen(HIDDEN_DIM_MAX) * 4;
 
+/// Largest set of drafts in one step's segments: a draft row is a row of the step, so at most
+/// every row's id.
+pub const DRAFTS_BYTES_MAX: u64 = widen(ACTIVATION_ROWS_MAX) * 4;
+
 /// Largest set of token masks in one step's segments.
 pub const TOKEN_MASKS_BYTES_MAX: u64 =
     widen(MASKED_SEGMENTS_MAX) * (archived::<ArchivedAllowedTokens>() + widen(TOKEN_MASK_VOCAB_MAX) / 8);
@@ -148,6 +156,7 @@ const _: () = assert!(
         + archived::<ArchivedActivations>()
         + widen(SEGMENTS_MAX) * archived::<ArchivedSegment>()
         + TOKEN_MASKS_BYTES_MAX
+        + DRAFTS_BYTES_MAX
         + ACTIVATION_PAYLOAD_BYTES_MAX
         <= widen(ACTIVATIONS_FRAME_BYTES_MAX),
     "the largest legal activation frame must fit its frame limit"
@@ -184,6 +193,7 @@ const _: () = assert!(
         + archived::<ArchivedStepTokens>()
         + widen(SEGMENTS_MAX) * archived::<ArchivedSegment>()
         + TOKEN_MASKS_BYTES_MAX
+        + DRAFTS_BYTES_MAX
         + widen(ACTIVATION_ROWS_MAX) * 4
         <= widen(CONTROL_FRAME_BYTES_MAX),
     "the largest step-tokens frame must fit a control frame"
@@ -222,8 +232,9 @@ mod tests {
     /// above add up are the packed field sizes.
     #[test]
     fn archives_are_packed() {
-        // sequence_id, first_position, n_rows, sample; allowed: Option tag, vocab, words (offset, length).
-        assert_eq!(archived::<ArchivedSegment>(), 8 + 4 + 4 + 1 + (1 + 4 + 4 + 4));
+        // sequence_id, first_position, n_rows, sample; allowed: Option tag, vocab, words (offset, length);
+        // draft: (offset, length).
+        assert_eq!(archived::<ArchivedSegment>(), 8 + 4 + 4 + 1 + (1 + 4 + 4 + 4) + (4 + 4));
         assert_eq!(archived::<ArchivedTokenLogprob>(), 4 + 4);
         assert_eq!(archived::<ArchivedActivations>(), 8 + 8 + 1 + 4 + 8);
     }

@@ -25,6 +25,14 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     metric("potluck_requests_finished_total", "counter", "Generations that ended normally.", s.requests_finished.load(Relaxed));
     metric("potluck_requests_failed_total", "counter", "Generations that ended in an error.", s.requests_failed.load(Relaxed));
     metric("potluck_prompt_tokens_total", "counter", "Prompt tokens of finished generations.", s.prompt_tokens.load(Relaxed));
+    metric("potluck_draft_steps_total", "counter", "Decode steps that carried a speculative draft.", s.draft_steps.load(Relaxed));
+    metric("potluck_draft_tokens_proposed_total", "counter", "Tokens proposed by speculative drafts.", s.draft_tokens_proposed.load(Relaxed));
+    metric(
+        "potluck_draft_tokens_accepted_total",
+        "counter",
+        "Draft tokens the sampling stage accepted (each saved a trip through the pipeline).",
+        s.draft_tokens_accepted.load(Relaxed),
+    );
     metric(
         "potluck_prompt_tokens_cached_total",
         "counter",

@@ -51,6 +51,8 @@ pub(super) struct CommonParams {
     ignore_eos: Option<bool>,
     /// llama-server's name: false opts out of prefix caching for this request.
     cache_prompt: Option<bool>,
+    /// false turns speculative decoding off for this request.
+    speculative: Option<bool>,
     n: Option<u64>,
     /// OpenAI's `logit_bias`: token id (a string key) → bias within [-100, 100]; -100 bans.
     logit_bias: Option<serde_json::Map<String, Value>>,
@@ -305,6 +307,7 @@ impl CommonParams {
                 prompt_logprobs: false,
                 grammar: self.grammar(state)?,
                 cache_prompt: self.cache_prompt.unwrap_or(true),
+                speculative: self.speculative.unwrap_or(true),
             },
             prompt,
             stops,

@@ -80,7 +80,7 @@ pub fn sequence_start() -> SequenceStart {
 }
 
 pub fn segment(sequence_id: u64, first_position: u32, n_rows: u32) -> Segment {
-    Segment { sequence_id, first_position, n_rows, sample: true, allowed: None }
+    Segment { sequence_id, first_position, n_rows, sample: true, allowed: None, draft: Vec::new() }
 }
 
 pub fn step_tokens() -> StepTokens {
@@ -102,8 +102,9 @@ pub fn sampled_tokens() -> SampledTokens {
                 token: 42,
                 logprob: Some(-0.5),
                 top: vec![TokenLogprob { token: 42, logprob: -0.5 }],
+                accepted: 0,
             },
-            SampledToken { sequence_id: 2, token: 7, logprob: None, top: vec![] },
+            SampledToken { sequence_id: 2, token: 7, logprob: None, top: vec![], accepted: 3 },
         ],
         prompt: vec![PromptLogprob {
             sequence_id: 1,

@@ -60,6 +60,7 @@ fn the_limits_table_is_the_code() {
         ("LOGIT_BIAS_TOKENS_MAX", vec![LOGIT_BIAS_TOKENS_MAX.into()]),
         ("TOKEN_MASK_VOCAB_MAX", vec![TOKEN_MASK_VOCAB_MAX.into()]),
         ("MASKED_SEGMENTS_MAX", vec![MASKED_SEGMENTS_MAX.into()]),
+        ("DRAFT_TOKENS_MAX", vec![DRAFT_TOKENS_MAX.into()]),
         ("LOGIT_BIAS_ABS_MAX", vec![LOGIT_BIAS_ABS_MAX as u64]),
         ("NAME_BYTES_MAX", vec![NAME_BYTES_MAX.into()]),
         ("ADDRESS_BYTES_MAX", vec![ADDRESS_BYTES_MAX.into()]),

@@ -305,7 +305,7 @@ fn tokens_not_matching_rows_are_refused() {
 fn too_many_sampled_tokens_are_refused() {
     let n = SAMPLED_TOKENS_MAX + 1;
     let tokens =
-        (0..n).map(|i| SampledToken { sequence_id: u64::from(i), token: 1, logprob: None, top: vec![] }).collect();
+        (0..n).map(|i| SampledToken { sequence_id: u64::from(i), token: 1, logprob: None, top: vec![], accepted: 0 }).collect();
     assert_refused(
         Message::SampledTokens(SampledTokens { step: 1, tokens, prompt: vec![] }),
         ProtocolError::TooLong { field: "tokens", len: u64::from(n), max: u64::from(SAMPLED_TOKENS_MAX) },
@@ -316,7 +316,7 @@ fn too_many_sampled_tokens_are_refused() {
 fn too_many_top_logprobs_are_refused() {
     let n = TOP_LOGPROBS_MAX + 1;
     let top = (0..n).map(|token| TokenLogprob { token, logprob: -1.0 }).collect();
-    let tokens = vec![SampledToken { sequence_id: 1, token: 0, logprob: Some(-1.0), top }];
+    let tokens = vec![SampledToken { sequence_id: 1, token: 0, logprob: Some(-1.0), top, accepted: 0 }];
     assert_refused(
         Message::SampledTokens(SampledTokens { step: 1, tokens, prompt: vec![] }),
         ProtocolError::TooLong { field: "top", len: u64::from(n), max: u64::from(TOP_LOGPROBS_MAX) },
@@ -759,4 +759,23 @@ fn bad_prefix_reuse_is_refused() {
             ProtocolError::InvalidValue { field: "prefix.positions", reason: "not in 1..SEQUENCE_POSITIONS_MAX" },
         );
     }
+}
+
+#[test]
+fn bad_drafts_are_refused() {
+    let drafted = |draft: Vec<u32>, n_rows: u32, sample: bool| {
+        Message::StepTokens(StepTokens {
+            step: 1,
+            segments: vec![Segment { draft, sample, ..segment(1, 0, n_rows) }],
+            tokens: vec![0; n_rows as usize],
+        })
+    };
+    let reason = "a draft ends a sampling segment and leaves it at least one row of its own";
+    assert_refused(drafted(vec![5, 6], 2, true), ProtocolError::InvalidValue { field: "draft", reason });
+    assert_refused(drafted(vec![5], 3, false), ProtocolError::InvalidValue { field: "draft", reason });
+    let long = DRAFT_TOKENS_MAX as usize + 1;
+    assert_refused(
+        drafted(vec![1; long], long as u32 + 1, true),
+        ProtocolError::TooLong { field: "draft", len: long as u64, max: u64::from(DRAFT_TOKENS_MAX) },
+    );
 }

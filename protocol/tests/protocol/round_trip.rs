@@ -150,6 +150,7 @@ fn segments_strategy() -> impl Strategy<Value = Vec<Segment>> {
                     sample,
                     // A grammar's mask rides on sampling segments (tested apart below).
                     allowed: None,
+                    draft: Vec::new(),
                 })
                 .collect()
         })
@@ -220,6 +221,7 @@ fn sampled_tokens_strategy() -> impl Strategy<Value = SampledTokens> {
                     token,
                     logprob,
                     top: top.into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect(),
+                    accepted: token % 5,
                 })
                 .collect(),
             prompt,
@@ -462,7 +464,7 @@ fn largest_control_messages_fit() {
     assert_fits(Message::SampledTokens(SampledTokens {
         step: 1,
         tokens: (0..SAMPLED_TOKENS_MAX)
-            .map(|i| SampledToken { sequence_id: u64::from(i), token: 1, logprob: Some(-1.0), top: top.clone() })
+            .map(|i| SampledToken { sequence_id: u64::from(i), token: 1, logprob: Some(-1.0), top: top.clone(), accepted: 0 })
             .collect(),
         prompt: (0..ACTIVATION_ROWS_MAX)
             .map(|i| PromptLogprob { sequence_id: 1, position: i + 1, token: 1, logprob: -1.0, top: top.clone() })
