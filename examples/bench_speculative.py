@@ -3,6 +3,9 @@
 
   cargo build --release -p potluck-coordinator -p potluck-worker
   python3 examples/bench_speculative.py [--stages 3] [--rounds 5] [--tokens 160] [--threads 1]
+  # over links with a LAN's latency (3 stages on examples/netns_cluster.sh's hosts):
+  sudo PLK_DELAY=2ms examples/netns_cluster.sh up
+  sudo PLK_DELAY=2ms ip netns exec plk-coord python3 examples/bench_speculative.py --netns plk
 
 Starts a cluster on loopback (the coordinator holds stage 0, workers the others; as
 examples/bench_cluster.py) and alternates, round by round, requests with `"speculative":
@@ -24,7 +27,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cluster import get, start_config  # noqa: E402
+from bench_cluster import BIN, TOKEN, Proc, decode_rate, get, start_config  # noqa: E402
 
 CODE = '''def summarize(orders):
     totals = {}
@@ -96,6 +99,33 @@ def concurrent(base, n, speculative, clients=16):
     return sum(results) / (time.monotonic() - started)
 
 
+def start_netns(args, work):
+    """3 stages on the hosts of examples/netns_cluster.sh (run this script inside the
+    coordinator's namespace): the coordinator here (stage 0, HTTP on its loopback), workers
+    on w1 and w2, every hop across the bridge with its delay."""
+    prefix, subnet = args.netns, os.environ.get("PLK_SUBNET", "10.77.0")
+    common = ["--threads", str(args.threads)]
+    cmd = [os.path.join(BIN, "coordinator"), "serve", "--listen", "127.0.0.1:0", "--model", args.model,
+           "--cluster-listen", f"{subnet}.1:0", "--token", TOKEN, "--workers", "2", "--no-mdns",
+           "--planner", "proportional", "--memory-limit", "4GiB", "--activation-dtype", args.dtype] + common
+    procs = [Proc("coordinator", cmd, {"POTLUCK_CONFIG_DIR": os.path.join(work, "cfg")})]
+    base = "http://" + procs[0].wait_line(r" on http://(\S+)").group(1)
+    cluster = procs[0].wait_line(r"cluster endpoint on (\S+)").group(1).replace("0.0.0.0", f"{subnet}.1")
+    for i in (1, 2):
+        procs.append(Proc(f"w{i}", ["ip", "netns", "exec", f"{prefix}-w{i}", os.path.join(BIN, "worker"), "join",
+                                    "--coordinator", cluster, "--token", TOKEN, "--listen", f"{subnet}.{i + 1}:0",
+                                    "--memory-limit", "4GiB", "--identity", os.path.join(work, f"w{i}.key"),
+                                    "--cache-dir", os.path.join(work, f"cache{i}")] + common))
+    deadline = time.time() + 300
+    while len(get(base + "/health")["stages"]) != 3 or any(
+            s["node_id"] == "coordinator" for s in get(base + "/health")["stages"][1:]):
+        if time.time() > deadline:
+            sys.exit(f"3 stages never became active: {get(base + '/health')}")
+        time.sleep(0.2)
+    decode_rate(base, "Warm up", 8)
+    return base, procs, [], get(base + "/health")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", type=int, default=3)
@@ -104,11 +134,18 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--netns", metavar="PREFIX",
+                    help="run on examples/netns_cluster.sh's hosts (3 stages); run this script in PREFIX-coord")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="potluck-bench-spec-")
-    base, procs, _, health = start_config(args.stages, args, work)
+    if args.netns:
+        base, procs, _, health = start_netns(args, work)
+        where = f"network namespaces {args.netns}-coord/-w1/-w2, PLK_DELAY={os.environ.get('PLK_DELAY', '?')} per direction"
+    else:
+        base, procs, _, health = start_config(args.stages, args, work)
+        where = "loopback"
     try:
-        print(f"{args.stages} stages: {[s['layers'] for s in health['stages']]}, {args.threads} thread(s) each, loopback")
+        print(f"{len(health['stages'])} stages: {[s['layers'] for s in health['stages']]}, {args.threads} thread(s) each, {where}")
         rates = {(task, spec): [] for task in TASKS for spec in (False, True)}
         ratios = {task: [] for task in TASKS}
         accept = {}

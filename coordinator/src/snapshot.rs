@@ -133,6 +133,12 @@ pub struct LiveFigures {
     pub active: u64,
     pub requests_finished_total: u64,
     pub requests_failed_total: u64,
+    /// Speculative decoding: draft tokens proposed and accepted since start (their ratio is
+    /// the acceptance rate; accepted tokens each saved a trip through the pipeline).
+    pub draft_tokens_proposed_total: u64,
+    pub draft_tokens_accepted_total: u64,
+    /// Prompt tokens taken from kept caches (prefix caching) since start.
+    pub prompt_tokens_cached_total: u64,
 }
 
 /// One finished (or failed) request, as the dashboard lists it.
@@ -220,6 +226,9 @@ impl ClusterSnapshot {
                 active,
                 requests_finished_total: stats.requests_finished.load(Relaxed),
                 requests_failed_total: stats.requests_failed.load(Relaxed),
+                draft_tokens_proposed_total: stats.draft_tokens_proposed.load(Relaxed),
+                draft_tokens_accepted_total: stats.draft_tokens_accepted.load(Relaxed),
+                prompt_tokens_cached_total: stats.prompt_tokens_cached.load(Relaxed),
             },
             recent_requests: state.dashboard.recent(),
         }
