@@ -1,5 +1,5 @@
 """Records llama.cpp's log-probabilities on seeded random-weight GGUFs of each dense
-architecture the engine runs (llama, qwen2, qwen3), for engine/tests/arch_agreement.rs.
+architecture the engine runs (llama, qwen2, qwen3, phi3), for engine/tests/arch_agreement.rs.
 
 Each model is written by the repository's own writer (`random_gguf` example: same arguments,
 byte-identical file; its sha256 goes into the fixture so the test knows it rebuilt the same
@@ -32,6 +32,8 @@ CASES = [
     {"name": "llama-tiny-q4k", "architecture": "llama", "preset": "tiny", "dtype": "q4k", "seed": 23, "tied": False},
     {"name": "llama-tiny-q6k", "architecture": "llama", "preset": "tiny", "dtype": "q6k", "seed": 24, "tied": False},
     {"name": "llama-tiny-q5_0", "architecture": "llama", "preset": "tiny", "dtype": "q5_0", "seed": 25, "tied": False},
+    {"name": "phi3-tiny-q8_0", "architecture": "phi3", "preset": "tiny", "dtype": "q8_0", "seed": 26, "tied": False},
+    {"name": "phi3-tiny-q4k", "architecture": "phi3", "preset": "tiny", "dtype": "q4k", "seed": 27, "tied": False},
 ]
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, astronauts landed on the Moon; "
         "their words were heard by millions of people around the world.")

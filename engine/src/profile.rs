@@ -24,7 +24,8 @@ use crate::gguf::GgufModel;
 #[serde(rename_all = "snake_case")]
 pub enum Family {
     /// The dense decoders of [`crate::arch::llama`]: `llama`, `mistral`, `qwen2` (Q/K/V
-    /// biases, NEOX RoPE), `qwen3` (per-head Q/K norms, NEOX RoPE).
+    /// biases, NEOX RoPE), `qwen3` (per-head Q/K norms, NEOX RoPE), `phi3` (fused QKV and
+    /// gate/up projections, NEOX RoPE, the query scaled before attention).
     Llama,
     /// `gemma3`: [`crate::arch::gemma3`] (scaled embeddings, norms before and after attention
     /// and FFN, per-head Q/K norms, GELU-gated FFN, interleaved sliding-window layers).
@@ -32,7 +33,7 @@ pub enum Family {
 }
 
 /// The `general.architecture` values the engine runs.
-pub const SUPPORTED_ARCHITECTURES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 6] = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"];
 
 /// Whether the engine runs a model of `architecture`, with or without mixture-of-experts
 /// layers (no family implements experts yet).
@@ -44,7 +45,7 @@ impl Family {
     /// The family of a GGUF's `general.architecture`, if the engine runs it.
     pub fn from_architecture(architecture: &str) -> Option<Family> {
         match architecture {
-            "llama" | "mistral" | "qwen2" | "qwen3" => Some(Family::Llama),
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => Some(Family::Llama),
             "gemma3" => Some(Family::Gemma3),
             _ => None,
         }
@@ -114,6 +115,17 @@ pub struct ModelProfile {
     pub attention_bias: bool,
     /// Per-head RMSNorm on Q and K before RoPE (`blk.N.attn_q_norm.weight`: Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// Q, K and V come from one matrix (`blk.N.attn_qkv.weight`, rows Q then K then V: Phi-3).
+    #[serde(default)]
+    pub fused_qkv: bool,
+    /// The FFN's gate and up projections are one matrix (`ffn_up` of 2 × n_ff rows, gate
+    /// first, no `ffn_gate`: Phi-3).
+    #[serde(default)]
+    pub fused_gate_up: bool,
+    /// The query is multiplied by 1/√head_dim before attention, which then scales by 1
+    /// (Phi-3's graph in llama.cpp; the same value, other roundings than scaling the scores).
+    #[serde(default)]
+    pub prescaled_query: bool,
     /// `{arch}.attention.sliding_window`: local layers attend to this many positions.
     pub sliding_window: Option<usize>,
     /// Per block, whether it is a local (sliding-window) layer; all false without a window.
@@ -176,7 +188,7 @@ impl ModelProfile {
         // llama.cpp's `llama_model_rope_type()`: convert_hf_to_gguf.py permutes llama's and
         // mistral's Q/K rows into adjacent pairs, not Qwen's.
         let rope_type = match architecture.as_str() {
-            "qwen2" | "qwen3" | "gemma3" => RopeType::Neox,
+            "qwen2" | "qwen3" | "phi3" | "gemma3" => RopeType::Neox,
             _ => RopeType::Adjacent,
         };
         let key = |k: &str| format!("{architecture}.{k}");
@@ -255,7 +267,15 @@ impl ModelProfile {
                 }
             }
         }
-        let sliding_window = md.optional_u32(&key("attention.sliding_window")).map(|w| w as usize).filter(|&w| w > 0);
+        // llama.cpp runs Phi-3 without its sliding window (its conversion does not record the
+        // pattern; `llama_model_phi3::load_arch_hparams` turns it off), and so does the engine.
+        let sliding_window = md
+            .optional_u32(&key("attention.sliding_window"))
+            .map(|w| w as usize)
+            .filter(|&w| w > 0 && architecture != "phi3");
+        if has_tensor("rope_factors_long.weight") || has_tensor("blk.0.rope_factors_long.weight") {
+            return Err(EngineError::UnsupportedFeature { architecture: architecture.clone(), feature: "LongRoPE (rope_factors_long/short)" });
+        }
         let sliding_layers = match sliding_window {
             None => vec![false; n_layers as usize],
             Some(_) => {
@@ -298,6 +318,9 @@ impl ModelProfile {
             rope_type,
             attention_bias: has_tensor("blk.0.attn_q.bias"),
             qk_norm: has_tensor("blk.0.attn_q_norm.weight"),
+            fused_qkv: has_tensor("blk.0.attn_qkv.weight"),
+            fused_gate_up: architecture == "phi3" && !has_tensor("blk.0.ffn_gate.weight"),
+            prescaled_query: architecture == "phi3",
             sliding_window,
             sliding_layers,
             rope_freq_base_swa,

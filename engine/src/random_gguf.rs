@@ -287,10 +287,13 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3: llama's tensors plus per-head Q and K RMSNorm weights.
     Qwen3,
+    /// Phi-3: Q, K and V in one `attn_qkv` matrix, gate and up in one `ffn_up` of 2 × n_ff
+    /// rows (gate first).
+    Phi3,
 }
 
 /// The names [`Architecture::from_name`] takes.
-pub const ARCHITECTURE_NAMES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+pub const ARCHITECTURE_NAMES: [&str; 4] = ["llama", "qwen2", "qwen3", "phi3"];
 
 impl Architecture {
     /// The `general.architecture` value, which also prefixes the hyper-parameter keys.
@@ -299,6 +302,7 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -308,6 +312,7 @@ impl Architecture {
             "llama" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
+            "phi3" => Ok(Self::Phi3),
             _ => Err(RandomGgufError::UnknownArchitecture(name.into())),
         }
     }
@@ -385,9 +390,13 @@ fn dense_tensors(architecture: Architecture, shape: &ModelShape, tied_embeddings
         let blk = |part: &str| format!("blk.{layer_idx}.{part}.weight");
         let role = TensorRole::LayerMatrix { layer_idx };
         tensors.push(norm(blk("attn_norm"), LAYER_NORM_SPREAD));
-        tensors.push(matrix(blk("attn_q"), n_q, n_embd, role, 2.0 * w));
-        tensors.push(matrix(blk("attn_k"), n_kv, n_embd, role, 2.0 * w));
-        tensors.push(matrix(blk("attn_v"), n_kv, n_embd, TensorRole::AttnV { layer_idx }, w));
+        if architecture == Architecture::Phi3 {
+            tensors.push(matrix(blk("attn_qkv"), n_q + 2 * n_kv, n_embd, role, 2.0 * w));
+        } else {
+            tensors.push(matrix(blk("attn_q"), n_q, n_embd, role, 2.0 * w));
+            tensors.push(matrix(blk("attn_k"), n_kv, n_embd, role, 2.0 * w));
+            tensors.push(matrix(blk("attn_v"), n_kv, n_embd, TensorRole::AttnV { layer_idx }, w));
+        }
         if architecture == Architecture::Qwen2 {
             for (part, n) in [("attn_q", n_q), ("attn_k", n_kv), ("attn_v", n_kv)] {
                 let name = format!("blk.{layer_idx}.{part}.bias");
@@ -402,8 +411,12 @@ fn dense_tensors(architecture: Architecture, shape: &ModelShape, tied_embeddings
             }
         }
         tensors.push(norm(blk("ffn_norm"), LAYER_NORM_SPREAD));
-        tensors.push(matrix(blk("ffn_gate"), shape.n_ff, n_embd, role, w));
-        tensors.push(matrix(blk("ffn_up"), shape.n_ff, n_embd, role, w));
+        if architecture == Architecture::Phi3 {
+            tensors.push(matrix(blk("ffn_up"), 2 * shape.n_ff, n_embd, role, w));
+        } else {
+            tensors.push(matrix(blk("ffn_gate"), shape.n_ff, n_embd, role, w));
+            tensors.push(matrix(blk("ffn_up"), shape.n_ff, n_embd, role, w));
+        }
         tensors.push(matrix(blk("ffn_down"), n_embd, shape.n_ff, TensorRole::FfnDown { layer_idx }, w_down));
     }
     tensors.push(norm("output_norm.weight".into(), OUTPUT_NORM_SPREAD));
@@ -804,7 +817,9 @@ impl RandomGguf {
             // The seed stays out of the header: files that differ only in their weights have
             // the same header, as two quantizations' re-uploads can (the weight stream's tests
             // rely on it to show that tensor hashes, not the model hash, tell them apart).
-            ("general.name".into(), Value::String(format!("random {arch}"))),
+            // Not "random phi3": llama.cpp gives a model whose name holds "phi3" Phi-3's own
+            // special tokens (`</s>`…), which the donor's vocabulary lacks.
+            ("general.name".into(), Value::String(if arch == "phi3" { "random Phi 3 layout".into() } else { format!("random {arch}") })),
             ("general.alignment".into(), Value::U32(GGUF_ALIGNMENT_BYTES as u32)),
         ];
         metadata.extend(self.architecture.metadata(&self.shape));

@@ -58,6 +58,37 @@ pub(crate) fn load_matrix(source: &mut dyn TensorSource, name: &str, n_out: usiz
     QMatrix::new(dtype, n_out, n_in, bytes)
 }
 
+/// A matrix stored as several stacked by rows (a fused projection: `rows[0]` rows, then
+/// `rows[1]`, …), as the separate matrices.
+pub(crate) fn load_split_matrix<const N: usize>(
+    source: &mut dyn TensorSource,
+    name: &str,
+    rows: [usize; N],
+    n_in: usize,
+) -> Result<[QMatrix; N]> {
+    let n_out: usize = rows.iter().sum();
+    let (dtype, dims, bytes) = source.tensor(name)?.ok_or_else(|| EngineError::MissingTensor(name.to_owned()))?;
+    if dims != [n_out, n_in] {
+        return Err(EngineError::BadTensorShape { name: name.to_owned(), expected: vec![n_out, n_in], actual: dims });
+    }
+    let row_bytes = bytes.len() / n_out;
+    if row_bytes * n_out != bytes.len() {
+        return Err(EngineError::BadQuantizedMatrix {
+            dtype: format!("{dtype:?}"),
+            n_out,
+            n_in,
+            reason: format!("{} bytes do not make {n_out} equal rows", bytes.len()),
+        });
+    }
+    let mut parts = Vec::with_capacity(N);
+    let mut at = 0;
+    for r in rows {
+        parts.push(QMatrix::new(dtype, r, n_in, bytes[at..at + r * row_bytes].to_vec())?);
+        at += r * row_bytes;
+    }
+    Ok(parts.try_into().unwrap_or_else(|_| unreachable!("N parts")))
+}
+
 pub(crate) fn load_vector(source: &mut dyn TensorSource, name: &str, len: usize) -> Result<Vec<f32>> {
     let (dtype, dims, bytes) = source.tensor(name)?.ok_or_else(|| EngineError::MissingTensor(name.to_owned()))?;
     if dims.iter().product::<usize>() != len {

@@ -60,7 +60,7 @@ fn every_architecture_agrees_with_llama_cpp() {
     let mut architectures: Vec<&str> = cases.iter().map(|c| c["architecture"].as_str().unwrap()).collect();
     architectures.sort_unstable();
     architectures.dedup();
-    assert_eq!(architectures, ["llama", "qwen2", "qwen3"], "one case per architecture the engine runs");
+    assert_eq!(architectures, ["llama", "phi3", "qwen2", "qwen3"], "one case per architecture the engine runs");
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let path = rebuild(case, &dir);
@@ -136,6 +136,8 @@ fn what_the_engine_does_not_run_is_refused_by_name() {
     // The same key without scaling (factor 1) is plain RoPE, and runs.
     assert_eq!(load(Architecture::Qwen2, vec![("rope.scaling.type", Meta::String("yarn".into())), ("rope.scaling.factor", Meta::F32(1.0))]), "loaded");
     let window = load(Architecture::Qwen3, vec![("attention.sliding_window", Meta::U32(128))]);
+    // Phi-3's window key is ignored, as llama.cpp ignores it (it runs Phi-3 with full attention).
+    assert_eq!(load(Architecture::Phi3, vec![("attention.sliding_window", Meta::U32(2047))]), "loaded");
     assert!(window.contains("sliding attention window"), "{window}");
     let experts = load(Architecture::Llama, vec![("expert_count", Meta::U32(8)), ("expert_used_count", Meta::U32(2))]);
     assert!(experts.contains("mixture-of-experts"), "{experts}");

@@ -15,7 +15,7 @@ use potluck_engine::random_gguf::{Architecture, RandomGguf};
 const N_LAYERS: u32 = 4;
 const N_EMBD: usize = 256;
 const VOCAB: usize = 320;
-const ARCHITECTURES: [Architecture; 3] = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3];
+const ARCHITECTURES: [Architecture; 4] = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3, Architecture::Phi3];
 
 /// The tiny model: each layer uses another quantization type, so every kernel the engine has
 /// is exercised (Q5K for the Q4K layer's ffn_down), with a Q8_0 embedding, a Q4_0 head and

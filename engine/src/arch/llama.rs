@@ -30,7 +30,7 @@ use crate::kv_cache::{LayerCacheSpec, SequenceCache};
 use crate::ops::{add_in_place, apply_rope, apply_rope_neox, rms_norm, rms_norm_in_place, rope_table, swiglu};
 use crate::profile::{ModelProfile, RopeType};
 use crate::quant::QMatrix;
-use crate::source::{load_matrix, load_vector, TensorSource};
+use crate::source::{load_matrix, load_split_matrix, load_vector, TensorSource};
 use super::{Ends, StepRows};
 
 /// The GGUF tensor names a slice holding `layers` needs (what a worker is sent).
@@ -41,6 +41,13 @@ pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> 
     }
     for layer_idx in layers.clone() {
         for role in BLOCK_TENSORS {
+            // Phi-3's fused projections stand for the separate ones.
+            let role = match role {
+                "attn_q" if profile.fused_qkv => "attn_qkv",
+                "attn_k" | "attn_v" if profile.fused_qkv => continue,
+                "ffn_gate" if profile.fused_gate_up => continue,
+                role => role,
+            };
             names.push(format!("blk.{layer_idx}.{role}.weight"));
         }
         if profile.attention_bias {
@@ -143,17 +150,33 @@ impl LlamaSlice {
             } else {
                 None
             };
+            // A fused matrix's rows are the separate ones', one after the other; each output
+            // row is its own dot product, so splitting the rows changes no value.
+            let [attn_q, attn_k, attn_v] = if p.fused_qkv {
+                load_split_matrix(source, &name("attn_qkv"), [q_width, kv_width, kv_width], p.n_embd)?
+            } else {
+                [
+                    load_matrix(source, &name("attn_q"), q_width, p.n_embd)?,
+                    load_matrix(source, &name("attn_k"), kv_width, p.n_embd)?,
+                    load_matrix(source, &name("attn_v"), kv_width, p.n_embd)?,
+                ]
+            };
+            let [ffn_gate, ffn_up] = if p.fused_gate_up {
+                load_split_matrix(source, &name("ffn_up"), [p.n_ff, p.n_ff], p.n_embd)?
+            } else {
+                [load_matrix(source, &name("ffn_gate"), p.n_ff, p.n_embd)?, load_matrix(source, &name("ffn_up"), p.n_ff, p.n_embd)?]
+            };
             blocks.push(Block {
                 qkv_bias,
                 qk_norm,
                 attn_norm: load_vector(source, &name("attn_norm"), p.n_embd)?,
-                attn_q: load_matrix(source, &name("attn_q"), q_width, p.n_embd)?,
-                attn_k: load_matrix(source, &name("attn_k"), kv_width, p.n_embd)?,
-                attn_v: load_matrix(source, &name("attn_v"), kv_width, p.n_embd)?,
+                attn_q,
+                attn_k,
+                attn_v,
                 attn_output: load_matrix(source, &name("attn_output"), p.n_embd, q_width)?,
                 ffn_norm: load_vector(source, &name("ffn_norm"), p.n_embd)?,
-                ffn_gate: load_matrix(source, &name("ffn_gate"), p.n_ff, p.n_embd)?,
-                ffn_up: load_matrix(source, &name("ffn_up"), p.n_ff, p.n_embd)?,
+                ffn_gate,
+                ffn_up,
                 ffn_down: load_matrix(source, &name("ffn_down"), p.n_embd, p.n_ff)?,
             });
         }
@@ -287,6 +310,13 @@ impl LlamaSlice {
                     );
                 }
                 let scale = 1.0 / (p.head_dim as f32).sqrt();
+                let scale = if p.prescaled_query {
+                    // Phi-3: llama.cpp scales the rotated query, then attends with scale 1.
+                    q.iter_mut().for_each(|x| *x *= scale);
+                    1.0
+                } else {
+                    scale
+                };
                 super::attention(p, local_layer, &q, &row_seq, &row_pos, caches, scale, &mut attn, pool);
                 block.attn_output.matmul(&attn, n_rows, &mut proj, pool);
                 add_in_place(hidden, &proj);
