@@ -604,7 +604,12 @@ impl Generator {
                 tokens.extend_from_slice(&seq.tokens[seq.n_sent..seq.n_sent + n]);
                 // Speculative decoding: a decode step may carry proposed tokens after its one.
                 let draft = if self.speculative && n == 1 && pending == 1 && drafts_allowed(&seq.request) {
-                    let room = (context_length - 1).saturating_sub(seq.tokens.len()).min(STEP_ROWS_MAX - tokens.len());
+                    // Within the context, the step's rows, and what the answer may still add
+                    // (the step's own token is one of them).
+                    let room = (context_length - 1)
+                        .saturating_sub(seq.tokens.len())
+                        .min(STEP_ROWS_MAX - tokens.len())
+                        .min(seq.request.max_tokens.saturating_sub(seq.n_generated + 1));
                     let length = seq.pacing.next_length().min(room);
                     crate::speculative::propose(&seq.tokens, length)
                 } else {
