@@ -121,6 +121,15 @@ async fn stream_events(
                             return;
                         }
                     }
+                    // The token's log-probability, when asked for, in a chunk of its own: the
+                    // text it belongs to may be held (a call in the making).
+                    if prepared.want_logprobs {
+                        let mut chunk = delta_chunk(json!({}));
+                        chunk["choices"][0]["logprobs"] = json!({"content": [logprob_entry(tokenizer, token, logprob, &top)]});
+                        if !send(chunk).await {
+                            return;
+                        }
+                    }
                     if assembler.stopped() {
                         for delta in tools.finish() {
                             if !send(delta_chunk(crate::tools::delta_json(&delta))).await {
