@@ -405,9 +405,6 @@ impl Generator {
             released.extend(covered.iter().map(|k| k.id));
             self.kept.push(new);
         }
-        while active.len() + self.kept.len() > ACTIVE_SEQUENCES_MAX {
-            released.push(self.kept.remove(0).id);
-        }
         for id in released {
             if let Err(e) = self.pipeline.send(Message::release(id)) {
                 tracing::debug!(sequence = id, error = %e, "could not release a sequence's caches");
@@ -428,34 +425,27 @@ impl Generator {
             .filter(|&(_, n)| n >= PREFIX_REUSE_TOKENS_MIN)
             .max_by_key(|&(i, n)| (n, i));
         let chosen = best.map(|(i, n)| {
+            // Most recently used: the last the eviction below reaches.
             let k = self.kept.remove(i);
             let reuse = potluck_protocol::PrefixReuse { sequence_id: k.id, positions: n as u32 };
             self.kept.push(k);
             reuse
         });
+        self.make_room(active);
+        // Without a slot beside its source the new sequence computes everything.
+        chosen.filter(|c| self.kept.last().is_some_and(|k| k.id == c.sequence_id))
+    }
+
+    /// Releases the least recently used kept caches until one more sequence fits beside
+    /// `active` ones on every stage.
+    fn make_room(&mut self, active: usize) {
         let room = ACTIVE_SEQUENCES_MAX.saturating_sub(active + 1);
         while self.kept.len() > room {
             let evicted = self.kept.remove(0);
-            if chosen.is_some_and(|c| c.sequence_id == evicted.id) {
-                // No slot for the new sequence beside its source: it computes everything.
-                let _ = self.pipeline.send(Message::release(evicted.id));
-                return self.reuse_for_evicted(active);
-            }
             if let Err(e) = self.pipeline.send(Message::release(evicted.id)) {
                 tracing::debug!(sequence = evicted.id, error = %e, "could not release a kept cache");
             }
         }
-        chosen
-    }
-
-    /// Eviction took the chosen source too: evict down to the room and reuse nothing.
-    fn reuse_for_evicted(&mut self, active: usize) -> Option<potluck_protocol::PrefixReuse> {
-        let room = ACTIVE_SEQUENCES_MAX.saturating_sub(active + 1);
-        while self.kept.len() > room {
-            let evicted = self.kept.remove(0);
-            let _ = self.pipeline.send(Message::release(evicted.id));
-        }
-        None
     }
 
     /// Switches to a new pipeline if one was offered, replaying every active sequence.
@@ -550,7 +540,7 @@ impl Generator {
             }
         } else {
             // Room for the new sequence beside the kept caches all the same.
-            self.reuse_for_evicted(active.len());
+            self.make_room(active.len());
         }
         // While the pipeline is broken the next one's replay opens the sequence.
         if self.broken {
