@@ -198,8 +198,9 @@ pub(super) async fn run_generation(state: Arc<AppState>, prepared: Prepared, end
     let outcomes: Vec<Outcome> = outcomes.into_iter().collect::<Result<_, _>>()?;
     let completion_tokens = outcomes.iter().map(|o| o.completion_tokens).sum();
     let (prompt_tokens, cached_tokens) = (outcomes[0].prompt_tokens, outcomes.iter().map(|o| o.cached_tokens).max().unwrap_or(0));
-    let choices: Vec<Value> = outcomes.into_iter().enumerate().map(|(i, o)| choice_json(&prepared, endpoint, i, o)).collect();
-    recorder.finish_reason = choices[0]["finish_reason"].as_str().map_or("stop", finish_reason_static);
+    let (choices, reasons): (Vec<Value>, Vec<&'static str>) =
+        outcomes.into_iter().enumerate().map(|(i, o)| choice_json(&prepared, endpoint, i, o)).unzip();
+    recorder.finish_reason = reasons[0];
     recorder.completion_tokens = completion_tokens;
     let model = &state.model_id;
     // The prompt is counted once, as OpenAI does for `n` > 1.
@@ -212,13 +213,8 @@ pub(super) async fn run_generation(state: Arc<AppState>, prepared: Prepared, end
     Ok(Json(body).into_response())
 }
 
-/// The `&'static str` form of a finish reason this module wrote.
-fn finish_reason_static(reason: &str) -> &'static str {
-    ["stop", "length", "tool_calls", "error"].into_iter().find(|r| *r == reason).unwrap_or("stop")
-}
-
-/// One choice of a non-streamed answer.
-fn choice_json(prepared: &Prepared, endpoint: Endpoint, index: usize, mut outcome: Outcome) -> Value {
+/// One choice of a non-streamed answer, and its finish reason.
+fn choice_json(prepared: &Prepared, endpoint: Endpoint, index: usize, mut outcome: Outcome) -> (Value, &'static str) {
     match endpoint {
         Endpoint::Chat => {
             let logprobs = if prepared.want_logprobs { json!({"content": outcome.logprobs}) } else { Value::Null };
@@ -239,11 +235,14 @@ fn choice_json(prepared: &Prepared, endpoint: Endpoint, index: usize, mut outcom
                     message["content"] = json!(content);
                 }
             }
-            json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason})
+            (json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}), finish_reason)
         }
-        Endpoint::Completion => json!({"index": index, "text": outcome.text,
-                     "logprobs": outcome.completion_logprobs.as_mut().map_or(Value::Null, CompletionLogprobs::take),
-                     "finish_reason": outcome.finish_reason}),
+        Endpoint::Completion => (
+            json!({"index": index, "text": outcome.text,
+                   "logprobs": outcome.completion_logprobs.as_mut().map_or(Value::Null, CompletionLogprobs::take),
+                   "finish_reason": outcome.finish_reason}),
+            outcome.finish_reason,
+        ),
     }
 }
 
