@@ -311,7 +311,7 @@ fn fetch_into(known: &KnownModel, download: &Path, path: &Path) -> Result<()> {
 
 /// SHA-256 of `data`, lowercase hex.
 pub fn sha256_bytes(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:x}", Sha256::digest(data))
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
