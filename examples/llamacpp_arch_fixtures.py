@@ -1,5 +1,6 @@
 """Records llama.cpp's log-probabilities on seeded random-weight GGUFs of each dense
-architecture the engine runs (llama, qwen2, qwen3, phi3), for engine/tests/arch_agreement.rs.
+architecture the engine runs (llama, qwen2, qwen3, phi3, and the mixtures of experts: Mixtral's
+layout and qwen3moe), for engine/tests/arch_agreement.rs.
 
 Each model is written by the repository's own writer (`random_gguf` example: same arguments,
 byte-identical file; its sha256 goes into the fixture so the test knows it rebuilt the same
@@ -34,6 +35,10 @@ CASES = [
     {"name": "llama-tiny-q5_0", "architecture": "llama", "preset": "tiny", "dtype": "q5_0", "seed": 25, "tied": False},
     {"name": "phi3-tiny-q8_0", "architecture": "phi3", "preset": "tiny", "dtype": "q8_0", "seed": 26, "tied": False},
     {"name": "phi3-tiny-q4k", "architecture": "phi3", "preset": "tiny", "dtype": "q4k", "seed": 27, "tied": False},
+    # Mixtures of experts: Mixtral's layout (a llama file with experts) and qwen3moe.
+    {"name": "mixtral-tiny-q8_0", "architecture": "llama", "preset": "tiny-moe", "dtype": "q8_0", "seed": 31, "tied": False},
+    {"name": "mixtral-tiny-q4k", "architecture": "llama", "preset": "tiny-moe", "dtype": "q4k", "seed": 32, "tied": False},
+    {"name": "qwen3moe-tiny-q8_0", "architecture": "qwen3moe", "preset": "tiny-moe", "dtype": "q8_0", "seed": 33, "tied": False},
 ]
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, astronauts landed on the Moon; "
         "their words were heard by millions of people around the world.")

@@ -866,6 +866,20 @@ fn gemma3_path() -> PathBuf {
     path
 }
 
+/// Each completion request's text, checking it ran to `completion_tokens` tokens.
+fn completion_texts(http: &str, requests: &[&str], completion_tokens: u64) -> Vec<String> {
+    requests
+        .iter()
+        .map(|body| {
+            let (status, response) = post(http, "/v1/completions", body);
+            assert_eq!(status, 200, "{response}");
+            let json: serde_json::Value = serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+            assert_eq!(json["usage"]["completion_tokens"], completion_tokens, "{json}");
+            json["choices"][0]["text"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
 /// A second real architecture through the whole product: Gemma 3 270M split over two
 /// processes (the coordinator's stage and a worker's, local and global attention layers on
 /// both) answers greedy and seeded completions, streamed and not, exactly as one machine
@@ -880,18 +894,7 @@ fn gemma_3_on_two_stages_answers_as_one_machine() {
         r#"{"model":"x","prompt":"def fibonacci(n):\n","max_tokens":24,"temperature":0}"#,
         r#"{"model":"x","prompt":"Once upon a time","max_tokens":24,"temperature":0.8,"seed":7}"#,
     ];
-    let texts = |http: &str| -> Vec<String> {
-        requests
-            .iter()
-            .map(|body| {
-                let (status, response) = post(http, "/v1/completions", body);
-                assert_eq!(status, 200, "{response}");
-                let json: serde_json::Value = serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
-                assert_eq!(json["usage"]["completion_tokens"], 24, "{json}");
-                json["choices"][0]["text"].as_str().unwrap().to_owned()
-            })
-            .collect()
-    };
+    let texts = |http: &str| completion_texts(http, &requests, 24);
     let (single, single_http) = start_single_with(&dir, &model);
     let alone = texts(&single_http);
     let (status, chat) = post(&single_http, "/v1/chat/completions", r#"{"model":"x","messages":[{"role":"user","content":"Hi"}]}"#);
@@ -904,6 +907,39 @@ fn gemma_3_on_two_stages_answers_as_one_machine() {
     let health = wait_for_plan(&coordinator, 2, true, Duration::from_secs(180));
     let split: Vec<String> = health["stages"].as_array().unwrap().iter().map(|s| s["layers"].to_string()).collect();
     println!("gemma 3 stages: {split:?}; alone: {alone:?}");
+    assert_eq!(texts(&coordinator.http), alone, "two stages must answer as one machine");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A mixture of experts through the whole product: a seeded random-weight model with
+/// Mixtral's layout (a `llama` GGUF whose every block routes each token to 2 of 8 experts;
+/// the default model's tokenizer) split over two processes answers greedy and seeded
+/// completions exactly as one machine does, and the worker that holds half the layers holds
+/// every expert of them.
+#[test]
+fn a_mixture_of_experts_on_two_stages_answers_as_one_machine() {
+    use potluck_engine::random_gguf::{self, ModelShape, RandomGguf, TokenizerMetadata};
+    let dir = temp_dir("moe");
+    let model = dir.join("mixtral-layout.gguf");
+    let donor = random_gguf::default_donor_path().expect("the default model (the tokenizer donor) is missing");
+    RandomGguf::new(ModelShape::tiny_moe(), potluck_engine::quant::GgmlDType::Q8_0, 41)
+        .with_tokenizer(TokenizerMetadata::from_gguf(&donor).unwrap())
+        .write(&model)
+        .unwrap();
+    let requests = [
+        r#"{"model":"x","prompt":"The capital of France is","max_tokens":16,"temperature":0}"#,
+        r#"{"model":"x","prompt":"Once upon a time","max_tokens":16,"temperature":0.8,"seed":7}"#,
+    ];
+    let texts = |http: &str| completion_texts(http, &requests, 16);
+    let (single, single_http) = start_single_with(&dir, &model);
+    let alone = texts(&single_http);
+    drop(single);
+
+    let coordinator = start_coordinator_with(&dir, &model, "127.0.0.1:0", &["--workers", "1", "--planner", "throughput"]);
+    let _worker = start_worker(&dir, "w1", &coordinator, TOKEN, &["--memory-limit", "4GiB"]);
+    let health = wait_for_plan(&coordinator, 2, true, Duration::from_secs(180));
+    let split: Vec<String> = health["stages"].as_array().unwrap().iter().map(|s| s["layers"].to_string()).collect();
+    println!("mixture of experts stages: {split:?}; alone: {alone:?}");
     assert_eq!(texts(&coordinator.http), alone, "two stages must answer as one machine");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,12 +1,15 @@
-//! Writes a seeded random-weight GGUF (llama, qwen2 or qwen3) of a preset shape, printing its size and the time
+//! Writes a seeded random-weight GGUF (llama, qwen2, qwen3, phi3 or qwen3moe; with experts for
+//! the MoE presets) of a preset shape, printing its size and the time
 //! it took: the models for scale tests and benchmarks that no one has to download.
 //!
 //! `cargo run --release -p potluck-engine --example random_gguf -- --out FILE
-//! [--preset tiny|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b] [--arch llama|qwen2|qwen3] [--layers N]
+//! [--preset tiny|tiny-moe|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b|mixtral-8x7b|qwen3-30b-a3b]
+//! [--arch llama|qwen2|qwen3|phi3|qwen3moe] [--layers N]
 //! [--dtype q4_0|q4_k_m|...] [--seed N] [--tied] [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]`
 //!
-//! `--arch` defaults to the preset's family (qwen3-8b: qwen3, qwen2.5-72b: qwen2, else llama).
-//! `--layers` replaces the preset's layer count (tiny 4, 8B 32, 70B 80). Types: f32, f16,
+//! `--arch` defaults to the preset's family (qwen3-8b: qwen3, qwen3-30b-a3b: qwen3moe,
+//! qwen2.5-72b: qwen2, else llama: mixtral-8x7b and tiny-moe are llama files with experts, as
+//! Mixtral's are). `--layers` replaces the preset's layer count (tiny 4, 8B 32, 70B 80). Types: f32, f16,
 //! bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k (every matrix, the embedding
 //! and the head; norms stay f32), or q4_k_m: llama.cpp's Q4_K_M mix (Q4_K, with Q6_K for the
 //! head and for `attn_v` and `ffn_down` of the layers llama.cpp gives more bits; see
@@ -25,8 +28,9 @@ use potluck_engine::random_gguf::{self, Architecture, ModelShape, RandomGguf, To
 use potluck_engine::threads::ComputePool;
 use potluck_engine::EngineError;
 
-const USAGE: &str = "usage: random_gguf --out FILE [--preset tiny|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b] \
-[--arch llama|qwen2|qwen3] [--layers N] \
+const USAGE: &str = "usage: random_gguf --out FILE \
+[--preset tiny|tiny-moe|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b|mixtral-8x7b|qwen3-30b-a3b] \
+[--arch llama|qwen2|qwen3|phi3|qwen3moe] [--layers N] \
 [--dtype q4_0] [--seed N] [--tied] [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]";
 
 /// Where the tokenizer comes from.
@@ -88,7 +92,9 @@ fn parse_args() -> Result<Args, String> {
     }
     let shape = ModelShape::preset(&preset, layers).map_err(|e| e.to_string())?;
     let out = out.ok_or_else(|| format!("--out is required\n{USAGE}"))?;
-    let architecture = architecture.unwrap_or(if preset.starts_with("qwen3") {
+    let architecture = architecture.unwrap_or(if shape.experts.is_some() && preset.starts_with("qwen3") {
+        Architecture::Qwen3Moe
+    } else if preset.starts_with("qwen3") {
         Architecture::Qwen3
     } else if preset.starts_with("qwen2") {
         Architecture::Qwen2

@@ -113,7 +113,7 @@ fn dot_f16_ggml(q16: &[f32], k: &[f16]) -> f32 {
 }
 
 /// GCC's `_mm512_reduce_add_ps`: lanes i + (i+8), then i + (i+4), then (0+2) + (1+3).
-fn reduce16(x: &[f32; 16]) -> f32 {
+pub(crate) fn reduce16(x: &[f32; 16]) -> f32 {
     let mut t3 = [0f32; 8];
     for i in 0..8 {
         t3[i] = x[i + 8] + x[i];

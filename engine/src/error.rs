@@ -14,7 +14,7 @@ pub enum EngineError {
     BadSplitGguf(String),
     #[error("GGUF metadata key `{0}` is missing")]
     MissingMetadata(String),
-    #[error("unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]
+    #[error("unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3, qwen3moe, phi3, gemma3)")]
     UnsupportedArchitecture(String),
     #[error("this `{architecture}` model uses {feature}, which the engine does not implement yet")]
     UnsupportedFeature { architecture: String, feature: &'static str },

@@ -115,7 +115,7 @@ fn silu(x: f32) -> f32 {
 /// ggml's `ggml_v_expf` (AVX-512 form), one lane: range reduction by a shifter constant,
 /// a degree-5 polynomial, then scaling by 2^n; ±inf/0 past |n| > 192.
 #[inline(always)]
-fn ggml_expf(x: f32) -> f32 {
+pub(crate) fn ggml_expf(x: f32) -> f32 {
     let c = f32::from_bits;
     let shifter = c(0x4B40_0000); // 0x1.8p23
     let z = x.mul_add(c(0x3FB8_AA3B), shifter); // log2(e)

@@ -23,9 +23,11 @@ use crate::gguf::GgufModel;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
-    /// The dense decoders of [`crate::arch::llama`]: `llama`, `mistral`, `qwen2` (Q/K/V
+    /// The decoders of [`crate::arch::llama`]: `llama`, `mistral`, `qwen2` (Q/K/V
     /// biases, NEOX RoPE), `qwen3` (per-head Q/K norms, NEOX RoPE), `phi3` (fused QKV and
-    /// gate/up projections, NEOX RoPE, the query scaled before attention).
+    /// gate/up projections, NEOX RoPE, the query scaled before attention), and their
+    /// mixture-of-experts forms: `llama`/`mistral` files with experts (Mixtral) and
+    /// `qwen3moe` (Qwen3's attention, a routed expert FFN in every block).
     Llama,
     /// `gemma3`: [`crate::arch::gemma3`] (scaled embeddings, norms before and after attention
     /// and FFN, per-head Q/K norms, GELU-gated FFN, interleaved sliding-window layers).
@@ -33,19 +35,23 @@ pub enum Family {
 }
 
 /// The `general.architecture` values the engine runs.
-pub const SUPPORTED_ARCHITECTURES: [&str; 6] = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 7] = ["llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma3"];
 
 /// Whether the engine runs a model of `architecture`, with or without mixture-of-experts
-/// layers (no family implements experts yet).
+/// layers: experts run in the llama family's `llama`, `mistral` (Mixtral) and `qwen3moe`.
 pub fn engine_runs(architecture: &str, experts: bool) -> bool {
-    Family::from_architecture(architecture).is_some() && !experts
+    match Family::from_architecture(architecture) {
+        Some(Family::Llama) => !experts || matches!(architecture, "llama" | "mistral" | "qwen3moe"),
+        Some(Family::Gemma3) => !experts,
+        None => false,
+    }
 }
 
 impl Family {
     /// The family of a GGUF's `general.architecture`, if the engine runs it.
     pub fn from_architecture(architecture: &str) -> Option<Family> {
         match architecture {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => Some(Family::Llama),
+            "llama" | "mistral" | "qwen2" | "qwen3" | "qwen3moe" | "phi3" => Some(Family::Llama),
             "gemma3" => Some(Family::Gemma3),
             _ => None,
         }
@@ -62,11 +68,15 @@ pub enum RopeType {
     Neox,
 }
 
-/// A mixture-of-experts layout: `count` experts per layer, `used` of them per token.
+/// A mixture-of-experts layout: `count` experts per layer, `used` of them per token, each
+/// a SwiGLU FFN of width `n_ff` (`{arch}.expert_feed_forward_length`, else what llama.cpp
+/// falls back to).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Experts {
     pub count: u32,
     pub used: u32,
+    #[serde(default)]
+    pub n_ff: usize,
 }
 
 /// Size of one KV-cache element in bytes. The cache is kept in f16 (see kv_cache.rs).
@@ -188,7 +198,7 @@ impl ModelProfile {
         // llama.cpp's `llama_model_rope_type()`: convert_hf_to_gguf.py permutes llama's and
         // mistral's Q/K rows into adjacent pairs, not Qwen's.
         let rope_type = match architecture.as_str() {
-            "qwen2" | "qwen3" | "phi3" | "gemma3" => RopeType::Neox,
+            "qwen2" | "qwen3" | "qwen3moe" | "phi3" | "gemma3" => RopeType::Neox,
             _ => RopeType::Adjacent,
         };
         let key = |k: &str| format!("{architecture}.{k}");
@@ -273,6 +283,16 @@ impl ModelProfile {
             .optional_u32(&key("attention.sliding_window"))
             .map(|w| w as usize)
             .filter(|&w| w > 0 && architecture != "phi3");
+        if has_tensor("blk.0.ffn_gate.0.weight") {
+            // Conversions from before December 2023 stored every expert as its own tensor;
+            // llama.cpp no longer reads them either.
+            let feature = "one tensor per expert (an old Mixtral conversion: convert it again)";
+            return Err(EngineError::UnsupportedFeature { architecture: architecture.clone(), feature });
+        }
+        if has_tensor("blk.0.ffn_gate_up_exps.weight") {
+            let feature = "merged gate/up expert tensors (ffn_gate_up_exps)";
+            return Err(EngineError::UnsupportedFeature { architecture: architecture.clone(), feature });
+        }
         if has_tensor("rope_factors_long.weight") || has_tensor("blk.0.rope_factors_long.weight") {
             return Err(EngineError::UnsupportedFeature { architecture: architecture.clone(), feature: "LongRoPE (rope_factors_long/short)" });
         }
@@ -298,7 +318,18 @@ impl ModelProfile {
             md.optional_u32(&key("expert_count")),
             md.optional_u32(&key("expert_used_count")),
         ) {
-            (Some(count), Some(used)) if count > 0 => Some(Experts { count, used }),
+            (Some(count), Some(used)) if count > 0 => {
+                if used == 0 || used > count {
+                    return Err(EngineError::BadGguf(format!(
+                        "{architecture}: {used} experts used per token of {count}"
+                    )));
+                }
+                // llama.cpp's fallbacks: Mixtral's experts are `feed_forward_length` wide;
+                // qwen3moe's, that width shared among the experts used.
+                let fallback = if architecture == "qwen3moe" { n_ff as u32 / used } else { n_ff as u32 };
+                let n_ff = md.u32_or(&key("expert_feed_forward_length"), fallback)? as usize;
+                Some(Experts { count, used, n_ff })
+            }
             _ => None,
         };
         Ok(Self {
@@ -347,7 +378,7 @@ impl ModelProfile {
     pub fn layer_bytes_read_per_token(&self, layer_idx: usize) -> u64 {
         let held = self.layer_weight_bytes[layer_idx];
         match self.experts {
-            Some(Experts { count, used }) => {
+            Some(Experts { count, used, .. }) => {
                 let experts = self.layer_expert_bytes[layer_idx];
                 held - experts + experts * used as u64 / count as u64
             }

@@ -98,9 +98,9 @@ pub const PRESET_NAMES: [&str; 5] = ["tiny", "llama3-8b", "llama3-70b", "qwen3-8
 pub enum RandomGgufError {
     #[error("cannot write the model file {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("unknown model preset `{0}` (known: tiny, llama3-8b, llama3-70b, qwen3-8b, qwen2.5-72b)")]
+    #[error("unknown model preset `{0}` (known: tiny, tiny-moe, llama3-8b, llama3-70b, qwen3-8b, qwen2.5-72b, mixtral-8x7b, qwen3-30b-a3b)")]
     UnknownPreset(String),
-    #[error("unknown architecture `{0}` (known: llama, qwen2, qwen3)")]
+    #[error("unknown architecture `{0}` (known: llama, qwen2, qwen3, qwen3moe, phi3)")]
     UnknownArchitecture(String),
     #[error("unknown weight type `{0}` (known: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k)")]
     UnknownDType(String),
@@ -142,6 +142,16 @@ pub struct ModelShape {
     /// Per-head dimension when it is not `n_embd / n_head` (Qwen3 0.6B: 128 with hidden
     /// 1024 and 16 heads); written as `attention.key_length` / `value_length`.
     pub key_length: Option<usize>,
+    /// A mixture of experts in every block instead of the dense FFN; `n_ff` is then each
+    /// expert's width.
+    pub experts: Option<ExpertShape>,
+}
+
+/// How many experts a mixture-of-experts block has and how many a token uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertShape {
+    pub count: usize,
+    pub used: usize,
 }
 
 impl ModelShape {
@@ -159,6 +169,7 @@ impl ModelShape {
             rope_freq_base: 500_000.0,
             rms_norm_eps: 1e-5,
             key_length: None,
+            experts: None,
         }
     }
 
@@ -183,6 +194,7 @@ impl ModelShape {
             rope_freq_base: 1_000_000.0,
             rms_norm_eps: 1e-6,
             key_length: Some(128),
+            experts: None,
         }
     }
 
@@ -201,6 +213,7 @@ impl ModelShape {
             rope_freq_base: 1_000_000.0,
             rms_norm_eps: 1e-6,
             key_length: None,
+            experts: None,
         }
     }
 
@@ -219,6 +232,51 @@ impl ModelShape {
             rope_freq_base: 10_000.0,
             rms_norm_eps: 1e-5,
             key_length: None,
+            experts: None,
+        }
+    }
+
+    /// The tiny shape with a mixture of 8 experts (2 used per token) of width 256 in every
+    /// block: the test model of the expert FFN (Mixtral's layout in miniature).
+    pub fn tiny_moe() -> Self {
+        Self { n_ff: 256, experts: Some(ExpertShape { count: 8, used: 2 }), ..Self::tiny() }
+    }
+
+    /// Mixtral 8x7B's layer shape (hidden 4096, 8 experts of FFN 14336 with 2 used per token,
+    /// 32 query heads and 8 KV heads of 128, vocabulary 32000, RoPE base 1000000), with
+    /// `n_layers` layers instead of 32.
+    pub fn mixtral_8x7b(n_layers: u32) -> Self {
+        Self {
+            n_layers,
+            n_embd: 4096,
+            n_ff: 14336,
+            n_head: 32,
+            n_head_kv: 8,
+            vocab_size: 32_000,
+            context_length: 32_768,
+            rope_freq_base: 1_000_000.0,
+            rms_norm_eps: 1e-5,
+            key_length: None,
+            experts: Some(ExpertShape { count: 8, used: 2 }),
+        }
+    }
+
+    /// Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts of FFN 768 with 8 used per
+    /// token, 32 query heads and 4 KV heads of 128, vocabulary 151936), with `n_layers`
+    /// layers instead of 48.
+    pub fn qwen3_30b_a3b(n_layers: u32) -> Self {
+        Self {
+            n_layers,
+            n_embd: 2048,
+            n_ff: 768,
+            n_head: 32,
+            n_head_kv: 4,
+            vocab_size: 151_936,
+            context_length: 40_960,
+            rope_freq_base: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            key_length: Some(128),
+            experts: Some(ExpertShape { count: 128, used: 8 }),
         }
     }
 
@@ -232,6 +290,9 @@ impl ModelShape {
             "llama3-70b" => Self::llama3_70b(80),
             "qwen3-8b" => Self::qwen3_8b(36),
             "qwen2.5-72b" => Self::qwen2_5_72b(80),
+            "tiny-moe" => Self::tiny_moe(),
+            "mixtral-8x7b" => Self::mixtral_8x7b(32),
+            "qwen3-30b-a3b" => Self::qwen3_30b_a3b(48),
             _ => return Err(RandomGgufError::UnknownPreset(name.into())),
         };
         Ok(Self { n_layers: n_layers.unwrap_or(shape.n_layers), ..shape })
@@ -270,6 +331,11 @@ impl ModelShape {
                 return bad(format!("{what} {value} does not fit the header's u32"));
             }
         }
+        if let Some(ExpertShape { count, used }) = self.experts {
+            if count == 0 || used == 0 || used > count {
+                return bad(format!("{used} experts used per token of {count}"));
+            }
+        }
         if !(self.rope_freq_base > 0.0 && self.rms_norm_eps > 0.0) {
             return bad(format!("rope base {} and rms eps {} must be positive", self.rope_freq_base, self.rms_norm_eps));
         }
@@ -277,9 +343,9 @@ impl ModelShape {
     }
 }
 
-/// The model families the writer knows. The dense decoders share llama's tensor list with
-/// their additions (see `dense_tensors`); Gemma 3 (extra norms) and mixtures of experts
-/// would be further variants with their own functions.
+/// The model families the writer knows. The llama-style decoders share llama's tensor list
+/// with their additions (see `dense_tensors`), a shape with experts putting a mixture of
+/// experts in place of every FFN; Gemma 3 (extra norms) would be a further variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
@@ -290,10 +356,13 @@ pub enum Architecture {
     /// Phi-3: Q, K and V in one `attn_qkv` matrix, gate and up in one `ffn_up` of 2 × n_ff
     /// rows (gate first).
     Phi3,
+    /// Qwen3-MoE: Qwen3's attention and a mixture of experts in every block (the shape must
+    /// have [`ModelShape::experts`]).
+    Qwen3Moe,
 }
 
 /// The names [`Architecture::from_name`] takes.
-pub const ARCHITECTURE_NAMES: [&str; 4] = ["llama", "qwen2", "qwen3", "phi3"];
+pub const ARCHITECTURE_NAMES: [&str; 5] = ["llama", "qwen2", "qwen3", "phi3", "qwen3moe"];
 
 impl Architecture {
     /// The `general.architecture` value, which also prefixes the hyper-parameter keys.
@@ -303,6 +372,7 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Phi3 => "phi3",
+            Self::Qwen3Moe => "qwen3moe",
         }
     }
 
@@ -313,6 +383,7 @@ impl Architecture {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
             "phi3" => Ok(Self::Phi3),
+            "qwen3moe" => Ok(Self::Qwen3Moe),
             _ => Err(RandomGgufError::UnknownArchitecture(name.into())),
         }
     }
@@ -404,13 +475,30 @@ fn dense_tensors(architecture: Architecture, shape: &ModelShape, tied_embeddings
             }
         }
         tensors.push(matrix(blk("attn_output"), n_embd, n_q, role, w));
-        if architecture == Architecture::Qwen3 {
+        if matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe) {
             for part in ["attn_q_norm", "attn_k_norm"] {
                 let init = Init::AroundOne { spread: LAYER_NORM_SPREAD };
                 tensors.push(TensorSpec { name: blk(part), dims: vec![head_dim], role: TensorRole::Norm, init });
             }
         }
         tensors.push(norm(blk("ffn_norm"), LAYER_NORM_SPREAD));
+        if let Some(ExpertShape { count, .. }) = shape.experts {
+            // The router four times a layer's scale: logits a few units apart, so the chosen
+            // experts are clear of near-ties (which a last-bit difference could flip). F32,
+            // as llama.cpp's conversion and quantization keep it.
+            let init = Init::Uniform { scale: 4.0 * w };
+            tensors.push(TensorSpec { name: blk("ffn_gate_inp"), dims: vec![count, n_embd], role: TensorRole::Norm, init });
+            let experts = |name: String, n_out: usize, n_in: usize, role: TensorRole, scale: f32| TensorSpec {
+                name,
+                dims: vec![count, n_out, n_in],
+                role,
+                init: Init::Uniform { scale },
+            };
+            tensors.push(experts(blk("ffn_gate_exps"), shape.n_ff, n_embd, role, w));
+            tensors.push(experts(blk("ffn_up_exps"), shape.n_ff, n_embd, role, w));
+            tensors.push(experts(blk("ffn_down_exps"), n_embd, shape.n_ff, TensorRole::FfnDown { layer_idx }, w_down));
+            continue;
+        }
         if architecture == Architecture::Phi3 {
             tensors.push(matrix(blk("ffn_up"), 2 * shape.n_ff, n_embd, role, w));
         } else {
@@ -445,6 +533,13 @@ fn dense_metadata(architecture: Architecture, shape: &ModelShape) -> Vec<(String
     if let Some(key_length) = shape.key_length {
         keys.push(("attention.key_length", u32_of(key_length)));
         keys.push(("attention.value_length", u32_of(key_length)));
+    }
+    if let Some(ExpertShape { count, used }) = shape.experts {
+        keys.push(("expert_count", u32_of(count)));
+        keys.push(("expert_used_count", u32_of(used)));
+        if architecture == Architecture::Qwen3Moe {
+            keys.push(("expert_feed_forward_length", u32_of(shape.n_ff)));
+        }
     }
     let arch = architecture.gguf_name();
     keys.into_iter().map(|(key, value)| (format!("{arch}.{key}"), value)).collect()
@@ -682,6 +777,18 @@ impl RandomGguf {
     /// written.
     pub fn plan(&self) -> Result<Vec<PlannedTensor>> {
         self.shape.validate()?;
+        match (self.architecture, self.shape.experts) {
+            (Architecture::Qwen3Moe, None) => {
+                return Err(RandomGgufError::BadShape("a qwen3moe model needs experts (a preset such as tiny-moe)".into()))
+            }
+            (Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Phi3, Some(_)) => {
+                return Err(RandomGgufError::BadShape(format!(
+                    "{} has no mixture-of-experts form (experts go with llama or qwen3moe)",
+                    self.architecture.gguf_name()
+                )))
+            }
+            _ => {}
+        }
         if self.dtypes.layers.len() > self.shape.n_layers as usize {
             return Err(RandomGgufError::TooManyLayerOverrides {
                 layers: self.dtypes.layers.len(),

@@ -89,6 +89,32 @@ pub(crate) fn load_split_matrix<const N: usize>(
     Ok(parts.try_into().unwrap_or_else(|_| unreachable!("N parts")))
 }
 
+/// A 3-D tensor of `count` matrices of `n_out × n_in` (a mixture of experts' `*_exps`: ggml's
+/// `ne[2]` is the expert, outermost, so each expert's rows are contiguous), as `count`
+/// matrices.
+pub(crate) fn load_expert_matrices(
+    source: &mut dyn TensorSource,
+    name: &str,
+    count: usize,
+    n_out: usize,
+    n_in: usize,
+) -> Result<Vec<QMatrix>> {
+    let (dtype, dims, bytes) = source.tensor(name)?.ok_or_else(|| EngineError::MissingTensor(name.to_owned()))?;
+    if dims != [count, n_out, n_in] {
+        return Err(EngineError::BadTensorShape { name: name.to_owned(), expected: vec![count, n_out, n_in], actual: dims });
+    }
+    let expert_bytes = bytes.len() / count.max(1);
+    if expert_bytes * count != bytes.len() {
+        return Err(EngineError::BadQuantizedMatrix {
+            dtype: format!("{dtype:?}"),
+            n_out,
+            n_in,
+            reason: format!("{} bytes do not make {count} equal experts", bytes.len()),
+        });
+    }
+    bytes.chunks_exact(expert_bytes.max(1)).map(|expert| QMatrix::new(dtype, n_out, n_in, expert.to_vec())).collect()
+}
+
 pub(crate) fn load_vector(source: &mut dyn TensorSource, name: &str, len: usize) -> Result<Vec<f32>> {
     let (dtype, dims, bytes) = source.tensor(name)?.ok_or_else(|| EngineError::MissingTensor(name.to_owned()))?;
     if dims.iter().product::<usize>() != len {

@@ -1,4 +1,5 @@
-//! The engine against llama.cpp on every dense architecture it runs (llama, qwen2, qwen3),
+//! The engine against llama.cpp on every architecture it runs (llama, qwen2, qwen3, phi3, and
+//! the mixtures of experts: Mixtral's layout and qwen3moe),
 //! on seeded random-weight GGUFs: teacher-forced log-probabilities within llama.cpp's own
 //! spread, top-1 equal wherever llama.cpp's margin is clear, over a prompt step and decode
 //! steps.
@@ -60,7 +61,8 @@ fn every_architecture_agrees_with_llama_cpp() {
     let mut architectures: Vec<&str> = cases.iter().map(|c| c["architecture"].as_str().unwrap()).collect();
     architectures.sort_unstable();
     architectures.dedup();
-    assert_eq!(architectures, ["llama", "phi3", "qwen2", "qwen3"], "one case per architecture the engine runs");
+    assert_eq!(architectures, ["llama", "phi3", "qwen2", "qwen3", "qwen3moe"], "one case per architecture the engine runs");
+    assert!(cases.iter().any(|c| c["preset"] == "tiny-moe" && c["architecture"] == "llama"), "Mixtral's layout (llama with experts) is covered");
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let path = rebuild(case, &dir);
@@ -139,8 +141,15 @@ fn what_the_engine_does_not_run_is_refused_by_name() {
     // Phi-3's window key is ignored, as llama.cpp ignores it (it runs Phi-3 with full attention).
     assert_eq!(load(Architecture::Phi3, vec![("attention.sliding_window", Meta::U32(2047))]), "loaded");
     assert!(window.contains("sliding attention window"), "{window}");
-    let experts = load(Architecture::Llama, vec![("expert_count", Meta::U32(8)), ("expert_used_count", Meta::U32(2))]);
+    // Experts where llama.cpp's graph for the architecture has none (qwen2moe is its own
+    // architecture, with shared experts the engine does not run).
+    let experts = load(Architecture::Qwen2, vec![("expert_count", Meta::U32(8)), ("expert_used_count", Meta::U32(2))]);
     assert!(experts.contains("mixture-of-experts"), "{experts}");
+    // A llama file that says it has experts but holds a dense FFN: the missing tensor named.
+    let missing = load(Architecture::Llama, vec![("expert_count", Meta::U32(8)), ("expert_used_count", Meta::U32(2))]);
+    assert!(missing.contains("blk.0.ffn_gate_inp.weight"), "{missing}");
+    let too_many = load(Architecture::Llama, vec![("expert_count", Meta::U32(8)), ("expert_used_count", Meta::U32(9))]);
+    assert!(too_many.contains("9 experts used per token of 8"), "{too_many}");
     // An architecture the engine has no module for: named, with the ones it has.
     let path = dir.join("refused.gguf");
     let mut bytes = std::fs::read(&path).unwrap();

@@ -1,5 +1,6 @@
-//! Split invariance on tiny random-weight GGUFs of every dense architecture (llama, qwen2,
-//! qwen3; written by `random_gguf`): running layers `[0,k)` on one slice and `[k,n)` on
+//! Split invariance on tiny random-weight GGUFs of every llama-family architecture (llama,
+//! qwen2, qwen3, phi3, and the mixtures of experts: llama with experts as Mixtral, qwen3moe;
+//! written by `random_gguf`): running layers `[0,k)` on one slice and `[k,n)` on
 //! another gives the same logits as the unsplit model, for every k; a step batching several
 //! sequences gives what each gives alone; a slice holding part of the layers holds about
 //! that part of the weights.
@@ -10,32 +11,46 @@ use potluck_engine::kv_cache::SequenceCache;
 use potluck_engine::arch::ModelSlice;
 use potluck_engine::backend::Backend;
 use potluck_engine::profile::ModelProfile;
-use potluck_engine::random_gguf::{Architecture, RandomGguf};
+use potluck_engine::random_gguf::{Architecture, ModelShape, RandomGguf};
 
 const N_LAYERS: u32 = 4;
 const N_EMBD: usize = 256;
 const VOCAB: usize = 320;
-const ARCHITECTURES: [Architecture; 4] = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3, Architecture::Phi3];
+/// Every architecture the engine's llama family runs, and with `true` its mixture-of-experts
+/// form (the tiny shape with 8 experts, 2 per token).
+#[derive(Debug, Clone, Copy)]
+struct Model(Architecture, bool);
+const ARCHITECTURES: [Model; 6] = [
+    Model(Architecture::Llama, false),
+    Model(Architecture::Qwen2, false),
+    Model(Architecture::Qwen3, false),
+    Model(Architecture::Phi3, false),
+    Model(Architecture::Llama, true),
+    Model(Architecture::Qwen3Moe, true),
+];
 
 /// The tiny model: each layer uses another quantization type, so every kernel the engine has
 /// is exercised (Q5K for the Q4K layer's ffn_down), with a Q8_0 embedding, a Q4_0 head and
 /// F32 norms.
-fn write_tiny_gguf(path: &std::path::Path, tied: bool, architecture: Architecture) {
+fn write_tiny_gguf(path: &std::path::Path, tied: bool, Model(architecture, experts): Model) {
     let mut model = RandomGguf::tiny_mixed(1);
     model.architecture = architecture;
+    if experts {
+        model.shape = ModelShape::tiny_moe();
+    }
     let shape = &model.shape;
     assert_eq!((shape.n_layers, shape.n_embd, shape.vocab_size), (N_LAYERS, N_EMBD, VOCAB));
     model.tied_embeddings = tied;
     model.write(path).unwrap();
 }
 
-fn tiny_model(tied: bool, architecture: Architecture) -> PathBuf {
+fn tiny_model(tied: bool, architecture: Model) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("potluck-split-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Tests run in parallel threads: each gets its own file.
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!("tiny-{}-{}-{n}.gguf", architecture.gguf_name(), if tied { "tied" } else { "untied" }));
+    let path = dir.join(format!("tiny-{}-{}-{}-{n}.gguf", architecture.0.gguf_name(), architecture.1, if tied { "tied" } else { "untied" }));
     write_tiny_gguf(&path, tied, architecture);
     path
 }
@@ -148,7 +163,7 @@ fn a_slice_holds_only_its_share_of_the_weights() {
 
 #[test]
 fn errors_not_panics_for_bad_input() {
-    let path = tiny_model(false, Architecture::Llama);
+    let path = tiny_model(false, Model(Architecture::Llama, false));
     let backend = Backend::cpu(1);
     let slice = ModelSlice::load(&path, 0..N_LAYERS, backend.clone()).unwrap();
     assert!(slice.embed(&[VOCAB as u32]).is_err(), "token outside the vocabulary");

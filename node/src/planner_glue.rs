@@ -68,8 +68,15 @@ pub fn node_profile_from_summary(device: &potluck_protocol::DeviceSummary, id: &
 /// The planner's view of a model from the engine's profile (its GGUF header).
 pub fn planner_model(p: &potluck_engine::profile::ModelProfile, name: &str) -> potluck_shard_planner::ModelProfile {
     use potluck_shard_planner::{dense_layer_flops_per_token, head_flops_per_token};
-    let layer_flops =
-        dense_layer_flops_per_token(p.n_embd as u64, p.n_ff as u64, p.n_head as u64, p.n_head_kv as u64, p.head_dim as u64);
+    let (n_embd, n_ff) = (p.n_embd as u64, p.n_ff as u64);
+    let layer_flops = match p.experts {
+        // Attention, the router, and the experts a token uses (3 matrices of n_embd × n_ff).
+        Some(e) => {
+            let attention_and_ffn = dense_layer_flops_per_token(n_embd, 0, p.n_head as u64, p.n_head_kv as u64, p.head_dim as u64);
+            attention_and_ffn + 2 * n_embd * (u64::from(e.count) + 3 * u64::from(e.used) * e.n_ff as u64)
+        }
+        None => dense_layer_flops_per_token(n_embd, n_ff, p.n_head as u64, p.n_head_kv as u64, p.head_dim as u64),
+    };
     let mut model = potluck_shard_planner::ModelProfile::dense(
         name.to_string(),
         p.layer_weight_bytes.clone(),
@@ -82,6 +89,8 @@ pub fn planner_model(p: &potluck_engine::profile::ModelProfile, name: &str) -> p
         p.activation_bytes_per_token,
     );
     model.layer_kv_positions_max = p.layer_kv_positions_max();
+    // A mixture of experts holds every expert and reads the ones a token uses.
+    model.layer_read_bytes_per_token = (0..p.n_layers as usize).map(|i| p.layer_bytes_read_per_token(i)).collect();
     model
 }
 
@@ -117,5 +126,29 @@ mod tests {
                 matmul_flops_per_s: 310_700_000_000,
             }
         );
+    }
+
+    /// A mixture of experts is priced by what a token reads: every expert held, the used
+    /// ones read; the dense parts read in full.
+    #[test]
+    fn experts_are_held_whole_and_read_by_use() {
+        use potluck_engine::random_gguf::{ModelShape, RandomGguf};
+        let path = std::env::temp_dir().join(format!("potluck-glue-moe-{}.gguf", std::process::id()));
+        let model = RandomGguf::new(ModelShape::tiny_moe(), candle_core::quantized::GgmlDType::Q8_0, 7);
+        model.write(&path).unwrap();
+        let (profile, _) = potluck_engine::profile::ModelProfile::from_path(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let planned = planner_model(&profile, "tiny-moe");
+        let experts = profile.experts.unwrap();
+        assert_eq!((experts.count, experts.used, experts.n_ff), (8, 2, 256));
+        for layer in 0..profile.n_layers as usize {
+            let held = planned.layer_weight_bytes[layer];
+            let expert_bytes = profile.layer_expert_bytes[layer];
+            assert!(expert_bytes > held / 2, "the experts are most of a block");
+            assert_eq!(planned.layer_read_bytes_per_token[layer], held - expert_bytes + expert_bytes / 4);
+        }
+        // FLOPs count the router and the 2 used experts of 8, not all of them.
+        let attention = potluck_shard_planner::dense_layer_flops_per_token(256, 0, 4, 2, 64);
+        assert_eq!(planned.layer_flops_per_token[0], attention + 2 * 256 * (8 + 3 * 2 * 256));
     }
 }

@@ -1,6 +1,7 @@
-//! The dense decoders (`general.architecture` = `llama`, `mistral`, `qwen2`, `qwen3`): their
+//! The llama-style decoders (`general.architecture` = `llama`, `mistral`, `qwen2`, `qwen3`,
+//! `phi3`, and with a mixture of experts `llama`/`mistral` (Mixtral) and `qwen3moe`): their
 //! block, their tensor list and their forward pass over one slice of a model (a contiguous
-//! layer range).
+//! layer range). The expert FFN itself is [`super::moe`].
 //!
 //! Covers Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 and Qwen3 GGUFs: RMSNorm, grouped-query
 //! attention with RoPE as llama.cpp applies it (llama/mistral `LLAMA_ROPE_TYPE_NORM`:
@@ -31,6 +32,7 @@ use crate::ops::{add_in_place, apply_rope, apply_rope_neox, rms_norm, rms_norm_i
 use crate::profile::{ModelProfile, RopeType};
 use crate::quant::QMatrix;
 use crate::source::{load_matrix, load_split_matrix, load_vector, TensorSource};
+use super::moe::{self, ExpertFfn};
 use super::{Ends, StepRows};
 
 /// The GGUF tensor names a slice holding `layers` needs (what a worker is sent).
@@ -41,8 +43,9 @@ pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> 
     }
     for layer_idx in layers.clone() {
         for role in BLOCK_TENSORS {
-            // Phi-3's fused projections stand for the separate ones.
+            // Phi-3's fused projections stand for the separate ones; experts for the FFN.
             let role = match role {
+                "ffn_gate" | "ffn_up" | "ffn_down" if profile.experts.is_some() => continue,
                 "attn_q" if profile.fused_qkv => "attn_qkv",
                 "attn_k" | "attn_v" if profile.fused_qkv => continue,
                 "ffn_gate" if profile.fused_gate_up => continue,
@@ -55,6 +58,9 @@ pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> 
         }
         if profile.qk_norm {
             names.extend(QK_NORMS.iter().map(|role| format!("blk.{layer_idx}.{role}.weight")));
+        }
+        if profile.experts.is_some() {
+            names.extend(moe::tensor_names(layer_idx));
         }
     }
     if layers.end == profile.n_layers {
@@ -83,7 +89,13 @@ const QK_NORMS: [&str; 2] = ["attn_q_norm", "attn_k_norm"];
 /// Whether the architecture runs per-head Q/K norms (llama.cpp's graph for it applies them;
 /// the others would ignore such tensors, so a file that has them anyway is refused).
 fn wants_qk_norm(architecture: &str) -> bool {
-    architecture == "qwen3"
+    matches!(architecture, "qwen3" | "qwen3moe")
+}
+
+/// Whether the architecture's graph in llama.cpp routes its FFN through experts when the file
+/// has them (qwen3moe always does; Mixtral's GGUFs say `llama`).
+fn runs_experts(architecture: &str) -> bool {
+    matches!(architecture, "llama" | "mistral" | "qwen3moe")
 }
 
 struct Block {
@@ -97,9 +109,22 @@ struct Block {
     attn_v: QMatrix,
     attn_output: QMatrix,
     ffn_norm: Vec<f32>,
-    ffn_gate: QMatrix,
-    ffn_up: QMatrix,
-    ffn_down: QMatrix,
+    ffn: Ffn,
+}
+
+/// A block's feed-forward: one SwiGLU FFN, or a routed mixture of them.
+enum Ffn {
+    Dense { gate: QMatrix, up: QMatrix, down: QMatrix },
+    Experts(ExpertFfn),
+}
+
+impl Ffn {
+    fn size_in_bytes(&self) -> usize {
+        match self {
+            Ffn::Dense { gate, up, down } => gate.size_in_bytes() + up.size_in_bytes() + down.size_in_bytes(),
+            Ffn::Experts(experts) => experts.size_in_bytes(),
+        }
+    }
 }
 
 /// One contiguous layer range of a llama-family model, loaded on its backend.
@@ -124,7 +149,10 @@ impl LlamaSlice {
         let qk_norm = wants_qk_norm(&profile.architecture);
         require_absent(&profile, "per-head Q/K norm tensors its architecture does not apply", profile.qk_norm && !qk_norm)?;
         require_absent(&profile, "a sliding attention window", profile.sliding_window.is_some())?;
-        require_absent(&profile, "mixture-of-experts layers", profile.experts.is_some())?;
+        require_absent(&profile, "mixture-of-experts layers", profile.experts.is_some() && !runs_experts(&profile.architecture))?;
+        if profile.architecture == "qwen3moe" && profile.experts.is_none() {
+            return Err(EngineError::MissingMetadata("qwen3moe.expert_count".into()));
+        }
         if layers.start >= layers.end || layers.end > profile.n_layers {
             return Err(EngineError::BadLayerRange {
                 start: layers.start,
@@ -161,10 +189,15 @@ impl LlamaSlice {
                     load_matrix(source, &name("attn_v"), kv_width, p.n_embd)?,
                 ]
             };
-            let [ffn_gate, ffn_up] = if p.fused_gate_up {
-                load_split_matrix(source, &name("ffn_up"), [p.n_ff, p.n_ff], p.n_embd)?
+            let ffn = if let Some(experts) = p.experts {
+                Ffn::Experts(ExpertFfn::load(p, experts, i, source)?)
             } else {
-                [load_matrix(source, &name("ffn_gate"), p.n_ff, p.n_embd)?, load_matrix(source, &name("ffn_up"), p.n_ff, p.n_embd)?]
+                let [gate, up] = if p.fused_gate_up {
+                    load_split_matrix(source, &name("ffn_up"), [p.n_ff, p.n_ff], p.n_embd)?
+                } else {
+                    [load_matrix(source, &name("ffn_gate"), p.n_ff, p.n_embd)?, load_matrix(source, &name("ffn_up"), p.n_ff, p.n_embd)?]
+                };
+                Ffn::Dense { gate, up, down: load_matrix(source, &name("ffn_down"), p.n_embd, p.n_ff)? }
             };
             blocks.push(Block {
                 qkv_bias,
@@ -175,9 +208,7 @@ impl LlamaSlice {
                 attn_v,
                 attn_output: load_matrix(source, &name("attn_output"), p.n_embd, q_width)?,
                 ffn_norm: load_vector(source, &name("ffn_norm"), p.n_embd)?,
-                ffn_gate,
-                ffn_up,
-                ffn_down: load_matrix(source, &name("ffn_down"), p.n_embd, p.n_ff)?,
+                ffn,
             });
         }
         let rope_freq_factors = if p.has_rope_freqs {
@@ -210,10 +241,8 @@ impl LlamaSlice {
             .blocks
             .iter()
             .map(|b| {
-                [&b.attn_q, &b.attn_k, &b.attn_v, &b.attn_output, &b.ffn_gate, &b.ffn_up, &b.ffn_down]
-                    .iter()
-                    .map(|m| m.size_in_bytes())
-                    .sum::<usize>()
+                [&b.attn_q, &b.attn_k, &b.attn_v, &b.attn_output].iter().map(|m| m.size_in_bytes()).sum::<usize>()
+                    + b.ffn.size_in_bytes()
                     + (b.attn_norm.len() + b.ffn_norm.len()) * 4
                     + b.qkv_bias.iter().flatten().chain(b.qk_norm.iter().flatten()).map(|v| v.len() * 4).sum::<usize>()
             })
@@ -266,8 +295,10 @@ impl LlamaSlice {
             let mut v = vec![0f32; n_rows * kv_width];
             let mut attn = vec![0f32; n_rows * q_width];
             let mut proj = vec![0f32; n_rows * p.n_embd];
-            let mut gate = vec![0f32; n_rows * p.n_ff];
-            let mut up = vec![0f32; n_rows * p.n_ff];
+            // The dense FFN's intermediates (a mixture of experts sizes its own).
+            let n_ff = if p.experts.is_some() { 0 } else { p.n_ff };
+            let mut gate = vec![0f32; n_rows * n_ff];
+            let mut up = vec![0f32; n_rows * n_ff];
 
             for (local_layer, block) in self.blocks.iter().enumerate() {
                 // Attention.
@@ -321,17 +352,16 @@ impl LlamaSlice {
                 block.attn_output.matmul(&attn, n_rows, &mut proj, pool);
                 add_in_place(hidden, &proj);
 
-                // Feed-forward (SwiGLU).
+                // Feed-forward (SwiGLU, or a mixture of SwiGLU experts).
                 rms_norm(hidden, &block.ffn_norm, p.rms_norm_eps, &mut normed);
-                QMatrix::matmul_shared_input(
-                    &[&block.ffn_gate, &block.ffn_up],
-                    &normed,
-                    n_rows,
-                    &mut [&mut gate, &mut up],
-                    pool,
-                );
-                swiglu(&mut gate, &up);
-                block.ffn_down.matmul(&gate, n_rows, &mut proj, pool);
+                match &block.ffn {
+                    Ffn::Dense { gate: w_gate, up: w_up, down: w_down } => {
+                        QMatrix::matmul_shared_input(&[w_gate, w_up], &normed, n_rows, &mut [&mut gate, &mut up], pool);
+                        swiglu(&mut gate, &up);
+                        w_down.matmul(&gate, n_rows, &mut proj, pool);
+                    }
+                    Ffn::Experts(experts) => experts.forward(&normed, n_rows, &mut proj, pool),
+                }
                 add_in_place(hidden, &proj);
             }
         });

@@ -17,6 +17,7 @@
 
 pub mod gemma3;
 pub mod llama;
+mod moe;
 
 use std::ops::Range;
 use std::path::Path;

@@ -684,7 +684,13 @@ unsafe fn float_range(kind: FloatKind, isa: Isa, a: &FloatArgs, o_start: usize, 
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         return match kind {
-            FloatKind::F32 => x86::float_columns_avx2::<x86::F32>(a, o_start, o_end),
+            // F32 weights in llama.cpp's order for one activation row (`ggml_vec_dot_f32`;
+            // from 2 rows on it takes its tinyBLAS sgemm, another order, which a batch
+            // invariant engine cannot follow as well): a mixture of experts' F32 router
+            // then picks and weighs its experts at decode bit for bit as llama.cpp does
+            // (engine/tests/arch_agreement.rs). F32 weights are routers and norms in the
+            // files people run, so the row-at-a-time kernel's speed does not matter.
+            FloatKind::F32 => x86::f32_columns_ggml_avx2(a, o_start, o_end),
             FloatKind::F16 => x86::float_columns_avx2::<x86::F16>(a, o_start, o_end),
             FloatKind::BF16 => x86::float_columns_avx2::<x86::BF16>(a, o_start, o_end),
         };

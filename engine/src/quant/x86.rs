@@ -523,22 +523,8 @@ pub(crate) trait SimdFloat {
     fn scalar(p: *const u8) -> f32;
 }
 
-pub(crate) struct F32;
 pub(crate) struct F16;
 pub(crate) struct BF16;
-
-impl SimdFloat for F32 {
-    const BYTES: usize = 4;
-    #[inline(always)]
-    unsafe fn load8(p: *const u8) -> __m256 {
-        _mm256_loadu_ps(p as *const f32)
-    }
-    #[inline(always)]
-    fn scalar(p: *const u8) -> f32 {
-        // SAFETY: callers pass a pointer to a weight inside the matrix.
-        unsafe { std::ptr::read_unaligned(p as *const f32) }
-    }
-}
 
 impl SimdFloat for F16 {
     const BYTES: usize = 2;
@@ -607,42 +593,24 @@ unsafe fn float_tile<W: SimdFloat, const O: usize, const R: usize>(
     }
 }
 
-/// Weight row `o` against activation rows `[0, R)`, the 8-float steps rotating over `U`
-/// accumulators; the sums, tail included.
+/// Weight row `o` against activation rows `[0, R)`, one 8-float accumulator per row; the
+/// sums, tail included.
 #[inline(always)]
-unsafe fn float_row<W: SimdFloat, const R: usize, const U: usize>(
-    a: &FloatArgs,
-    o: usize,
-) -> [f32; R] {
-    let mut acc = [[_mm256_setzero_ps(); U]; R];
+unsafe fn float_row<W: SimdFloat, const R: usize>(a: &FloatArgs, o: usize) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
     let w_row = a.weights.add(o * a.row_bytes);
     let n8 = a.n_in / 8 * 8;
-    let full = a.n_in / (8 * U) * (8 * U);
     let mut i = 0;
-    while i < full {
-        for u in 0..U {
-            let w = W::load8(w_row.add((i + 8 * u) * W::BYTES));
-            for r in 0..R {
-                let x = _mm256_loadu_ps(a.x.add(r * a.n_in + i + 8 * u));
-                acc[r][u] = _mm256_fmadd_ps(w, x, acc[r][u]);
-            }
-        }
-        i += 8 * U;
-    }
     while i < n8 {
         let w = W::load8(w_row.add(i * W::BYTES));
         for r in 0..R {
-            acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.x.add(r * a.n_in + i)), acc[r][0]);
+            acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.x.add(r * a.n_in + i)), acc[r]);
         }
         i += 8;
     }
     let mut sums = [0f32; R];
     for r in 0..R {
-        let mut v = acc[r][0];
-        for u in 1..U {
-            v = _mm256_add_ps(v, acc[r][u]);
-        }
-        sums[r] = hsum(v);
+        sums[r] = hsum(acc[r]);
         if n8 < a.n_in {
             // The tail summed on its own, then added, as the tile does.
             let mut tail = 0.0;
@@ -655,14 +623,58 @@ unsafe fn float_row<W: SimdFloat, const R: usize, const U: usize>(
     sums
 }
 
+/// One F32 dot product as ggml's `ggml_vec_dot_f32` computes it in an AVX-512 build (the
+/// kernel llama.cpp's CPU backend multiplies F32 weights with for one activation row, e.g.
+/// a mixture of experts' router at decode): four 16-float FMA chains over 64-float steps,
+/// folded as `(c₀ + c₂) + (c₁ + c₃)` and reduced in `_mm512_reduce_add_ps`'s order, then the
+/// last `n % 64` products added one by one with a fused multiply-add (GCC contracts
+/// `sumf += x*y`). Eight 8-float accumulators hold the four 16-float ones as (low, high).
 #[inline(always)]
-unsafe fn float_rows_range<W: SimdFloat, const R: usize, const U: usize>(
+unsafe fn f32_dot_ggml(w: *const f32, x: *const f32, n: usize) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let n64 = n / 64 * 64;
+    let mut i = 0;
+    while i < n64 {
+        for (u, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(i + 8 * u)), _mm256_loadu_ps(x.add(i + 8 * u)), *acc);
+        }
+        i += 64;
+    }
+    // c_j = (acc[2j], acc[2j+1]); (c0 + c2) + (c1 + c3), by halves.
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    // `_mm512_reduce_add_ps`: high 256 + low 256, then as `hsum`.
+    let mut sum = hsum(_mm256_add_ps(hi, lo));
+    for i in n64..n {
+        sum = (*w.add(i)).mul_add(*x.add(i), sum);
+    }
+    sum
+}
+
+/// Output columns `[o_start, o_end)` of an F32-weight matmul, every row and column by
+/// [`f32_dot_ggml`], so a row's result does not depend on what else shares its step.
+///
+/// # Safety
+/// As for [`legacy_columns_avx2`]; `a.weights` holds F32 rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn f32_columns_ggml_avx2(a: &FloatArgs, o_start: usize, o_end: usize) {
+    let w = a.weights as *const f32;
+    for r in 0..a.n_rows {
+        let x = a.x.add(r * a.n_in);
+        for o in o_start..o_end {
+            *a.out.add(r * a.n_out + o) = f32_dot_ggml(w.add(o * a.n_in), x, a.n_in);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn float_rows_range<W: SimdFloat, const R: usize>(
     a: &FloatArgs,
     o_start: usize,
     o_end: usize,
 ) {
     for o in o_start..o_end {
-        let sums = float_row::<W, R, U>(a, o);
+        let sums = float_row::<W, R>(a, o);
         for r in 0..R {
             *a.out.add(r * a.n_out + o) = sums[r];
         }
@@ -680,10 +692,10 @@ pub(crate) unsafe fn float_columns_avx2<W: SimdFloat>(a: &FloatArgs, o_start: us
     const OT: usize = 4;
     const RT: usize = 2;
     match a.n_rows {
-        1 => return float_rows_range::<W, 1, 1>(a, o_start, o_end),
-        2 => return float_rows_range::<W, 2, 1>(a, o_start, o_end),
-        3 => return float_rows_range::<W, 3, 1>(a, o_start, o_end),
-        4 => return float_rows_range::<W, 4, 1>(a, o_start, o_end),
+        1 => return float_rows_range::<W, 1>(a, o_start, o_end),
+        2 => return float_rows_range::<W, 2>(a, o_start, o_end),
+        3 => return float_rows_range::<W, 3>(a, o_start, o_end),
+        4 => return float_rows_range::<W, 4>(a, o_start, o_end),
         _ => {}
     }
     let block_rows = (WEIGHT_BLOCK_BYTES / a.row_bytes.max(1)).max(OT) / OT * OT;

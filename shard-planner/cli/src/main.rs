@@ -310,7 +310,7 @@ fn run(cli: Cli) -> Result<()> {
                 let engine = if potluck_engine::profile::engine_runs(model.gguf_architecture, experts) {
                     "runs".to_string()
                 } else if experts {
-                    "planning only (mixture of experts not run yet)".to_string()
+                    format!("planning only (`{}` experts not run yet)", model.gguf_architecture)
                 } else {
                     format!("planning only (`{}` not run yet)", model.gguf_architecture)
                 };
