@@ -39,6 +39,18 @@ CASES = [
     {"name": "mixtral-tiny-q8_0", "architecture": "llama", "preset": "tiny-moe", "dtype": "q8_0", "seed": 31, "tied": False},
     {"name": "mixtral-tiny-q4k", "architecture": "llama", "preset": "tiny-moe", "dtype": "q4k", "seed": 32, "tied": False},
     {"name": "qwen3moe-tiny-q8_0", "architecture": "qwen3moe", "preset": "tiny-moe", "dtype": "q8_0", "seed": 33, "tied": False},
+    # RoPE scaling: linear, and YaRN (factor, the original context) in both RoPE layouts.
+    {"name": "llama-tiny-linear-q8_0", "architecture": "llama", "preset": "tiny", "dtype": "q8_0", "seed": 34, "tied": False,
+     "rope_scaling": "linear:2"},
+    {"name": "qwen2-tiny-yarn-q8_0", "architecture": "qwen2", "preset": "tiny", "dtype": "q8_0", "seed": 35, "tied": False,
+     "rope_scaling": "yarn:4:256"},
+    {"name": "llama-tiny-yarn-q8_0", "architecture": "llama", "preset": "tiny", "dtype": "q8_0", "seed": 36, "tied": False,
+     "rope_scaling": "yarn:8:64"},
+    # Phi-3's LongRoPE: the long factors (the context, 256, is past the original 64), the short.
+    {"name": "phi3-tiny-longrope-long-q8_0", "architecture": "phi3", "preset": "tiny", "dtype": "q8_0", "seed": 37, "tied": False,
+     "rope_scaling": "longrope:1.19:64"},
+    {"name": "phi3-tiny-longrope-short-q8_0", "architecture": "phi3", "preset": "tiny", "dtype": "q8_0", "seed": 38, "tied": False,
+     "rope_scaling": "longrope:1.19:256"},
 ]
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, astronauts landed on the Moon; "
         "their words were heard by millions of people around the world.")
@@ -76,6 +88,8 @@ def main():
                    "--dtype", case["dtype"], "--seed", str(case["seed"]), "--threads", "1"]
             if case["tied"]:
                 cmd.append("--tied")
+            if "rope_scaling" in case:
+                cmd += ["--rope-scaling", case["rope_scaling"]]
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
             tokenizer = Llama(model_path=path, n_ctx=64, vocab_only=True, verbose=False)

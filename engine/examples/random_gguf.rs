@@ -5,7 +5,8 @@
 //! `cargo run --release -p potluck-engine --example random_gguf -- --out FILE
 //! [--preset tiny|tiny-moe|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b|mixtral-8x7b|qwen3-30b-a3b]
 //! [--arch llama|qwen2|qwen3|phi3|qwen3moe] [--layers N]
-//! [--dtype q4_0|q4_k_m|...] [--seed N] [--tied] [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]`
+//! [--dtype q4_0|q4_k_m|...] [--seed N] [--tied] [--threads N] [--rope-scaling linear:F|yarn:F:CTX|longrope:ATTN:CTX]
+//! [--tokenizer-from DONOR.gguf | --no-tokenizer]`
 //!
 //! `--arch` defaults to the preset's family (qwen3-8b: qwen3, qwen3-30b-a3b: qwen3moe,
 //! qwen2.5-72b: qwen2, else llama: mixtral-8x7b and tiny-moe are llama files with experts, as
@@ -31,7 +32,8 @@ use potluck_engine::EngineError;
 const USAGE: &str = "usage: random_gguf --out FILE \
 [--preset tiny|tiny-moe|llama3-8b|llama3-70b|qwen3-8b|qwen2.5-72b|mixtral-8x7b|qwen3-30b-a3b] \
 [--arch llama|qwen2|qwen3|phi3|qwen3moe] [--layers N] \
-[--dtype q4_0] [--seed N] [--tied] [--threads N] [--tokenizer-from DONOR.gguf | --no-tokenizer]";
+[--dtype q4_0] [--seed N] [--tied] [--threads N] [--rope-scaling linear:F|yarn:F:CTX|longrope:ATTN:CTX] \
+[--tokenizer-from DONOR.gguf | --no-tokenizer]";
 
 /// Where the tokenizer comes from.
 enum Donor {
@@ -50,6 +52,8 @@ struct Args {
     tied: bool,
     threads: usize,
     donor: Donor,
+    /// `--rope-scaling linear:F` / `yarn:F:CTX` / `longrope:ATTN:CTX`.
+    rope_scaling: Option<String>,
     out: PathBuf,
 }
 
@@ -63,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
     let mut tied = false;
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut donor = Donor::Default;
+    let mut rope_scaling = None;
     let mut out = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -84,6 +89,7 @@ fn parse_args() -> Result<Args, String> {
                     "--seed" => seed = number("--seed")?,
                     "--threads" => threads = number("--threads")?.max(1) as usize,
                     "--tokenizer-from" => donor = Donor::Path(PathBuf::from(value)),
+                    "--rope-scaling" => rope_scaling = Some(value.clone()),
                     "--out" => out = Some(PathBuf::from(value)),
                     _ => return Err(format!("unknown flag `{flag}`\n{USAGE}")),
                 }
@@ -101,7 +107,7 @@ fn parse_args() -> Result<Args, String> {
     } else {
         Architecture::Llama
     });
-    Ok(Args { shape, architecture, dtype, q4_k_m, seed, tied, threads, donor, out })
+    Ok(Args { shape, architecture, dtype, q4_k_m, seed, tied, threads, donor, rope_scaling, out })
 }
 
 fn main() {
@@ -122,6 +128,9 @@ fn run(args: Args) -> Result<(), EngineError> {
     let mut model = RandomGguf::new(args.shape, args.dtype, args.seed);
     model.architecture = args.architecture;
     model.tied_embeddings = args.tied;
+    if let Some(spec) = &args.rope_scaling {
+        model = model.with_rope_scaling(spec)?;
+    }
     if args.q4_k_m {
         model.dtypes = random_gguf::DTypeChoice::q4_k_m(model.shape.n_layers);
     }

@@ -4,29 +4,96 @@
 
 use half::f16;
 
-use crate::profile::ModelProfile;
+use crate::profile::{ModelProfile, RopeScaling};
 use crate::quant::Isa;
 
 /// cos/sin pairs for every row's position: `[row][pair] = (cos, sin)` flattened, `n_rot`
 /// floats per row. Computed as ggml's `ggml_rope_cache_init` does (theta advanced by
 /// repeated multiplication in f32), so positions rotate bit-for-bit like llama.cpp's.
 /// `freq_factors` are Llama-3's per-pair divisors (`rope_freqs.weight`), if the model has them.
+/// The model's scaling (linear, YaRN) and `rope.scaling.attn_factor` are applied as llama.cpp
+/// applies them.
 pub fn rope_table(p: &ModelProfile, freq_factors: Option<&[f32]>, positions: &[usize]) -> Vec<f32> {
-    rope_table_with(p.rope_freq_base, p.rope_scaling.freq_scale(), p.n_rot, freq_factors, positions)
+    let freq_scale = p.rope_scaling.freq_scale();
+    let yarn = match p.rope_scaling {
+        RopeScaling::Yarn { original_context, .. } => {
+            Yarn::new(p.n_rot, original_context, p.rope_freq_base, freq_scale, p.rope_attn_factor)
+        }
+        _ => Yarn::off(p.rope_attn_factor),
+    };
+    rope_table_with(p.rope_freq_base, freq_scale, p.n_rot, freq_factors, yarn, positions)
 }
 
-/// [`rope_table`] for an explicit base and frequency scale (Gemma 3's local layers rotate
-/// with their own base, unscaled).
-pub fn rope_table_with(base: f32, freq_scale: f32, n_rot: usize, freq_factors: Option<&[f32]>, positions: &[usize]) -> Vec<f32> {
+/// ggml's `rope_yarn` parameters for one model, as llama.cpp fixes them when it creates a
+/// context (`llama_context`'s constructor, then `ggml_rope_yarn_corr_dims`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Yarn {
+    /// The dimension pairs between which the angles ramp from extrapolated to interpolated.
+    corr_dims: [f32; 2],
+    /// 1 with YaRN (llama.cpp's default for a YaRN file), 0 without: then no ramp.
+    ext_factor: f32,
+    /// What every cos/sin is multiplied by (before YaRN's own magnitude factor).
+    attn_factor: f32,
+}
+
+impl Yarn {
+    /// llama.cpp's β_fast and β_slow: it reads no file key for them.
+    const BETA_FAST: f32 = 32.0;
+    const BETA_SLOW: f32 = 1.0;
+
+    /// No YaRN: the angles as they are, cos/sin times `attn_factor`.
+    pub fn off(attn_factor: f32) -> Self {
+        Self { corr_dims: [0.0, 0.0], ext_factor: 0.0, attn_factor }
+    }
+
+    /// YaRN over `n_rot` dimensions for a model trained at `original_context` positions with
+    /// RoPE base `base`, stretched by `1 / freq_scale`. The attention factor is computed as
+    /// llama.cpp's context does it (`get_mscale(factor, 1)`, then divided by the `1 + 0.1·ln`
+    /// that ggml's `rope_yarn` multiplies back, times the file's `attn_factor`), in plain f32
+    /// arithmetic: that file is compiled without FMA contraction.
+    pub fn new(n_rot: usize, original_context: u32, base: f32, freq_scale: f32, rope_attn_factor: f32) -> Self {
+        // ggml_rope_yarn_corr_dim: n_dims · ln(n_ctx_orig / (β · 2π)) / (2 · ln(base)).
+        let corr_dim = |beta: f32| {
+            n_rot as f32 * (original_context as f32 / (beta * 2.0 * std::f32::consts::PI)).ln() / (2.0 * base.ln())
+        };
+        let start = corr_dim(Self::BETA_FAST).floor();
+        let end = corr_dim(Self::BETA_SLOW).ceil();
+        let corr_dims = [if start > 0.0 { start } else { 0.0 }, if end < (n_rot as f32 - 1.0) { end } else { n_rot as f32 - 1.0 }];
+        let factor = 1.0 / freq_scale;
+        let mut attn_factor = if factor <= 1.0 { 1.0 } else { 0.1 * factor.ln() + 1.0 };
+        attn_factor *= 1.0 / (1.0 + 0.1 * factor.ln());
+        attn_factor *= rope_attn_factor;
+        Self { corr_dims, ext_factor: 1.0, attn_factor }
+    }
+
+    /// ggml's `rope_yarn` for pair `pair` (i0 = 2·pair): (cos, sin) of the blended angle, times
+    /// the magnitude factor. ggml-cpu is compiled with FMA contraction, hence the `mul_add`s.
+    #[inline(always)]
+    fn cos_sin(&self, theta_extrap: f32, freq_scale: f32, pair: usize) -> (f32, f32) {
+        let theta_interp = freq_scale * theta_extrap;
+        let mut theta = theta_interp;
+        let mut mscale = self.attn_factor;
+        if self.ext_factor != 0.0 {
+            let [low, high] = self.corr_dims;
+            let y = (pair as f32 - low) / (high - low).max(0.001);
+            let ramp_mix = (1.0 - y.clamp(0.0, 1.0)) * self.ext_factor;
+            theta = theta_interp.mul_add(1.0 - ramp_mix, theta_extrap * ramp_mix);
+            mscale *= 0.1f32.mul_add((1.0 / freq_scale).ln(), 1.0);
+        }
+        (theta.cos() * mscale, theta.sin() * mscale)
+    }
+}
+
+/// [`rope_table`] for an explicit base, frequency scale and YaRN (Gemma 3's local layers
+/// rotate with their own base, unscaled).
+pub fn rope_table_with(base: f32, freq_scale: f32, n_rot: usize, freq_factors: Option<&[f32]>, yarn: Yarn, positions: &[usize]) -> Vec<f32> {
     let theta_scale = base.powf(-2.0 / n_rot as f32);
     let mut table = vec![0f32; positions.len() * n_rot];
     for (row, &pos) in table.chunks_exact_mut(n_rot).zip(positions) {
         let mut theta = pos as f32;
         for (pair, cs) in row.chunks_exact_mut(2).enumerate() {
             let ff = freq_factors.map_or(1.0, |f| f[pair]);
-            let t = freq_scale * (theta / ff);
-            cs[0] = t.cos();
-            cs[1] = t.sin();
+            (cs[0], cs[1]) = yarn.cos_sin(theta / ff, freq_scale, pair);
             theta *= theta_scale;
         }
     }
@@ -215,6 +282,34 @@ mod tests {
             assert_eq!(neox[i + half].to_bits(), adjacent[2 * i + 1].to_bits());
         }
         assert_ne!(neox, x, "it rotated something");
+    }
+
+    /// YaRN at Qwen2.5's long-context setting (factor 4 over 32768 positions, base 10⁶, 128
+    /// rotated dims): the ramp runs between the dims the formula gives, angles below it are
+    /// kept (extrapolated), above it divided by the factor (interpolated), and every cos/sin
+    /// carries YaRN's 1 + 0.1·ln 4.
+    #[test]
+    fn yarn_ramps_between_its_correction_dims() {
+        let (n_rot, base, factor) = (128usize, 1e6f32, 4.0f32);
+        let yarn = Yarn::new(n_rot, 32_768, base, 1.0 / factor, 1.0);
+        // n·ln(32768 / (β·2π)) / (2·ln 10⁶): 23.59 for β = 32 (floored), 39.65 for β = 1 (ceiled).
+        assert_eq!(yarn.corr_dims, [23.0, 40.0]);
+        let mscale = 1.0 + 0.1 * factor.ln();
+        let pos = 1000usize;
+        let table = rope_table_with(base, 1.0 / factor, n_rot, None, yarn, &[pos]);
+        let theta = |pair: usize| pos as f64 * (base as f64).powf(-2.0 * pair as f64 / n_rot as f64);
+        for (pair, cs) in table.chunks_exact(2).enumerate() {
+            let angle = match pair {
+                p if p <= 23 => theta(p),
+                p if p >= 40 => theta(p) / factor as f64,
+                _ => continue,
+            };
+            assert!((cs[0] as f64 - angle.cos() * mscale as f64).abs() < 2e-3, "pair {pair}: {cs:?}");
+            assert!((cs[1] as f64 - angle.sin() * mscale as f64).abs() < 2e-3, "pair {pair}: {cs:?}");
+        }
+        // Without YaRN the table is plain RoPE's: cos² + sin² = 1.
+        let plain = rope_table_with(base, 1.0, n_rot, None, Yarn::off(1.0), &[pos]);
+        assert!(plain.chunks_exact(2).all(|cs| (cs[0] * cs[0] + cs[1] * cs[1] - 1.0).abs() < 1e-5));
     }
 
     #[test]

@@ -87,8 +87,14 @@ pub const KV_ELEMENT_BYTES: u64 = 2;
 pub enum RopeScaling {
     /// No scaling: theta_i = pos * base^(-2i/n_rot).
     None,
-    /// `{arch}.rope.scaling.type = linear`: positions divided by `factor`.
+    /// `{arch}.rope.scaling.type = linear` (llama.cpp's default type when a file gives only a
+    /// factor): positions divided by `factor`.
     Linear { factor: f32 },
+    /// `{arch}.rope.scaling.type = yarn` (long-context Qwen2.5/Qwen3 files): the low
+    /// frequencies interpolated by `factor`, the high ones kept, a ramp between them over the
+    /// dimensions `original_context` (`rope.scaling.original_context_length`) decides, and the
+    /// angles' cos/sin scaled by YaRN's `1 + 0.1·ln(factor)` (see [`crate::ops::Yarn`]).
+    Yarn { factor: f32, original_context: u32 },
 }
 
 impl RopeScaling {
@@ -96,7 +102,7 @@ impl RopeScaling {
     pub fn freq_scale(&self) -> f32 {
         match self {
             RopeScaling::None => 1.0,
-            RopeScaling::Linear { factor } => 1.0 / factor,
+            RopeScaling::Linear { factor } | RopeScaling::Yarn { factor, .. } => 1.0 / factor,
         }
     }
 }
@@ -118,8 +124,17 @@ pub struct ModelProfile {
     pub n_rot: usize,
     pub rope_freq_base: f32,
     pub rope_scaling: RopeScaling,
+    /// `{arch}.rope.scaling.attn_factor`: a factor on RoPE's cos/sin (1 in most files).
+    #[serde(default = "one")]
+    pub rope_attn_factor: f32,
     /// Llama-3 style per-dimension frequency factors (`rope_freqs.weight`) present in the file.
     pub has_rope_freqs: bool,
+    /// LongRoPE (Phi-3 128k, Phi-3.5): per-dimension frequency factors for short and long
+    /// contexts (`rope_factors_short/long.weight`), the long ones used when a sequence's
+    /// context exceeds this original length (`rope.scaling.original_context_length`), as
+    /// llama.cpp's `get_rope_factors` chooses by its per-sequence context.
+    #[serde(default)]
+    pub longrope_original_context: Option<u32>,
     pub rope_type: RopeType,
     /// Q/K/V (and output) projections carry bias vectors (`blk.N.attn_q.bias`: Qwen2).
     pub attention_bias: bool,
@@ -220,31 +235,39 @@ impl ModelProfile {
             )));
         }
         let rope_freq_base = md.f32_or(&key("rope.freq_base"), 10_000.0)?;
-        let rope_scaling = match md.optional_string(&key("rope.scaling.type")) {
-            Some("linear") => {
-                let factor = md.f32_or(&key("rope.scaling.factor"), 1.0)?;
-                if factor > 0.0 && factor != 1.0 {
-                    RopeScaling::Linear { factor }
-                } else {
-                    RopeScaling::None
-                }
+        // As llama.cpp's `load_hparams`: the factor (or the older `rope.scale_linear`), a type
+        // that defaults to linear, and no scaling at all where the factor is absent, 0 or 1.
+        let factor = match md.optional_f32(&key("rope.scaling.factor")) {
+            Some(factor) => factor,
+            None => md.f32_or(&key("rope.scale_linear"), 0.0)?,
+        };
+        let scales = factor > 0.0 && factor != 1.0;
+        let rope_scaling = match md.optional_string(&key("rope.scaling.type")).unwrap_or("linear") {
+            "none" => RopeScaling::None,
+            "linear" if scales => RopeScaling::Linear { factor },
+            "linear" => RopeScaling::None,
+            "yarn" if factor > 1.0 => {
+                let original_context = md.u32_or(&key("rope.scaling.original_context_length"), md.u32_or(&key("context_length"), 2048)?)?;
+                RopeScaling::Yarn { factor, original_context }
             }
-            None | Some("none") => RopeScaling::None,
-            Some(other) => {
-                // YaRN, LongRoPE: a different rotation than the one the engine computes.
+            // YaRN that does not stretch: llama.cpp's blend of two equal angles, which is the
+            // unscaled rotation to within a rounding; run as unscaled.
+            "yarn" => RopeScaling::None,
+            other => {
+                // LongRoPE and what else may come: another rotation than the engine computes.
                 // Refused rather than run as if unscaled (only when it actually scales).
-                let factor = md.f32_or(&key("rope.scaling.factor"), 1.0)?;
-                if factor > 1.0 {
+                if scales {
                     let feature = match other {
-                        "yarn" => "YaRN RoPE scaling",
                         "longrope" => "LongRoPE scaling",
-                        _ => "a RoPE scaling type other than linear",
+                        _ => "a RoPE scaling type other than linear or YaRN",
                     };
                     return Err(EngineError::UnsupportedFeature { architecture, feature });
                 }
                 RopeScaling::None
             }
         };
+        // `rope.scaling.attn_factor` scales every cos/sin llama.cpp's RoPE makes.
+        let rope_attn_factor = md.f32_or(&key("rope.scaling.attn_factor"), 1.0)?;
         let rms_norm_eps = md.f32_or(&key("attention.layer_norm_rms_epsilon"), 1e-5)?;
         let context_length = md.u32_or(&key("context_length"), 2048)? as usize;
 
@@ -293,9 +316,16 @@ impl ModelProfile {
             let feature = "merged gate/up expert tensors (ffn_gate_up_exps)";
             return Err(EngineError::UnsupportedFeature { architecture: architecture.clone(), feature });
         }
-        if has_tensor("rope_factors_long.weight") || has_tensor("blk.0.rope_factors_long.weight") {
-            return Err(EngineError::UnsupportedFeature { architecture: architecture.clone(), feature: "LongRoPE (rope_factors_long/short)" });
-        }
+        let longrope_original_context = match (has_tensor("rope_factors_long.weight"), has_tensor("rope_factors_short.weight")) {
+            (false, false) => None,
+            (true, true) if !has_tensor("rope_freqs.weight") => {
+                Some(md.u32_or(&key("rope.scaling.original_context_length"), md.u32_or(&key("context_length"), 2048)?)?)
+            }
+            _ => {
+                let feature = "LongRoPE factors without both the short and the long set (or with rope_freqs)";
+                return Err(EngineError::UnsupportedFeature { architecture: architecture.clone(), feature });
+            }
+        };
         let sliding_layers = match sliding_window {
             None => vec![false; n_layers as usize],
             Some(_) => {
@@ -345,7 +375,9 @@ impl ModelProfile {
             n_rot,
             rope_freq_base,
             rope_scaling,
+            rope_attn_factor,
             has_rope_freqs: has_tensor("rope_freqs.weight"),
+            longrope_original_context,
             rope_type,
             attention_bias: has_tensor("blk.0.attn_q.bias"),
             qk_norm: has_tensor("blk.0.attn_q_norm.weight"),
@@ -419,6 +451,10 @@ impl ModelProfile {
         }
         bytes
     }
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// `blk.{i}.…` → Some(i).

@@ -420,6 +420,8 @@ enum Init {
     Uniform { scale: f32 },
     /// Uniform in `[1 - spread, 1 + spread)`: an RMS-norm weight.
     AroundOne { spread: f32 },
+    /// Uniform in `[low, high)`: LongRoPE's frequency divisors.
+    Range { low: f32, high: f32 },
 }
 
 #[derive(Debug, Clone)]
@@ -733,6 +735,8 @@ pub struct RandomGguf {
     /// Further metadata written after the architecture's keys (a test's RoPE scaling type,
     /// sliding window…); a key given here twice, or also by the writer, is the caller's error.
     pub extra_metadata: Vec<(String, Value)>,
+    /// Write LongRoPE's `rope_factors_short/long.weight` (see [`Self::with_rope_scaling`]).
+    pub longrope_factors: bool,
 }
 
 impl RandomGguf {
@@ -746,6 +750,7 @@ impl RandomGguf {
             dtypes: DTypeChoice::uniform(dtype),
             tokenizer: None,
             extra_metadata: Vec::new(),
+            longrope_factors: false,
         }
     }
 
@@ -763,6 +768,37 @@ impl RandomGguf {
         model.dtypes.embedding = GgmlDType::Q8_0;
         model.dtypes.output = GgmlDType::Q4_0;
         model
+    }
+
+    /// Adds RoPE scaling as `spec` says: `linear:FACTOR`, `yarn:FACTOR:ORIGINAL_CONTEXT`
+    /// (the `rope.scaling.*` keys), or `longrope:ATTN_FACTOR:ORIGINAL_CONTEXT` (Phi-3's
+    /// LongRoPE as its conversion writes it: `rope_factors_short/long` tensors of divisors in
+    /// [1, 1.25) and [1, 8), the attention factor and the original context, no type key).
+    pub fn with_rope_scaling(mut self, spec: &str) -> Result<Self> {
+        let arch = self.architecture.gguf_name();
+        let bad = |reason: &str| RandomGgufError::BadMetadata { key: format!("{arch}.rope.scaling"), reason: format!("`{spec}`: {reason}") };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let number: f32 = parts.get(1).and_then(|f| f.parse().ok()).filter(|f: &f32| *f > 0.0).ok_or_else(|| bad("no positive factor"))?;
+        let original = || -> Result<Value> {
+            let tokens: u32 = parts.get(2).and_then(|c| c.parse().ok()).ok_or_else(|| bad("the original context is not a count of tokens"))?;
+            Ok(Value::U32(tokens))
+        };
+        let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+        let keys = match (parts[0], parts.len()) {
+            ("linear", 2) => vec![(key("type"), Value::String("linear".into())), (key("factor"), Value::F32(number))],
+            ("yarn", 3) => vec![
+                (key("type"), Value::String("yarn".into())),
+                (key("factor"), Value::F32(number)),
+                (key("original_context_length"), original()?),
+            ],
+            ("longrope", 3) => {
+                self.longrope_factors = true;
+                vec![(key("attn_factor"), Value::F32(number)), (key("original_context_length"), original()?)]
+            }
+            _ => return Err(bad("expected linear:FACTOR, yarn:FACTOR:ORIGINAL_CONTEXT or longrope:ATTN_FACTOR:ORIGINAL_CONTEXT")),
+        };
+        self.extra_metadata.extend(keys);
+        Ok(self)
     }
 
     /// Adds a tokenizer and sets the vocabulary to its token count, so the embedding has a
@@ -805,7 +841,14 @@ impl RandomGguf {
         }
         let mut offset_bytes = 0u64;
         let mut planned = Vec::new();
-        for spec in self.architecture.tensors(&self.shape, self.tied_embeddings) {
+        let mut specs = self.architecture.tensors(&self.shape, self.tied_embeddings);
+        if self.longrope_factors {
+            for (name, high) in [("rope_factors_long.weight", 8.0), ("rope_factors_short.weight", 1.25)] {
+                let dims = vec![self.shape.head_dim() / 2];
+                specs.push(TensorSpec { name: name.into(), dims, role: TensorRole::Norm, init: Init::Range { low: 1.0, high } });
+            }
+        }
+        for spec in specs {
             let dtype = self.dtypes.for_role(spec.role);
             ggml_type_id(dtype)?;
             let row_len = *spec.dims.last().unwrap_or(&0);
@@ -1053,6 +1096,7 @@ fn quantize_rows(
             match init {
                 Init::Uniform { scale } => unit * scale,
                 Init::AroundOne { spread } => 1.0 + unit * spread,
+                Init::Range { low, high } => low + (unit + 1.0) * 0.5 * (high - low),
             }
         }));
     }

@@ -29,6 +29,8 @@ const MAX_ABS_DELTA_MAX: f64 = 0.22;
 /// Positions where llama.cpp's top-1 leads its top-2 by less than this are not counted for
 /// top-1 agreement (either answer is within numerical noise there).
 const TOP1_MARGIN_MIN: f64 = 0.1;
+/// The per-sequence context llama.cpp ran the fixture with (`n_ctx` in the script).
+const LLAMA_CPP_CONTEXT: usize = 256;
 
 fn fixture() -> Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/arch-agreement.json")).unwrap();
@@ -44,6 +46,9 @@ fn rebuild(case: &Value, dir: &std::path::Path) -> std::path::PathBuf {
     let mut model = RandomGguf::new(shape, dtype, case["seed"].as_u64().unwrap());
     model.architecture = Architecture::from_name(case["architecture"].as_str().unwrap()).unwrap();
     model.tied_embeddings = case["tied"].as_bool().unwrap();
+    if let Some(spec) = case.get("rope_scaling") {
+        model = model.with_rope_scaling(spec.as_str().unwrap()).unwrap();
+    }
     let model = model.with_tokenizer(TokenizerMetadata::from_gguf(&donor).unwrap());
     let path = dir.join(format!("{}.gguf", case["name"].as_str().unwrap()));
     model.write(&path).unwrap();
@@ -63,6 +68,9 @@ fn every_architecture_agrees_with_llama_cpp() {
     architectures.dedup();
     assert_eq!(architectures, ["llama", "phi3", "qwen2", "qwen3", "qwen3moe"], "one case per architecture the engine runs");
     assert!(cases.iter().any(|c| c["preset"] == "tiny-moe" && c["architecture"] == "llama"), "Mixtral's layout (llama with experts) is covered");
+    for scaling in ["linear", "yarn", "longrope"] {
+        assert!(cases.iter().any(|c| c["rope_scaling"].as_str().is_some_and(|s| s.starts_with(scaling))), "{scaling} RoPE scaling is covered");
+    }
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let path = rebuild(case, &dir);
@@ -72,7 +80,8 @@ fn every_architecture_agrees_with_llama_cpp() {
         // The prompt in one step (prefill kernels), then one token per step (decode), as
         // llama.cpp was fed.
         let prompt = case["prompt_tokens"].as_u64().unwrap() as usize;
-        let mut cache = slice.new_cache(tokens.len());
+        // llama.cpp's context (the fixture's n_ctx): LongRoPE picks its factors by it.
+        let mut cache = slice.new_cache(LLAMA_CPP_CONTEXT);
         let mut logits = Vec::new();
         for step in std::iter::once(&tokens[..prompt]).chain(tokens[prompt..].chunks(1)) {
             let mut hidden = slice.embed(step).unwrap();
@@ -133,10 +142,13 @@ fn what_the_engine_does_not_run_is_refused_by_name() {
             Err(e) => e.to_string(),
         }
     };
-    let yarn = load(Architecture::Qwen2, vec![("rope.scaling.type", Meta::String("yarn".into())), ("rope.scaling.factor", Meta::F32(4.0))]);
-    assert!(yarn.contains("YaRN") && yarn.contains("qwen2"), "{yarn}");
-    // The same key without scaling (factor 1) is plain RoPE, and runs.
-    assert_eq!(load(Architecture::Qwen2, vec![("rope.scaling.type", Meta::String("yarn".into())), ("rope.scaling.factor", Meta::F32(1.0))]), "loaded");
+    let longrope = load(Architecture::Phi3, vec![("rope.scaling.type", Meta::String("longrope".into())), ("rope.scaling.factor", Meta::F32(4.0))]);
+    assert!(longrope.contains("LongRoPE") && longrope.contains("phi3"), "{longrope}");
+    let other = load(Architecture::Qwen2, vec![("rope.scaling.type", Meta::String("su".into())), ("rope.scaling.factor", Meta::F32(4.0))]);
+    assert!(other.contains("other than linear or YaRN"), "{other}");
+    // The same keys without scaling (factor 1) are plain RoPE, and run; YaRN runs.
+    assert_eq!(load(Architecture::Qwen2, vec![("rope.scaling.type", Meta::String("su".into())), ("rope.scaling.factor", Meta::F32(1.0))]), "loaded");
+    assert_eq!(load(Architecture::Qwen2, vec![("rope.scaling.type", Meta::String("yarn".into())), ("rope.scaling.factor", Meta::F32(4.0))]), "loaded");
     let window = load(Architecture::Qwen3, vec![("attention.sliding_window", Meta::U32(128))]);
     // Phi-3's window key is ignored, as llama.cpp ignores it (it runs Phi-3 with full attention).
     assert_eq!(load(Architecture::Phi3, vec![("attention.sliding_window", Meta::U32(2047))]), "loaded");

@@ -182,3 +182,43 @@ fn errors_not_panics_for_bad_input() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     assert!(ModelSlice::load(&cut, 0..N_LAYERS, backend.clone()).is_err());
 }
+
+/// A slice loads from exactly the tensors `slice_tensor_names` lists for its range (what a
+/// worker is sent and its slice cache keeps): every architecture, experts and LongRoPE's
+/// factor sets included; asking for any other tensor fails the test.
+#[test]
+fn a_slice_needs_only_the_tensors_its_names_list() {
+    use potluck_engine::arch::slice_tensor_names;
+    use potluck_engine::gguf::GgufModel;
+    use potluck_engine::source::{GgufFileSource, TensorSource};
+    struct Listed<'a> {
+        inner: GgufFileSource<'a>,
+        names: Vec<String>,
+    }
+    impl TensorSource for Listed<'_> {
+        fn tensor(&mut self, name: &str) -> Result<Option<(candle_core::quantized::GgmlDType, Vec<usize>, Vec<u8>)>, potluck_engine::EngineError> {
+            assert!(self.names.iter().any(|n| n == name), "`{name}` is loaded but not listed: {:?}", self.names);
+            self.inner.tensor(name)
+        }
+    }
+    let longrope = {
+        let dir = std::env::temp_dir().join(format!("potluck-split-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny-phi3-longrope.gguf");
+        let mut model = RandomGguf::tiny_mixed(3);
+        model.architecture = Architecture::Phi3;
+        model.with_rope_scaling("longrope:1.19:64").unwrap().write(&path).unwrap();
+        path
+    };
+    let paths: Vec<PathBuf> = ARCHITECTURES.iter().map(|&m| tiny_model(false, m)).chain([longrope]).collect();
+    for path in paths {
+        let model = GgufModel::open(&path).unwrap();
+        let profile = ModelProfile::from_model(&model).unwrap();
+        for layers in [0..1, 1..3, 3..N_LAYERS, 0..N_LAYERS] {
+            let names = slice_tensor_names(&profile, layers.clone());
+            let mut source = Listed { inner: GgufFileSource::new(&model).unwrap(), names };
+            ModelSlice::from_source(profile.clone(), layers.clone(), &mut source, Backend::cpu(1))
+                .unwrap_or_else(|e| panic!("{}: layers {layers:?}: {e}", path.display()));
+        }
+    }
+}

@@ -25,7 +25,7 @@ use super::{Ends, StepRows};
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{LayerCacheSpec, SequenceCache};
-use crate::ops::{add_in_place, apply_rope_neox, geglu, rms_norm, rms_norm_in_place, rope_table_with};
+use crate::ops::{add_in_place, apply_rope_neox, geglu, rms_norm, rms_norm_in_place, rope_table, rope_table_with, Yarn};
 use crate::profile::ModelProfile;
 use crate::quant::QMatrix;
 use crate::source::{load_matrix, load_vector, TensorSource};
@@ -119,7 +119,8 @@ impl Gemma3Slice {
         use super::require_absent;
         require_absent(&profile, "bias vectors on its attention projections", profile.attention_bias)?;
         require_absent(&profile, "mixture-of-experts layers", profile.experts.is_some())?;
-        require_absent(&profile, "per-dimension RoPE frequency factors", profile.has_rope_freqs)?;
+        require_absent(&profile, "per-dimension RoPE frequency factors", profile.has_rope_freqs || profile.longrope_original_context.is_some())?;
+        require_absent(&profile, "YaRN RoPE scaling", matches!(profile.rope_scaling, crate::profile::RopeScaling::Yarn { .. }))?;
         if layers.start >= layers.end || layers.end > profile.n_layers {
             return Err(EngineError::BadLayerRange { start: layers.start, end: layers.end, n_layers: profile.n_layers });
         }
@@ -206,9 +207,9 @@ impl Gemma3Slice {
             return Ok(());
         }
         pool.run(|| {
-            let global_rope = rope_table_with(p.rope_freq_base, p.rope_scaling.freq_scale(), p.n_rot, None, &row_pos);
+            let global_rope = rope_table(p, None, &row_pos);
             let local_base = p.rope_freq_base_swa.unwrap_or(p.rope_freq_base);
-            let local_rope = rope_table_with(local_base, 1.0, p.n_rot, None, &row_pos);
+            let local_rope = rope_table_with(local_base, 1.0, p.n_rot, None, Yarn::off(p.rope_attn_factor), &row_pos);
             let q_width = p.n_head * p.head_dim;
             let kv_width = p.n_head_kv * p.head_dim;
             let mut normed = vec![0f32; n_rows * p.n_embd];

@@ -73,6 +73,9 @@ pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> 
     if profile.has_rope_freqs && !names.iter().any(|n| n == "rope_freqs.weight") {
         names.push("rope_freqs.weight".to_owned());
     }
+    if profile.longrope_original_context.is_some() {
+        names.extend(LONGROPE.iter().map(|name| name.to_string()));
+    }
     names.dedup();
     names
 }
@@ -80,6 +83,9 @@ pub(crate) fn slice_tensor_names(profile: &ModelProfile, layers: Range<u32>) -> 
 const BLOCK_TENSORS: [&str; 9] = [
     "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
 ];
+
+/// LongRoPE's factor sets, short then long (every slice rotates, so every slice has them).
+const LONGROPE: [&str; 2] = ["rope_factors_short.weight", "rope_factors_long.weight"];
 
 /// The projections that carry bias vectors in Qwen2 files.
 const QKV: [&str; 3] = ["attn_q", "attn_k", "attn_v"];
@@ -134,8 +140,17 @@ pub(crate) struct LlamaSlice {
     layers: Range<u32>,
     ends: Ends,
     blocks: Vec<Block>,
-    /// Per rotated pair, the divisor llama.cpp calls `freq_factors` (Llama-3 `rope_freqs`).
-    rope_freq_factors: Option<Vec<f32>>,
+    /// Per rotated pair, the divisor llama.cpp calls `freq_factors`.
+    rope_factors: RopeFactors,
+}
+
+/// Which per-pair RoPE divisors a model has.
+enum RopeFactors {
+    None,
+    /// Llama 3's `rope_freqs`, for every sequence.
+    Fixed(Vec<f32>),
+    /// LongRoPE: `long` for a sequence whose context exceeds `original_context`, else `short`.
+    LongShort { short: Vec<f32>, long: Vec<f32>, original_context: usize },
 }
 
 impl LlamaSlice {
@@ -211,12 +226,16 @@ impl LlamaSlice {
                 ffn,
             });
         }
-        let rope_freq_factors = if p.has_rope_freqs {
-            Some(load_vector(source, "rope_freqs.weight", p.n_rot / 2)?)
-        } else {
-            None
+        let rope_factors = match (p.has_rope_freqs, p.longrope_original_context) {
+            (true, _) => RopeFactors::Fixed(load_vector(source, "rope_freqs.weight", p.n_rot / 2)?),
+            (false, Some(original_context)) => RopeFactors::LongShort {
+                short: load_vector(source, LONGROPE[0], p.n_rot / 2)?,
+                long: load_vector(source, LONGROPE[1], p.n_rot / 2)?,
+                original_context: original_context as usize,
+            },
+            (false, None) => RopeFactors::None,
         };
-        Ok(Self { backend, profile, layers, ends, blocks, rope_freq_factors })
+        Ok(Self { backend, profile, layers, ends, blocks, rope_factors })
     }
 
     pub(crate) fn profile(&self) -> &ModelProfile {
@@ -286,7 +305,20 @@ impl LlamaSlice {
 
         // The whole step runs on a pool thread (see `ComputePool::run`).
         pool.run(|| {
-            let rope = rope_table(p, self.rope_freq_factors.as_deref(), &row_pos);
+            let rope = match &self.rope_factors {
+                RopeFactors::None => rope_table(p, None, &row_pos),
+                RopeFactors::Fixed(factors) => rope_table(p, Some(factors), &row_pos),
+                RopeFactors::LongShort { short, long, original_context } => {
+                    // Per row: its sequence's context decides (a cache's capacity is the
+                    // context it was made for, fixed for its life, as llama.cpp's n_ctx_seq).
+                    let mut table = Vec::with_capacity(n_rows * p.n_rot);
+                    for (&pos, &seq) in row_pos.iter().zip(&row_seq) {
+                        let long_context = caches[seq].capacity_max() > *original_context;
+                        table.extend(rope_table(p, Some(if long_context { long } else { short }), &[pos]));
+                    }
+                    table
+                }
+            };
             let q_width = p.n_head * p.head_dim;
             let kv_width = p.n_head_kv * p.head_dim;
             let mut normed = vec![0f32; n_rows * p.n_embd];
