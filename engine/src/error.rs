@@ -18,7 +18,7 @@ pub enum EngineError {
     UnsupportedArchitecture(String),
     #[error("this `{architecture}` model uses {feature}, which the engine does not implement yet")]
     UnsupportedFeature { architecture: String, feature: &'static str },
-    #[error("unsupported tensor type {dtype} for `{tensor}` (supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")]
+    #[error("unsupported tensor type {dtype} for {tensor} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): requantize the model to one of these (e.g. Q4_K_M) with llama.cpp's llama-quantize")]
     UnsupportedTensorType { tensor: String, dtype: String },
     #[error("tensor `{0}` is missing from the GGUF file")]
     MissingTensor(String),

@@ -276,8 +276,20 @@ fn parse_split_name(path: &Path) -> Option<(PathBuf, usize, usize)> {
 fn read_part(path: &Path) -> Result<GgufPart> {
     let mut file = std::fs::File::open(path)?;
     let file_bytes = file.metadata()?.len();
-    let content =
-        Content::read(&mut file).map_err(|e| EngineError::BadGguf(format!("{}: {e}", path.display())))?;
+    let content = Content::read(&mut file).map_err(|e| {
+        // candle stops at the first tensor of a type it has no block format for, with
+        // "unknown dtype for tensor N" (N the ggml type id): say which type that is and
+        // what the engine runs instead.
+        let message = e.to_string();
+        let unknown = message.lines().next().and_then(|line| line.strip_prefix("unknown dtype for tensor "));
+        match unknown.and_then(|id| id.trim().parse::<u32>().ok()) {
+            Some(id) => EngineError::UnsupportedTensorType {
+                tensor: format!("a tensor of {}", path.display()),
+                dtype: crate::quant::dtype::unloadable_ggml_type_name(id).map_or(format!("ggml type {id}"), |n| format!("{n} (ggml type {id})")),
+            },
+            None => EngineError::BadGguf(format!("{}: {message}", path.display())),
+        }
+    })?;
     Ok(GgufPart { path: path.to_owned(), file_bytes, content })
 }
 

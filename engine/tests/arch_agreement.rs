@@ -162,8 +162,19 @@ fn what_the_engine_does_not_run_is_refused_by_name() {
     assert!(missing.contains("blk.0.ffn_gate_inp.weight"), "{missing}");
     let too_many = load(Architecture::Llama, vec![("expert_count", Meta::U32(8)), ("expert_used_count", Meta::U32(9))]);
     assert!(too_many.contains("9 experts used per token of 8"), "{too_many}");
-    // An architecture the engine has no module for: named, with the ones it has.
+    // An i-quant tensor (IQ4_XS, ggml type 23): named by its type, with what runs instead.
     let path = dir.join("refused.gguf");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    assert_eq!(&bytes[at..at + 4], &2u32.to_le_bytes(), "two dims");
+    let type_at = at + 4 + 2 * 8;
+    bytes[type_at..type_at + 4].copy_from_slice(&23u32.to_le_bytes());
+    let iq = dir.join("iq4_xs.gguf");
+    std::fs::write(&iq, &bytes).unwrap();
+    let refused = ModelSlice::load(&iq, 0..1, Backend::cpu(1)).err().expect("an IQ4_XS file is refused").to_string();
+    assert!(refused.contains("IQ4_XS") && refused.contains("Q4_K") && refused.contains("llama-quantize"), "{refused}");
+    // An architecture the engine has no module for: named, with the ones it has.
     let mut bytes = std::fs::read(&path).unwrap();
     let key = b"general.architecture";
     let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4 + 8; // type, length

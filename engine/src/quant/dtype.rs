@@ -27,6 +27,31 @@ pub fn ggml_dtype_from_id(id: u32) -> Option<GgmlDType> {
     })
 }
 
+/// ggml's name for a type id the engine does not load (`ggml_type_name`), for error messages:
+/// the i-quants, integer and other types a GGUF may hold.
+pub fn unloadable_ggml_type_name(id: u32) -> Option<&'static str> {
+    Some(match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
+}
+
 /// The inverse of [`ggml_dtype_from_id`] (for whoever builds a `TensorRef` from a GGUF).
 pub fn ggml_dtype_id(dtype: GgmlDType) -> u32 {
     match dtype {
