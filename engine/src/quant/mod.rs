@@ -385,17 +385,19 @@ impl QMatrix {
             Format::Q2K => self.matmul_k::<BlockQ2K>(x, n_rows, out, pool, isa),
             Format::Q3K => self.matmul_k::<BlockQ3K>(x, n_rows, out, pool, isa),
             #[cfg(target_arch = "x86_64")]
-            Format::Q4K if isa >= Isa::Avx2 => self.matmul_k_with(x, n_rows, out, pool, |w, act| {
-                // SAFETY: AVX2 and FMA are present (`isa`); `w` holds `act.len()` Q4_K blocks.
-                unsafe { x86::dot_q4k_q8k(w, act) }
-            }),
+            Format::Q4K if isa >= Isa::Avx2 => {
+                let kernels = if isa >= Isa::Avx512Vnni { &x86::Q4K_VNNI } else { &x86::Q4K_AVX2 };
+                // SAFETY: `isa` is supported by this CPU (clamped above).
+                unsafe { self.matmul_k_kernels(x, n_rows, out, pool, kernels) }
+            }
             Format::Q4K => self.matmul_k::<BlockQ4K>(x, n_rows, out, pool, isa),
             Format::Q5K => self.matmul_k::<BlockQ5K>(x, n_rows, out, pool, isa),
             #[cfg(target_arch = "x86_64")]
-            Format::Q6K if isa >= Isa::Avx2 => self.matmul_k_with(x, n_rows, out, pool, |w, act| {
-                // SAFETY: AVX2 and FMA are present (`isa`); `w` holds `act.len()` Q6_K blocks.
-                unsafe { x86::dot_q6k_q8k(w, act) }
-            }),
+            Format::Q6K if isa >= Isa::Avx2 => {
+                let kernels = if isa >= Isa::Avx512Vnni { &x86::Q6K_VNNI } else { &x86::Q6K_AVX2 };
+                // SAFETY: as for Q4_K.
+                unsafe { self.matmul_k_kernels(x, n_rows, out, pool, kernels) }
+            }
             Format::Q6K => self.matmul_k::<BlockQ6K>(x, n_rows, out, pool, isa),
         }
     }
@@ -619,6 +621,43 @@ impl QMatrix {
         pool: &ComputePool,
         dot: impl Fn(&[u8], &[activations::Q8KBlock]) -> f32 + Sync,
     ) {
+        self.matmul_k_rows(x, n_rows, out, pool, &dot, |w, acts: [&[activations::Q8KBlock]; 4]| acts.map(|act| dot(w, act)), |w, acts: [&[activations::Q8KBlock]; 8]| acts.map(|act| dot(w, act)))
+    }
+
+    /// [`Self::matmul_k_rows`] with one type's x86 kernels.
+    ///
+    /// # Safety
+    /// The CPU must support the kernels' features; the matrix must be of their type.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn matmul_k_kernels(&self, x: &[f32], n_rows: usize, out: &mut [f32], pool: &ComputePool, kernels: &x86::KRowKernels) {
+        // SAFETY (each closure): the caller's promise; `w` holds `act.len()` blocks of the
+        // matrix's type for every activation row (`matmul_k_rows` slices them so).
+        self.matmul_k_rows(
+            x,
+            n_rows,
+            out,
+            pool,
+            |w, act| unsafe { (kernels.one)(w, act) },
+            |w, acts| unsafe { (kernels.four)(w, acts) },
+            |w, acts| unsafe { (kernels.eight)(w, acts) },
+        )
+    }
+
+    /// [`Self::matmul_k_with`] with kernels for 4 and 8 activation rows at once (`dot4`,
+    /// `dot8`, which must give each row exactly what `dot` gives it): a step's rows go through
+    /// them in groups of 8, then 4, the rest one by one, so prefill and batched decode unpack
+    /// each weight superblock once per group instead of once per row.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_k_rows(
+        &self,
+        x: &[f32],
+        n_rows: usize,
+        out: &mut [f32],
+        pool: &ComputePool,
+        dot: impl Fn(&[u8], &[activations::Q8KBlock]) -> f32 + Sync,
+        dot4: impl Fn(&[u8], [&[activations::Q8KBlock]; 4]) -> [f32; 4] + Sync,
+        dot8: impl Fn(&[u8], [&[activations::Q8KBlock]; 8]) -> [f32; 8] + Sync,
+    ) {
         let nb = self.n_in / activations::QK_K;
         let n_in = self.n_in;
         let n_out = self.n_out;
@@ -631,14 +670,32 @@ impl QMatrix {
         with_scratch(|scratch| {
             scratch.q8k.quantize(x, n_rows, n_in);
             let acts = &scratch.q8k.blocks[..n_rows * nb];
+            let row = |r: usize| &acts[r * nb..(r + 1) * nb];
+            // [first row, rows) of each group, in order: 8s, then a 4, then ones.
+            let mut groups = Vec::new();
+            let mut r = 0;
+            for size in [8, 4] {
+                while n_rows - r >= size {
+                    groups.push((r, size));
+                    r += size;
+                }
+            }
+            groups.extend((r..n_rows).map(|r| (r, 1)));
             self.for_each_column_range(pool, n_rows, |o_start, o_end| {
                 let out = out_ptr;
+                let store = |r: usize, o: usize, v: f32| {
+                    // SAFETY: in bounds (o < n_out, r < n_rows) and this task's column.
+                    unsafe { *out.0.add(r * n_out + o) = v };
+                };
                 for ob in (o_start..o_end).step_by(block_rows) {
-                    for (r, act) in acts.chunks_exact(nb).enumerate() {
+                    for &(r0, size) in &groups {
                         for o in ob..(ob + block_rows).min(o_end) {
-                            let v = dot(&bytes[o * row_bytes..(o + 1) * row_bytes], act);
-                            // SAFETY: in bounds (o < n_out, r < n_rows) and this task's column.
-                            unsafe { *out.0.add(r * n_out + o) = v };
+                            let w = &bytes[o * row_bytes..(o + 1) * row_bytes];
+                            match size {
+                                8 => dot8(w, std::array::from_fn(|i| row(r0 + i))).into_iter().enumerate().for_each(|(i, v)| store(r0 + i, o, v)),
+                                4 => dot4(w, std::array::from_fn(|i| row(r0 + i))).into_iter().enumerate().for_each(|(i, v)| store(r0 + i, o, v)),
+                                _ => store(r0, o, dot(w, row(r0))),
+                            }
                         }
                     }
                 }

@@ -263,7 +263,7 @@ fn zero_rows_is_a_no_op() {
 #[test]
 fn each_row_is_independent_of_the_batch() {
     let pool = ComputePool::new(1);
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F16] {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F16, GgmlDType::F32] {
         let n_in = test_n_in(dtype);
         let n_out = 40;
         let (matrix, _) = quantized(dtype, n_out, n_in, 5);

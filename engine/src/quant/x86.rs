@@ -32,6 +32,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::blocks::{Legacy, QK};
+use super::activations::Q8KBlock;
 use super::{FloatArgs, LegacyArgs, WEIGHT_BLOCK_BYTES};
 use std::arch::x86_64::*;
 
@@ -797,6 +798,7 @@ unsafe fn prefetch_ahead(p: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
 }
 
+
 /// Bytes of one Q6_K superblock (ggml `block_q6_K`: `ql[128]`, `qh[64]`, `scales[16]` as
 /// i8, `d` as f16).
 const Q6K_BLOCK_BYTES: usize = 210;
@@ -814,60 +816,157 @@ const Q6K_BLOCK_BYTES: usize = 210;
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `w` must hold `act.len()` superblocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[super::activations::Q8KBlock]) -> f32 {
-    debug_assert_eq!(w.len(), act.len() * Q6K_BLOCK_BYTES);
+pub(crate) unsafe fn dot_q6k_q8k(w: &[u8], act: &[Q8KBlock]) -> f32 {
+    q6k_rows::<1>(w, [act])[0]
+}
+
+/// One K-quant type's kernels for 1, 4 and 8 activation rows (each row's result the same
+/// whichever runs it).
+pub(crate) struct KRowKernels {
+    pub(crate) one: unsafe fn(&[u8], &[Q8KBlock]) -> f32,
+    pub(crate) four: unsafe fn(&[u8], [&[Q8KBlock]; 4]) -> [f32; 4],
+    pub(crate) eight: unsafe fn(&[u8], [&[Q8KBlock]; 8]) -> [f32; 8],
+}
+
+pub(crate) const Q4K_AVX2: KRowKernels = KRowKernels { one: dot_q4k_q8k, four: dot_q4k_q8k_4, eight: dot_q4k_q8k_8 };
+pub(crate) const Q4K_VNNI: KRowKernels = KRowKernels { one: dot_q4k_q8k, four: dot_q4k_q8k_4_vnni, eight: dot_q4k_q8k_8_vnni };
+pub(crate) const Q6K_AVX2: KRowKernels = KRowKernels { one: dot_q6k_q8k, four: dot_q6k_q8k_4, eight: dot_q6k_q8k_8 };
+pub(crate) const Q6K_VNNI: KRowKernels = KRowKernels { one: dot_q6k_q8k, four: dot_q6k_q8k_4_vnni, eight: dot_q6k_q8k_8_vnni };
+
+/// The multi-row kernels' entry points: `$name(w, acts)` runs `$body::<R>` (each row's
+/// arithmetic the one-row kernel's, in the same order: bit-identical results, batch
+/// invariance) with `$features` enabled.
+///
+/// # Safety (of every function it defines)
+/// The CPU must have `$features`; `w` must hold `acts[r].len()` superblocks for every row.
+macro_rules! rows_kernel {
+    ($name:ident, $features:literal, $body:ident, $rows:literal) => {
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(w: &[u8], acts: [&[Q8KBlock]; $rows]) -> [f32; $rows] {
+            $body::<$rows>(w, acts)
+        }
+    };
+}
+
+// 4 and 8 rows of Q6_K: each weight superblock's codes and scales unpacked once for every
+// row. With AVX-512 two 32-code groups share a 512-bit register, and their i32 lanes are
+// folded into the 8 lanes the one-row kernel keeps (exact integers) before the float part.
+rows_kernel!(dot_q6k_q8k_4, "avx2,fma,f16c", q6k_rows, 4);
+rows_kernel!(dot_q6k_q8k_8, "avx2,fma,f16c", q6k_rows_two_fours, 8);
+rows_kernel!(dot_q6k_q8k_4_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni", q6k_rows_512, 4);
+rows_kernel!(dot_q6k_q8k_8_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni", q6k_rows_512, 8);
+
+
+/// The 32 six-bit codes of group `g` (0..4) of a Q6_K half-superblock: four low bits from
+/// `ql` (`lo_a` for groups 0 and 2, `lo_b` for 1 and 3; low nibbles for 0 and 1), two high
+/// bits from `qh` (bits 2g and 2g+1 of each byte, moved to bits 4 and 5).
+#[inline(always)]
+unsafe fn q6k_group_codes(lo_a: __m256i, lo_b: __m256i, hi: __m256i, g: usize) -> __m256i {
     let low4 = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    for (b, x) in act.iter().enumerate() {
+    let lo = if g % 2 == 0 { lo_a } else { lo_b };
+    let lo = if g < 2 { lo } else { _mm256_srli_epi16(lo, 4) };
+    let bits = _mm256_and_si256(hi, _mm256_set1_epi8((3u8 << (2 * g)) as i8));
+    let hi_bits = match g {
+        0 => _mm256_slli_epi16(bits, 4),
+        1 => _mm256_slli_epi16(bits, 2),
+        2 => bits,
+        _ => _mm256_srli_epi16(bits, 2),
+    };
+    _mm256_or_si256(_mm256_and_si256(lo, low4), hi_bits)
+}
+
+/// Q6_K for `R` rows: the superblock loop and its float part (the one-row kernel's order),
+/// around `sums`, which gives each row's 8 i32 lanes of `Σ scale · code · x` for superblock
+/// `b` (lane `L`: codes `4L..4L+3` of every 32-code group) from its `ql`, `qh` and scales.
+#[inline(always)]
+unsafe fn q6k_rows_with<const R: usize>(
+    w: &[u8],
+    acts: [&[Q8KBlock]; R],
+    sums: impl Fn(*const u8, *const u8, __m128i, usize) -> [__m256i; R],
+) -> [f32; R] {
+    let n_blocks = acts[0].len();
+    debug_assert!(acts.iter().all(|a| a.len() == n_blocks));
+    debug_assert_eq!(w.len(), n_blocks * Q6K_BLOCK_BYTES);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..n_blocks {
         let p = w.as_ptr().add(b * Q6K_BLOCK_BYTES);
         prefetch_ahead(p);
-        let (ql, qh, scales) = (p, p.add(128), p.add(192));
-        let d = x.d * _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p.add(208)) as i32)));
-        let scales = _mm_loadu_si128(scales as *const __m128i);
-        // 32 · Σ_k bsums[k] · scale[k], paired into the 8 lanes.
-        let bsums = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
-        let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(scales)), 5);
-        let mut sum = _mm256_setzero_si256();
+        let d_w = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p.add(208)) as i32)));
+        let scales = _mm_loadu_si128(p.add(192) as *const __m128i);
+        let sum = sums(p, p.add(128), scales, b);
+        let wide_scales = _mm256_cvtepi8_epi16(scales);
+        for r in 0..R {
+            let x = &acts[r][b];
+            // 32 · Σ_k bsums[k] · scale[k], paired into the 8 lanes (the codes are stored +32).
+            let bsums = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, wide_scales), 5);
+            let total = _mm256_sub_epi32(sum[r], offset);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x.d * d_w), _mm256_cvtepi32_ps(total), acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+/// The 16 i16 scales of Q6_K group `g` of half `half`: codes 0..16 and 16..32 of the group
+/// take scales `8·half + 2g` and `+1`.
+#[inline(always)]
+unsafe fn q6k_group_scales(scales: __m128i, half: usize, g: usize) -> __m128i {
+    let s = (8 * half + 2 * g) as i8;
+    _mm_shuffle_epi8(scales, _mm_setr_epi8(s, s, s, s, s, s, s, s, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1))
+}
+
+#[inline(always)]
+unsafe fn q6k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q6k_rows_with(w, acts, |ql, qh, scales, b| {
+        let mut sum = [_mm256_setzero_si256(); R];
         for half in 0..2 {
             let lo_a = _mm256_loadu_si256(ql.add(64 * half) as *const __m256i);
             let lo_b = _mm256_loadu_si256(ql.add(64 * half + 32) as *const __m256i);
             let hi = _mm256_loadu_si256(qh.add(32 * half) as *const __m256i);
-            // Each 32-code group: four low bits from `ql`, two high bits from `qh`.
-            let hi_bits = |shift_left: i32| -> __m256i {
-                // Bits (2g, 2g+1) of each `qh` byte, moved to bits 4 and 5.
-                let mask = _mm256_set1_epi8((3u8 << (2 * shift_left)) as i8);
-                let bits = _mm256_and_si256(hi, mask);
-                match shift_left {
-                    0 => _mm256_slli_epi16(bits, 4),
-                    1 => _mm256_slli_epi16(bits, 2),
-                    2 => bits,
-                    _ => _mm256_srli_epi16(bits, 2),
+            for g in 0..4 {
+                let codes = q6k_group_codes(lo_a, lo_b, hi, g);
+                let group_scales = _mm256_cvtepi8_epi16(q6k_group_scales(scales, half, g));
+                for r in 0..R {
+                    let xq = _mm256_loadu_si256(acts[r][b].qs.as_ptr().add(128 * half + 32 * g) as *const __m256i);
+                    let pairs = _mm256_maddubs_epi16(codes, xq);
+                    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(group_scales, pairs));
                 }
-            };
-            let groups = [
-                _mm256_or_si256(_mm256_and_si256(lo_a, low4), hi_bits(0)),
-                _mm256_or_si256(_mm256_and_si256(lo_b, low4), hi_bits(1)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo_a, 4), low4), hi_bits(2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo_b, 4), low4), hi_bits(3)),
-            ];
-            for (g, &codes) in groups.iter().enumerate() {
-                let xq = _mm256_loadu_si256(x.qs.as_ptr().add(128 * half + 32 * g) as *const __m256i);
-                let pairs = _mm256_maddubs_epi16(codes, xq);
-                // The group's two scales: codes 0..16 and 16..32 (scale index 8·half + 2g).
-                let s = 8 * half + 2 * g;
-                let pick = _mm_setr_epi8(
-                    s as i8, s as i8, s as i8, s as i8, s as i8, s as i8, s as i8, s as i8,
-                    s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1, s as i8 + 1,
-                );
-                let group_scales = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(group_scales, pairs));
             }
         }
-        let sum = _mm256_sub_epi32(sum, offset);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
-    }
-    hsum(acc)
+        sum
+    })
 }
+
+/// [`q6k_rows`] with two 32-code groups per 512-bit register (their activations are 64
+/// contiguous bytes), `vpmaddubsw` then `vpdpwssd` with the scales; the two groups' i32 lanes
+/// are folded into the one-row kernel's 8 (exact integers).
+#[inline(always)]
+unsafe fn q6k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q6k_rows_with(w, acts, |ql, qh, scales, b| {
+        let mut sum = [_mm512_setzero_si512(); R];
+        for half in 0..2 {
+            let lo_a = _mm256_loadu_si256(ql.add(64 * half) as *const __m256i);
+            let lo_b = _mm256_loadu_si256(ql.add(64 * half + 32) as *const __m256i);
+            let hi = _mm256_loadu_si256(qh.add(32 * half) as *const __m256i);
+            for two in 0..2 {
+                let (g0, g1) = (2 * two, 2 * two + 1);
+                let codes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q6k_group_codes(lo_a, lo_b, hi, g0)), q6k_group_codes(lo_a, lo_b, hi, g1));
+                let picked = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(q6k_group_scales(scales, half, g0)), q6k_group_scales(scales, half, g1));
+                let group_scales = _mm512_cvtepi8_epi16(picked);
+                for r in 0..R {
+                    let xq = _mm512_loadu_si512(acts[r][b].qs.as_ptr().add(128 * half + 64 * two) as *const _);
+                    sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, xq), group_scales);
+                }
+            }
+        }
+        std::array::from_fn(|r| _mm256_add_epi32(_mm512_castsi512_si256(sum[r]), _mm512_extracti64x4_epi64::<1>(sum[r])))
+    })
+}
+
 
 // ---------------------------------------------------------------------------------------------
 // Q4_K · Q8_K, in llama.cpp's summation order
@@ -907,43 +1006,187 @@ fn q4k_scales_mins(packed: &[u8]) -> [u8; 16] {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `w` must hold `act.len()` superblocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_q4k_q8k(w: &[u8], act: &[super::activations::Q8KBlock]) -> f32 {
-    debug_assert_eq!(w.len(), act.len() * Q4K_BLOCK_BYTES);
-    let low4 = _mm256_set1_epi8(0x0F);
-    let (mut acc, mut acc_min) = (0f32, 0f32);
-    for (b, x) in act.iter().enumerate() {
+pub(crate) unsafe fn dot_q4k_q8k(w: &[u8], act: &[Q8KBlock]) -> f32 {
+    q4k_rows::<1>(w, [act])[0]
+}
+
+// 4 and 8 rows of Q4_K: each weight superblock's nibbles, scales and mins unpacked once for
+// every row; with AVX-512 a sub-block pair's 64 codes sit in one register against the pair's
+// 64 activations. The per-superblock integer totals are exact whatever the lanes.
+rows_kernel!(dot_q4k_q8k_4, "avx2,fma,f16c", q4k_rows, 4);
+rows_kernel!(dot_q4k_q8k_8, "avx2,fma,f16c", q4k_rows_two_fours, 8);
+rows_kernel!(dot_q4k_q8k_4_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni", q4k_rows_512, 4);
+rows_kernel!(dot_q4k_q8k_8_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni", q4k_rows_512, 8);
+
+/// 8 rows as two groups of 4 (AVX2's 16 registers hold 4 rows' accumulators).
+#[inline(always)]
+unsafe fn q4k_rows_two_fours<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    two_fours(acts, |four| q4k_rows::<4>(w, four))
+}
+
+/// See [`q4k_rows_two_fours`].
+#[inline(always)]
+unsafe fn q6k_rows_two_fours<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    two_fours(acts, |four| q6k_rows::<4>(w, four))
+}
+
+/// `R` rows (a multiple of 4) through a 4-row kernel, 4 at a time.
+#[inline(always)]
+unsafe fn two_fours<'a, const R: usize>(acts: [&'a [Q8KBlock]; R], four: impl Fn([&'a [Q8KBlock]; 4]) -> [f32; 4]) -> [f32; R] {
+    let mut out = [0f32; R];
+    for g in 0..R / 4 {
+        out[4 * g..4 * g + 4].copy_from_slice(&four(std::array::from_fn(|i| acts[4 * g + i])));
+    }
+    out
+}
+
+/// Q4_K for `R` rows: the superblock loop, its scales and mins, and its float part (the
+/// one-row kernel's order), around `sums`, which gives each row's i32 lanes of
+/// `Σ scale · code · x` for superblock `b` (any lanes: only their total is used) from its
+/// `qs` and unpacked scales.
+#[inline(always)]
+unsafe fn q4k_rows_with<const R: usize>(
+    w: &[u8],
+    acts: [&[Q8KBlock]; R],
+    sums: impl Fn(*const u8, &[u8; 16], usize) -> [__m256i; R],
+) -> [f32; R] {
+    let n_blocks = acts[0].len();
+    debug_assert!(acts.iter().all(|a| a.len() == n_blocks));
+    debug_assert_eq!(w.len(), n_blocks * Q4K_BLOCK_BYTES);
+    let (mut acc, mut acc_min) = ([0f32; R], [0f32; R]);
+    for b in 0..n_blocks {
         let block = w.as_ptr().add(b * Q4K_BLOCK_BYTES);
         prefetch_ahead(block);
         // [d, dmin] from the two f16 at the block's start.
         let d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(block) as i32));
         let (d, dmin) = (_mm_cvtss_f32(d_dmin), _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)));
         let sm = q4k_scales_mins(std::slice::from_raw_parts(block.add(4), 12));
-        let qs = block.add(16);
-        let mut sum = _mm256_setzero_si256();
+        let sum = sums(block.add(16), &sm, b);
+        if R == 1 {
+            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
+            let x = &acts[0][b];
+            // Σ_sub min · (sum of the sub-block's 32 activations): the 16-value sums paired.
+            let bsums = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
+            let sub_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
+            let m4 = _mm_madd_epi16(sub_sums, mins);
+            // The integer totals (exact in any order), then one rounding to f32 each, as
+            // llama.cpp's `_mm256_cvtepi32_ps` does.
+            let s128 = _mm_add_epi32(_mm256_castsi256_si128(sum[0]), _mm256_extracti128_si256::<1>(sum[0]));
+            let both = _mm_hadd_epi32(s128, m4); // [s0+s1, s2+s3, m0+m1, m2+m3]
+            let both = _mm_hadd_epi32(both, both); // [S, M, S, M]
+            let total = _mm_cvtsi128_si32(both);
+            let mins_total = _mm_extract_epi32::<1>(both);
+            acc[0] = (total as f32).mul_add(d * x.d, acc[0]);
+            acc_min[0] = (mins_total as f32).mul_add(dmin * x.d, acc_min[0]);
+        } else {
+            q4k_superblock_floats(&sum, &sm, acts, b, d, dmin, &mut acc, &mut acc_min);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = acc[r] - acc_min[r];
+    }
+    out
+}
+
+#[inline(always)]
+unsafe fn q4k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q4k_rows_with(w, acts, |qs, sm, b| {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let mut sum = [_mm256_setzero_si256(); R];
         for pair in 0..4 {
             let q = _mm256_loadu_si256(qs.add(32 * pair) as *const __m256i);
             let lo = _mm256_and_si256(q, low4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-            let x_lo = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair) as *const __m256i);
-            let x_hi = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair + 32) as *const __m256i);
-            let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_set1_epi16(sm[2 * pair] as i16));
-            let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), _mm256_set1_epi16(sm[2 * pair + 1] as i16));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(p_lo, p_hi));
+            let (s_lo, s_hi) = (_mm256_set1_epi16(sm[2 * pair] as i16), _mm256_set1_epi16(sm[2 * pair + 1] as i16));
+            for r in 0..R {
+                let x = &acts[r][b];
+                let x_lo = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair) as *const __m256i);
+                let x_hi = _mm256_loadu_si256(x.qs.as_ptr().add(64 * pair + 32) as *const __m256i);
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), s_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), s_hi);
+                sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(p_lo, p_hi));
+            }
         }
-        // Σ_sub min · (sum of the sub-block's 32 activations): the 16-value sums paired.
-        let bsums = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
-        let sub_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
-        let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
-        let m4 = _mm_madd_epi16(sub_sums, mins);
-        // The integer totals (exact in any order), then one rounding to f32 each, as
-        // llama.cpp's `_mm256_cvtepi32_ps` does.
-        let s128 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
-        let both = _mm_hadd_epi32(s128, m4); // [s0+s1, s2+s3, m0+m1, m2+m3]
-        let both = _mm_hadd_epi32(both, both); // [S, M, S, M]
-        let total = _mm_cvtsi128_si32(both);
-        let mins_total = _mm_extract_epi32::<1>(both);
-        acc = (total as f32).mul_add(d * x.d, acc);
-        acc_min = (mins_total as f32).mul_add(dmin * x.d, acc_min);
-    }
-    acc - acc_min
+        sum
+    })
 }
+
+/// [`q4k_rows`] with a sub-block pair's 64 codes (`[low nibbles | high nibbles]`, as the
+/// activations lie) in one 512-bit register, `vpmaddubsw` then `vpdpwssd` with the two scales.
+#[inline(always)]
+unsafe fn q4k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q4k_rows_with(w, acts, |qs, sm, b| {
+        let low4 = _mm512_set1_epi8(0x0F);
+        let mut sum = [_mm512_setzero_si512(); R];
+        for pair in 0..4 {
+            let q = _mm256_loadu_si256(qs.add(32 * pair) as *const __m256i);
+            let codes = _mm512_and_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4)), low4);
+            let scales = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set1_epi16(sm[2 * pair] as i16)),
+                _mm256_set1_epi16(sm[2 * pair + 1] as i16),
+            );
+            for r in 0..R {
+                let x = _mm512_loadu_si512(acts[r][b].qs.as_ptr().add(64 * pair) as *const _);
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, x), scales);
+            }
+        }
+        std::array::from_fn(|r| _mm256_add_epi32(_mm512_castsi512_si256(sum[r]), _mm512_extracti64x4_epi64::<1>(sum[r])))
+    })
+}
+
+/// The end of one Q4_K superblock for `R` (4 or 8) rows: each row's integer total `S` (the
+/// lanes of `sum[r]`) and `M = Σ_sub min · (sub-block's activation sum)`, reduced for all
+/// rows at once by one tree of horizontal adds (exact integers: any order), then each row's
+/// two f32 chains exactly as the one-row kernel advances them.
+#[inline(always)]
+unsafe fn q4k_superblock_floats<const R: usize>(
+    sum: &[__m256i; R],
+    sm: &[u8; 16],
+    acts: [&[Q8KBlock]; R],
+    b: usize,
+    d: f32,
+    dmin: f32,
+    acc: &mut [f32; R],
+    acc_min: &mut [f32; R],
+) {
+    // Each min twice, for the two 16-value sums (`bsums`) of its 32-value sub-block.
+    let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i), dup));
+    let m: [__m256i; R] = std::array::from_fn(|r| _mm256_madd_epi16(_mm256_loadu_si256(acts[r][b].bsums.as_ptr() as *const __m256i), mins));
+    let (totals, mins_totals) = (lane_totals(sum), lane_totals(&m));
+    for r in 0..R {
+        let x_d = acts[r][b].d;
+        acc[r] = (totals[r] as f32).mul_add(d * x_d, acc[r]);
+        acc_min[r] = (mins_totals[r] as f32).mul_add(dmin * x_d, acc_min[r]);
+    }
+}
+
+/// The sum of each vector's eight i32 lanes, for 4 or 8 vectors: `vphaddd` pairs them up (a
+/// tree, exact for integers), then the two 128-bit halves are added.
+#[inline(always)]
+unsafe fn lane_totals<const R: usize>(v: &[__m256i; R]) -> [i32; R] {
+    let mut out = [0i32; R];
+    let quad = |a: __m256i, b: __m256i, c: __m256i, e: __m256i| {
+        // [a, b, c, e] sums of the low halves' lanes | of the high halves'.
+        _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, e))
+    };
+    if R == 4 {
+        let q = quad(v[0], v[1], v[2], v[3]);
+        let t = _mm_add_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, t);
+    } else if R == 8 {
+        let (lo, hi) = (quad(v[0], v[1], v[2], v[3]), quad(v[4], v[5], v[6], v[7]));
+        let t = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(lo, hi), _mm256_permute2x128_si256::<0x31>(lo, hi));
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, t);
+    } else {
+        for r in 0..R {
+            let h = _mm_add_epi32(_mm256_castsi256_si128(v[r]), _mm256_extracti128_si256::<1>(v[r]));
+            let h = _mm_hadd_epi32(h, h);
+            out[r] = _mm_cvtsi128_si32(_mm_hadd_epi32(h, h));
+        }
+    }
+    out
+}
+
+
