@@ -876,14 +876,10 @@ unsafe fn q6k_group_codes(lo_a: __m256i, lo_b: __m256i, hi: __m256i, g: usize) -
 }
 
 /// Q6_K for `R` rows: the superblock loop and its float part (the one-row kernel's order),
-/// around `sums`, which gives each row's 8 i32 lanes of `Σ scale · code · x` for superblock
+/// around `S::sums`, which gives each row's 8 i32 lanes of `Σ scale · code · x` for superblock
 /// `b` (lane `L`: codes `4L..4L+3` of every 32-code group) from its `ql`, `qh` and scales.
 #[inline(always)]
-unsafe fn q6k_rows_with<const R: usize>(
-    w: &[u8],
-    acts: [&[Q8KBlock]; R],
-    sums: impl Fn(*const u8, *const u8, __m128i, usize) -> [__m256i; R],
-) -> [f32; R] {
+unsafe fn q6k_rows_with<S: Q6KSums, const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
     let n_blocks = acts[0].len();
     debug_assert!(acts.iter().all(|a| a.len() == n_blocks));
     debug_assert_eq!(w.len(), n_blocks * Q6K_BLOCK_BYTES);
@@ -893,7 +889,7 @@ unsafe fn q6k_rows_with<const R: usize>(
         prefetch_ahead(p);
         let d_w = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p.add(208)) as i32)));
         let scales = _mm_loadu_si128(p.add(192) as *const __m128i);
-        let sum = sums(p, p.add(128), scales, b);
+        let sum = S::sums(p, p.add(128), scales, acts, b);
         let wide_scales = _mm256_cvtepi8_epi16(scales);
         for r in 0..R {
             let x = &acts[r][b];
@@ -919,9 +915,19 @@ unsafe fn q6k_group_scales(scales: __m128i, half: usize, g: usize) -> __m128i {
     _mm_shuffle_epi8(scales, _mm_setr_epi8(s, s, s, s, s, s, s, s, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1))
 }
 
-#[inline(always)]
-unsafe fn q6k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
-    q6k_rows_with(w, acts, |ql, qh, scales, b| {
+/// How a Q6_K superblock's integer sums are made (AVX2 or AVX-512): a trait rather than a
+/// closure, because a closure does not inherit its caller's `#[target_feature]`s and its
+/// intrinsics would then be calls (30× slower prefill when that happened).
+trait Q6KSums {
+    /// Each row's 8 i32 lanes of `Σ scale · code · x` for superblock `b` (`ql`, `qh` and the
+    /// 16 scales given).
+    unsafe fn sums<const R: usize>(ql: *const u8, qh: *const u8, scales: __m128i, acts: [&[Q8KBlock]; R], b: usize) -> [__m256i; R];
+}
+
+struct Q6KAvx2;
+impl Q6KSums for Q6KAvx2 {
+    #[inline(always)]
+    unsafe fn sums<const R: usize>(ql: *const u8, qh: *const u8, scales: __m128i, acts: [&[Q8KBlock]; R], b: usize) -> [__m256i; R] {
         let mut sum = [_mm256_setzero_si256(); R];
         for half in 0..2 {
             let lo_a = _mm256_loadu_si256(ql.add(64 * half) as *const __m256i);
@@ -938,15 +944,21 @@ unsafe fn q6k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R]
             }
         }
         sum
-    })
+    }
 }
 
-/// [`q6k_rows`] with two 32-code groups per 512-bit register (their activations are 64
+#[inline(always)]
+unsafe fn q6k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q6k_rows_with::<Q6KAvx2, R>(w, acts)
+}
+
+/// [`Q6KAvx2`] with two 32-code groups per 512-bit register (their activations are 64
 /// contiguous bytes), `vpmaddubsw` then `vpdpwssd` with the scales; the two groups' i32 lanes
 /// are folded into the one-row kernel's 8 (exact integers).
-#[inline(always)]
-unsafe fn q6k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
-    q6k_rows_with(w, acts, |ql, qh, scales, b| {
+struct Q6KAvx512;
+impl Q6KSums for Q6KAvx512 {
+    #[inline(always)]
+    unsafe fn sums<const R: usize>(ql: *const u8, qh: *const u8, scales: __m128i, acts: [&[Q8KBlock]; R], b: usize) -> [__m256i; R] {
         let mut sum = [_mm512_setzero_si512(); R];
         for half in 0..2 {
             let lo_a = _mm256_loadu_si256(ql.add(64 * half) as *const __m256i);
@@ -963,8 +975,23 @@ unsafe fn q6k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32
                 }
             }
         }
-        std::array::from_fn(|r| _mm256_add_epi32(_mm512_castsi512_si256(sum[r]), _mm512_extracti64x4_epi64::<1>(sum[r])))
-    })
+        fold_512(&sum)
+    }
+}
+
+#[inline(always)]
+unsafe fn q6k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q6k_rows_with::<Q6KAvx512, R>(w, acts)
+}
+
+/// Each 512-bit vector's two 256-bit halves added (exact for integers).
+#[inline(always)]
+unsafe fn fold_512<const R: usize>(sum: &[__m512i; R]) -> [__m256i; R] {
+    let mut out = [_mm256_setzero_si256(); R];
+    for r in 0..R {
+        out[r] = _mm256_add_epi32(_mm512_castsi512_si256(sum[r]), _mm512_extracti64x4_epi64::<1>(sum[r]));
+    }
+    out
 }
 
 
@@ -1021,35 +1048,31 @@ rows_kernel!(dot_q4k_q8k_8_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512
 /// 8 rows as two groups of 4 (AVX2's 16 registers hold 4 rows' accumulators).
 #[inline(always)]
 unsafe fn q4k_rows_two_fours<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
-    two_fours(acts, |four| q4k_rows::<4>(w, four))
+    let mut out = [0f32; R];
+    for g in 0..R / 4 {
+        let four = [acts[4 * g], acts[4 * g + 1], acts[4 * g + 2], acts[4 * g + 3]];
+        out[4 * g..4 * g + 4].copy_from_slice(&q4k_rows::<4>(w, four));
+    }
+    out
 }
 
 /// See [`q4k_rows_two_fours`].
 #[inline(always)]
 unsafe fn q6k_rows_two_fours<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
-    two_fours(acts, |four| q6k_rows::<4>(w, four))
-}
-
-/// `R` rows (a multiple of 4) through a 4-row kernel, 4 at a time.
-#[inline(always)]
-unsafe fn two_fours<'a, const R: usize>(acts: [&'a [Q8KBlock]; R], four: impl Fn([&'a [Q8KBlock]; 4]) -> [f32; 4]) -> [f32; R] {
     let mut out = [0f32; R];
     for g in 0..R / 4 {
-        out[4 * g..4 * g + 4].copy_from_slice(&four(std::array::from_fn(|i| acts[4 * g + i])));
+        let four = [acts[4 * g], acts[4 * g + 1], acts[4 * g + 2], acts[4 * g + 3]];
+        out[4 * g..4 * g + 4].copy_from_slice(&q6k_rows::<4>(w, four));
     }
     out
 }
 
 /// Q4_K for `R` rows: the superblock loop, its scales and mins, and its float part (the
-/// one-row kernel's order), around `sums`, which gives each row's i32 lanes of
+/// one-row kernel's order), around `S::sums`, which gives each row's i32 lanes of
 /// `Σ scale · code · x` for superblock `b` (any lanes: only their total is used) from its
 /// `qs` and unpacked scales.
 #[inline(always)]
-unsafe fn q4k_rows_with<const R: usize>(
-    w: &[u8],
-    acts: [&[Q8KBlock]; R],
-    sums: impl Fn(*const u8, &[u8; 16], usize) -> [__m256i; R],
-) -> [f32; R] {
+unsafe fn q4k_rows_with<S: Q4KSums, const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
     let n_blocks = acts[0].len();
     debug_assert!(acts.iter().all(|a| a.len() == n_blocks));
     debug_assert_eq!(w.len(), n_blocks * Q4K_BLOCK_BYTES);
@@ -1061,7 +1084,7 @@ unsafe fn q4k_rows_with<const R: usize>(
         let d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(block) as i32));
         let (d, dmin) = (_mm_cvtss_f32(d_dmin), _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)));
         let sm = q4k_scales_mins(std::slice::from_raw_parts(block.add(4), 12));
-        let sum = sums(block.add(16), &sm, b);
+        let sum = S::sums(block.add(16), &sm, acts, b);
         if R == 1 {
             let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
             let x = &acts[0][b];
@@ -1089,9 +1112,18 @@ unsafe fn q4k_rows_with<const R: usize>(
     out
 }
 
-#[inline(always)]
-unsafe fn q4k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
-    q4k_rows_with(w, acts, |qs, sm, b| {
+/// How a Q4_K superblock's integer sums are made (AVX2 or AVX-512); a trait, not a closure,
+/// for the reason given at [`Q6KSums`].
+trait Q4KSums {
+    /// Each row's i32 lanes of `Σ scale · code · x` for superblock `b` (`qs` and the unpacked
+    /// scales given); only their total is used.
+    unsafe fn sums<const R: usize>(qs: *const u8, sm: &[u8; 16], acts: [&[Q8KBlock]; R], b: usize) -> [__m256i; R];
+}
+
+struct Q4KAvx2;
+impl Q4KSums for Q4KAvx2 {
+    #[inline(always)]
+    unsafe fn sums<const R: usize>(qs: *const u8, sm: &[u8; 16], acts: [&[Q8KBlock]; R], b: usize) -> [__m256i; R] {
         let low4 = _mm256_set1_epi8(0x0F);
         let mut sum = [_mm256_setzero_si256(); R];
         for pair in 0..4 {
@@ -1109,14 +1141,15 @@ unsafe fn q4k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R]
             }
         }
         sum
-    })
+    }
 }
 
-/// [`q4k_rows`] with a sub-block pair's 64 codes (`[low nibbles | high nibbles]`, as the
+/// [`Q4KAvx2`] with a sub-block pair's 64 codes (`[low nibbles | high nibbles]`, as the
 /// activations lie) in one 512-bit register, `vpmaddubsw` then `vpdpwssd` with the two scales.
-#[inline(always)]
-unsafe fn q4k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
-    q4k_rows_with(w, acts, |qs, sm, b| {
+struct Q4KAvx512;
+impl Q4KSums for Q4KAvx512 {
+    #[inline(always)]
+    unsafe fn sums<const R: usize>(qs: *const u8, sm: &[u8; 16], acts: [&[Q8KBlock]; R], b: usize) -> [__m256i; R] {
         let low4 = _mm512_set1_epi8(0x0F);
         let mut sum = [_mm512_setzero_si512(); R];
         for pair in 0..4 {
@@ -1131,8 +1164,18 @@ unsafe fn q4k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32
                 sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, x), scales);
             }
         }
-        std::array::from_fn(|r| _mm256_add_epi32(_mm512_castsi512_si256(sum[r]), _mm512_extracti64x4_epi64::<1>(sum[r])))
-    })
+        fold_512(&sum)
+    }
+}
+
+#[inline(always)]
+unsafe fn q4k_rows<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q4k_rows_with::<Q4KAvx2, R>(w, acts)
+}
+
+#[inline(always)]
+unsafe fn q4k_rows_512<const R: usize>(w: &[u8], acts: [&[Q8KBlock]; R]) -> [f32; R] {
+    q4k_rows_with::<Q4KAvx512, R>(w, acts)
 }
 
 /// The end of one Q4_K superblock for `R` (4 or 8) rows: each row's integer total `S` (the
@@ -1153,7 +1196,10 @@ unsafe fn q4k_superblock_floats<const R: usize>(
     // Each min twice, for the two 16-value sums (`bsums`) of its 32-value sub-block.
     let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i), dup));
-    let m: [__m256i; R] = std::array::from_fn(|r| _mm256_madd_epi16(_mm256_loadu_si256(acts[r][b].bsums.as_ptr() as *const __m256i), mins));
+    let mut m = [_mm256_setzero_si256(); R];
+    for r in 0..R {
+        m[r] = _mm256_madd_epi16(_mm256_loadu_si256(acts[r][b].bsums.as_ptr() as *const __m256i), mins);
+    }
     let (totals, mins_totals) = (lane_totals(sum), lane_totals(&m));
     for r in 0..R {
         let x_d = acts[r][b].d;
@@ -1162,15 +1208,17 @@ unsafe fn q4k_superblock_floats<const R: usize>(
     }
 }
 
+/// `[a, b, c, e]`'s sums of their low halves' lanes, then of their high halves'.
+#[inline(always)]
+unsafe fn quad(a: __m256i, b: __m256i, c: __m256i, e: __m256i) -> __m256i {
+    _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, e))
+}
+
 /// The sum of each vector's eight i32 lanes, for 4 or 8 vectors: `vphaddd` pairs them up (a
 /// tree, exact for integers), then the two 128-bit halves are added.
 #[inline(always)]
 unsafe fn lane_totals<const R: usize>(v: &[__m256i; R]) -> [i32; R] {
     let mut out = [0i32; R];
-    let quad = |a: __m256i, b: __m256i, c: __m256i, e: __m256i| {
-        // [a, b, c, e] sums of the low halves' lanes | of the high halves'.
-        _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, e))
-    };
     if R == 4 {
         let q = quad(v[0], v[1], v[2], v[3]);
         let t = _mm_add_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
