@@ -90,6 +90,8 @@ def start_config(stages, args, work):
     tmp = tempfile.mkdtemp(dir=work)
     common = ["--threads", str(args.threads)]
     cmd = [os.path.join(BIN, "coordinator"), "serve", "--listen", "127.0.0.1:0", "--model", args.model] + common
+    if getattr(args, "draft", None):
+        cmd += ["--draft", args.draft]
     if stages == 1:
         cmd += ["--no-cluster"]
     else:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Speculative decoding (prompt-lookup drafts) on and off, same cluster, same run.
+"""Speculative decoding (prompt-lookup drafts, or a draft model with --draft) on and off, same
+cluster, same run.
 
   cargo build --release -p potluck-coordinator -p potluck-worker
-  python3 examples/bench_speculative.py [--stages 3] [--rounds 5] [--tokens 160] [--threads 1]
+  python3 examples/bench_speculative.py [--stages 3] [--rounds 5] [--tokens 160] [--threads 1] [--draft MODEL]
   # over links with a LAN's latency (3 stages on examples/netns_cluster.sh's hosts):
   sudo PLK_DELAY=2ms examples/netns_cluster.sh up
   sudo PLK_DELAY=2ms ip netns exec plk-coord python3 examples/bench_speculative.py --netns plk
@@ -108,6 +109,8 @@ def start_netns(args, work):
     cmd = [os.path.join(BIN, "coordinator"), "serve", "--listen", "127.0.0.1:0", "--model", args.model,
            "--cluster-listen", f"{subnet}.1:0", "--token", TOKEN, "--workers", "2", "--no-mdns",
            "--planner", "proportional", "--memory-limit", "4GiB", "--activation-dtype", args.dtype] + common
+    if args.draft:
+        cmd += ["--draft", args.draft]
     procs = [Proc("coordinator", cmd, {"POTLUCK_CONFIG_DIR": os.path.join(work, "cfg")})]
     base = "http://" + procs[0].wait_line(r" on http://(\S+)").group(1)
     cluster = procs[0].wait_line(r"cluster endpoint on (\S+)").group(1).replace("0.0.0.0", f"{subnet}.1")
@@ -134,6 +137,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/potluck/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--draft", metavar="MODEL",
+                    help="drafts from this model (`coordinator serve --draft`) instead of prompt lookup")
     ap.add_argument("--netns", metavar="PREFIX",
                     help="run on examples/netns_cluster.sh's hosts (3 stages); run this script in PREFIX-coord")
     args = ap.parse_args()

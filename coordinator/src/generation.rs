@@ -48,20 +48,22 @@ const _: () = assert!(ACTIVE_SEQUENCES_MAX <= SEGMENTS_MAX as usize, "a step's s
 const _: () = assert!(ACTIVE_SEQUENCES_MAX <= MASKED_SEGMENTS_MAX as usize, "every sequence of a step may carry a grammar's mask");
 const _: () = assert!(PREFILL_CHUNK_ROWS <= STEP_ROWS_MAX, "a prompt chunk fits a step");
 
-/// What the generation thread may do beyond plain decoding (the defaults: both on).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the generation thread may do beyond plain decoding (the defaults: prefix caching
+/// and prompt-lookup drafts on, no draft model).
 pub struct GenerationOptions {
     /// Keep finished sequences' caches for requests that start with the same tokens (off
     /// for models whose sliding-window layers drop old positions).
     pub prefix_caching: bool,
-    /// Speculative decoding with prompt-lookup drafts (`--no-speculative` turns it off; off
-    /// for sliding-window models too, whose caches cannot always roll back).
+    /// Speculative decoding (`--no-speculative` turns it off; off for sliding-window models
+    /// too, whose caches cannot always roll back).
     pub speculative: bool,
+    /// Drafts from this small model (`--draft`) instead of prompt lookup.
+    pub draft: Option<crate::speculative::DraftModel>,
 }
 
 impl Default for GenerationOptions {
     fn default() -> Self {
-        Self { prefix_caching: true, speculative: true }
+        Self { prefix_caching: true, speculative: true, draft: None }
     }
 }
 
@@ -212,6 +214,7 @@ impl GenerationService {
                     in_flight: Default::default(),
                     prefix_caching: options.prefix_caching,
                     speculative: options.speculative,
+                    draft: options.draft,
                     kept: Vec::new(),
                 }
                 .run(receiver)
@@ -309,6 +312,8 @@ struct Generator {
     in_flight: std::collections::VecDeque<InFlight>,
     prefix_caching: bool,
     speculative: bool,
+    /// The draft model proposing drafts, if one was given (else prompt lookup).
+    draft: Option<crate::speculative::DraftModel>,
     /// Kept caches, least recently used first; with the active sequences, at most
     /// [`ACTIVE_SEQUENCES_MAX`] (what every stage holds at most).
     kept: Vec<Kept>,
@@ -326,6 +331,9 @@ impl Generator {
         loop {
             self.stats.active.store(active.len() as u64, Ordering::Relaxed);
             self.take_new_pipeline(&mut active);
+            // Retire before admitting: a client that sends its next turn the moment the last
+            // one finished must find that turn's cache kept (admitting first missed it).
+            self.retire(&mut active);
             // Admit: wait when idle, otherwise take whatever is waiting, up to the cap.
             if active.is_empty() && self.in_flight.is_empty() {
                 match jobs.recv_timeout(Duration::from_millis(IDLE_POLL_MS)) {
@@ -346,7 +354,6 @@ impl Generator {
                     Err(_) => break,
                 }
             }
-            self.retire(&mut active);
             if active.is_empty() && self.in_flight.is_empty() {
                 continue;
             }
@@ -386,9 +393,13 @@ impl Generator {
         let mut released = Vec::new();
         let mut kept = Vec::new();
         let caching = self.prefix_caching && !self.broken;
+        let mut draft = self.draft.as_mut();
         active.retain_mut(|s| {
             let stays = !s.done && !s.events.is_closed();
             if !stays {
+                if let Some(model) = draft.as_mut() {
+                    model.forget(s.id);
+                }
                 if caching && s.finished && s.request.cache_prompt && !s.request.prompt_logprobs && s.n_cached >= PREFIX_REUSE_TOKENS_MIN {
                     kept.push(Kept { id: s.id, tokens: s.tokens[..s.n_cached].to_vec() });
                 } else {
@@ -601,7 +612,10 @@ impl Generator {
                         .min(STEP_ROWS_MAX - tokens.len())
                         .min(seq.request.max_tokens.saturating_sub(seq.n_generated + 1));
                     let length = seq.pacing.next_length().min(room);
-                    crate::speculative::propose(&seq.tokens, length)
+                    match self.draft.as_mut() {
+                        Some(model) => model.propose(seq.id, &seq.tokens, length),
+                        None => crate::speculative::propose(&seq.tokens, length),
+                    }
                 } else {
                     Vec::new()
                 };

@@ -60,6 +60,9 @@ pub struct ServeConfig {
     pub local: LocalLayers,
     /// Speculative decoding with prompt-lookup drafts (`--no-speculative` turns it off).
     pub speculative: bool,
+    /// A small model of the same vocabulary whose greedy guesses are the drafts (`--draft`;
+    /// a path or a name `--model` takes), run on this machine.
+    pub draft: Option<PathBuf>,
 }
 
 /// Whether `load` puts every layer on this machine. The plan comes before the loading: a
@@ -140,7 +143,15 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
     // Sliding-window layers drop old positions, so a kept cache may lack what a copy needs
     // and a cache may not roll back over a draft.
     let sliding = profile.sliding_layers.iter().any(|&sliding| sliding);
-    let options = generation::GenerationOptions { prefix_caching: !sliding, speculative: config.speculative && !sliding };
+    let draft = match &config.draft {
+        Some(spec) if config.speculative && !sliding => Some(load_draft(spec, &tokenizer, context_length, config.threads)?),
+        Some(_) => {
+            tracing::warn!("--draft is ignored: speculative decoding is off (--no-speculative, or a sliding-window model)");
+            None
+        }
+        None => None,
+    };
+    let options = generation::GenerationOptions { prefix_caching: !sliding, speculative: config.speculative && !sliding, draft };
     let service = generation::GenerationService::start(pipeline, context_length, tokenizer.stop_ids().to_vec(), options);
     let tokenizer = Arc::new(tokenizer);
     let grammars = structured::LazyGrammars::new(tokenizer.clone(), profile.vocab_size, tokenizer.stop_ids().to_vec());
@@ -161,6 +172,34 @@ pub fn load(config: &ServeConfig) -> Result<Arc<state::AppState>> {
         dashboard: Default::default(),
         events_closing: tokio::sync::watch::Sender::new(false),
     }))
+}
+
+/// The draft model `spec` (a path or a model name), checked to share the served model's
+/// vocabulary token for token (a draft's ids must mean the same tokens), loaded whole onto
+/// this machine.
+fn load_draft(spec: &std::path::Path, tokenizer: &Tokenizer, context_length: usize, threads: usize) -> Result<speculative::DraftModel> {
+    let ResolvedModel { path, .. } = model::resolve(&ModelSpec::from_arg(Some(spec)))?;
+    let (profile, content) =
+        ModelProfile::from_path(&path).with_context(|| format!("cannot load the draft model {}", path.display()))?;
+    let theirs = Tokenizer::from_gguf(&content).with_context(|| format!("cannot read the draft model's tokenizer ({})", path.display()))?;
+    let differs = if theirs.vocab_size() != tokenizer.vocab_size() {
+        Some(format!("{} tokens against the served model's {}", theirs.vocab_size(), tokenizer.vocab_size()))
+    } else {
+        (0..tokenizer.vocab_size() as u32)
+            .find(|&id| theirs.token_text(id) != tokenizer.token_text(id))
+            .map(|id| format!("token {id} is {:?} there, {:?} here", theirs.token_text(id), tokenizer.token_text(id)))
+    };
+    if let Some(difference) = differs {
+        anyhow::bail!(
+            "the draft model {} does not share the served model's vocabulary ({difference}): a draft's token ids \
+             must mean the same tokens (use a smaller model of the same family)",
+            path.display()
+        );
+    }
+    let slice = ModelSlice::load(&path, 0..profile.n_layers, Backend::cpu(threads))
+        .with_context(|| format!("cannot load the draft model {}", path.display()))?;
+    tracing::info!(draft = %path.display(), layers = profile.n_layers, weights_mib = slice.size_in_bytes() >> 20, "draft model loaded");
+    Ok(speculative::DraftModel::new(slice, context_length))
 }
 
 /// Serves the API on an already bound listener until `shutdown` resolves (tests bind

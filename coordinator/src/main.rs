@@ -71,6 +71,11 @@ struct ServeArgs {
     /// drafts, which the stage that samples checks; the text is the same either way).
     #[arg(long)]
     no_speculative: bool,
+    /// A small model of the same vocabulary (a GGUF path or a name `--model` takes) whose
+    /// greedy guesses are the speculative drafts, run on this machine, instead of prompt
+    /// lookup. The text is the same with any draft; a good one saves trips.
+    #[arg(long, value_name = "MODEL")]
+    draft: Option<PathBuf>,
     /// Do not announce the cluster on the LAN (workers then need --coordinator).
     #[arg(long)]
     no_mdns: bool,
@@ -228,6 +233,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         context_length: args.ctx_size.max(16),
         local,
         speculative: !args.no_speculative,
+        draft: args.draft.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The HTTP side is light; compute threads are the engine's own pool.

@@ -8,12 +8,13 @@
 //! per position) while a trip may yield several tokens. Every stage rolls its cache back over
 //! the rejected rows when the sequence's next step starts inside them.
 //!
-//! The proposer here is prompt lookup (n-gram drafting): the sequence's last few tokens are
+//! The default proposer is prompt lookup (n-gram drafting): the sequence's last few tokens are
 //! looked up earlier in the sequence (its prompt and answer so far), and what followed them
 //! there is proposed. It needs no model and wins where answers repeat their input (editing
 //! code, summarising, extraction, JSON). [`Pacing`] follows the acceptance: the draft length
 //! doubles after a fully accepted draft, halves after a rejected one, and drafting pauses
 //! after repeated misses, so a sequence whose text does not repeat pays almost nothing.
+//! [`DraftModel`] proposes instead with a small model of the same vocabulary (`--draft`).
 
 /// Longest and shortest suffix looked up. Two tokens at least: one-token matches propose
 /// mostly noise.
@@ -94,6 +95,92 @@ impl Pacing {
                 self.misses = 0;
             }
         }
+    }
+}
+
+/// A small model of the same vocabulary that proposes drafts by running greedily on the
+/// coordinator (`coordinator serve --draft FILE`, as llama.cpp's `--model-draft`): where the
+/// text does not repeat itself, a model that often guesses the next tokens still saves trips.
+/// The draft only proposes: the target model's last stage keeps what its own sampler draws,
+/// so the text is the same with any draft, good or bad.
+///
+/// It keeps one KV cache per sequence and the tokens it holds; each proposal first brings the
+/// cache to the sequence's tokens (rolled back to the common prefix, then the rest fed in one
+/// step), then runs one step per proposed token.
+pub struct DraftModel {
+    slice: potluck_engine::arch::ModelSlice,
+    context_length: usize,
+    caches: std::collections::HashMap<u64, DraftCache>,
+}
+
+struct DraftCache {
+    cache: potluck_engine::kv_cache::SequenceCache,
+    /// The tokens in `cache`, in order.
+    tokens: Vec<u32>,
+}
+
+impl DraftModel {
+    /// A draft model over `slice` (every layer of the draft GGUF), its caches `context_length`
+    /// positions long.
+    pub fn new(slice: potluck_engine::arch::ModelSlice, context_length: usize) -> Self {
+        Self { slice, context_length, caches: Default::default() }
+    }
+
+    /// Up to `k` tokens the draft model picks greedily after `tokens` (sequence `sequence`'s
+    /// prompt and answer so far); empty when `k` is 0 or the draft model cannot run (its
+    /// cache for the sequence is then dropped, and the next proposal starts afresh).
+    pub fn propose(&mut self, sequence: u64, tokens: &[u32], k: usize) -> Vec<u32> {
+        if k == 0 || tokens.is_empty() {
+            return Vec::new();
+        }
+        match self.try_propose(sequence, tokens, k) {
+            Ok(draft) => draft,
+            Err(_) => {
+                self.caches.remove(&sequence);
+                Vec::new()
+            }
+        }
+    }
+
+    fn try_propose(&mut self, sequence: u64, tokens: &[u32], k: usize) -> Result<Vec<u32>, potluck_engine::EngineError> {
+        let slice = &self.slice;
+        let context_length = self.context_length;
+        let entry = self
+            .caches
+            .entry(sequence)
+            .or_insert_with(|| DraftCache { cache: slice.new_cache(context_length), tokens: Vec::new() });
+        // Keep what the sequence still starts with, but always feed its last token again at
+        // least (its logits give the first proposal).
+        let common = entry.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count().min(tokens.len() - 1);
+        if common < entry.tokens.len() {
+            entry.cache.truncate(common)?;
+            entry.tokens.truncate(common);
+        }
+        let room = entry.cache.capacity_max().saturating_sub(tokens.len());
+        let k = k.min(room);
+        let mut draft = Vec::with_capacity(k);
+        let mut feed = tokens[common..].to_vec();
+        while draft.len() < k {
+            let mut hidden = slice.embed(&feed)?;
+            slice.forward_layers(&mut hidden, &[feed.len()], &mut [&mut entry.cache])?;
+            entry.tokens.extend_from_slice(&feed);
+            let n_embd = hidden.len() / feed.len();
+            let logits = slice.head(&hidden[(feed.len() - 1) * n_embd..])?;
+            let next = potluck_engine::sampler::argmax(&logits);
+            draft.push(next);
+            feed = vec![next];
+        }
+        Ok(draft)
+    }
+
+    /// Drops sequence `sequence`'s cache (it finished).
+    pub fn forget(&mut self, sequence: u64) {
+        self.caches.remove(&sequence);
+    }
+
+    /// Sequences whose caches are held.
+    pub fn held(&self) -> usize {
+        self.caches.len()
     }
 }
 

@@ -58,16 +58,22 @@ async fn http(address: std::net::SocketAddr, method: &str, path: &str, body: Opt
     (status, body.to_owned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_answers_in_process_and_stops_on_shutdown() {
-    let config = ServeConfig {
+/// The default model served alone, one thread, speculative decoding on, with `draft`.
+fn serve_config(draft: Option<std::path::PathBuf>) -> ServeConfig {
+    ServeConfig {
         model: Some(model_path()),
         threads: 1,
         api_key: None,
         context_length: CONTEXT_TOKENS,
         local: LocalLayers::IfFits { memory_budget_bytes: u64::MAX },
         speculative: true,
-    };
+        draft,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_in_process_and_stops_on_shutdown() {
+    let config = serve_config(None);
     let state = tokio::task::spawn_blocking(move || potluck_coordinator::load(&config)).await.unwrap().expect("loading the model");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -268,7 +274,7 @@ async fn drafts_change_no_token() {
     let service = |speculative: bool| {
         let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
         let runner = StageRunner::new(slice, CONTEXT_TOKENS, ACTIVE_SEQUENCES_MAX, potluck_protocol::Dtype::F32);
-        let options = GenerationOptions { speculative, prefix_caching: false };
+        let options = GenerationOptions { speculative, prefix_caching: false, draft: None };
         GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), options)
     };
     let (with, without) = (service(true), service(false));
@@ -287,6 +293,75 @@ async fn drafts_change_no_token() {
     println!("drafts: {proposed} tokens proposed, {accepted} accepted");
     assert!(accepted >= 20, "the repeating prompt's drafts are accepted: {accepted} of {proposed}");
     assert_eq!(without.stats().draft_tokens_proposed.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+/// A draft model changes no token either: with the served model as its own draft (a perfect
+/// draft: its greedy guesses are the target's greedy tokens) and with a random-weight model
+/// of the same vocabulary (an imperfect one), greedy and seeded answers are plain decoding's;
+/// the perfect draft's tokens are accepted at greedy, the random one's rarely.
+#[tokio::test]
+async fn a_draft_model_changes_no_token() {
+    use potluck_coordinator::speculative::DraftModel;
+    use potluck_engine::random_gguf::{ModelShape, RandomGguf, TokenizerMetadata};
+    let model = open_model();
+    let random_draft = std::env::temp_dir().join(format!("potluck-draft-{}.gguf", std::process::id()));
+    RandomGguf::new(ModelShape::tiny(), potluck_engine::quant::GgmlDType::Q8_0, 5)
+        .with_tokenizer(TokenizerMetadata::from_gguf(&model_path()).unwrap())
+        .write(&random_draft)
+        .unwrap();
+    let service = |draft: Option<&std::path::Path>| {
+        let slice = ModelSlice::load(&model_path(), 0..model.profile.n_layers, Backend::cpu(1)).expect("loading the model");
+        let runner = StageRunner::new(slice, CONTEXT_TOKENS, ACTIVE_SEQUENCES_MAX, potluck_protocol::Dtype::F32);
+        let draft = draft.map(|path| {
+            let profile = potluck_engine::profile::ModelProfile::from_path(path).unwrap().0;
+            DraftModel::new(ModelSlice::load(path, 0..profile.n_layers, Backend::cpu(1)).unwrap(), CONTEXT_TOKENS)
+        });
+        let speculative = draft.is_some();
+        let options = GenerationOptions { speculative, prefix_caching: false, draft };
+        GenerationService::start(Box::new(LocalPipeline::new(runner)), CONTEXT_TOKENS, model.tokenizer.stop_ids().to_vec(), options)
+    };
+    let plain = service(None);
+    let perfect = service(Some(&model_path()));
+    let random = service(Some(&random_draft));
+    let prompts = ["Write a short story about a robot who learns to paint.", "The three primary colours are"];
+    let acceptance = |s: &GenerationService| {
+        let stats = s.stats();
+        (stats.draft_tokens_accepted.load(std::sync::atomic::Ordering::Relaxed), stats.draft_tokens_proposed.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    for prompt in prompts {
+        for sampling in [SamplingParams::greedy(), SamplingParams { temperature: 0.8, seed: Some(5), ..SamplingParams::default() }] {
+            let request = request(&model, prompt, 40, sampling);
+            let (want, _) = tokens_of(plain.submit(request.clone()).unwrap()).await;
+            for (name, drafted) in [("perfect", &perfect), ("random", &random)] {
+                let (got, _) = tokens_of(drafted.submit(request.clone()).unwrap()).await;
+                assert_eq!(got, want, "{prompt:?} with the {name} draft: the same tokens as plain decoding");
+            }
+        }
+        if prompt == prompts[0] {
+            // Greedy and seeded runs of the first prompt: the perfect draft's greedy guesses.
+            let (accepted, proposed) = acceptance(&perfect);
+            println!("perfect draft after {prompt:?}: {accepted} of {proposed} accepted");
+        }
+    }
+    let ((p_acc, p_prop), (r_acc, r_prop)) = (acceptance(&perfect), acceptance(&random));
+    println!("perfect draft: {p_acc} of {p_prop} drafted tokens accepted; random draft: {r_acc} of {r_prop}");
+    assert!(p_prop > 0 && r_prop > 0, "both drafts proposed");
+    assert!(p_acc * 2 > p_prop, "the perfect draft is mostly accepted: {p_acc} of {p_prop}");
+    assert!(r_acc * 10 < r_prop, "the random draft is mostly rejected: {r_acc} of {r_prop}");
+    let _ = std::fs::remove_file(&random_draft);
+}
+
+/// `--draft` with another vocabulary is refused at start, saying how they differ: Gemma 3's
+/// 262k-token vocabulary as a draft for SmolLM2.
+#[test]
+fn a_draft_of_another_vocabulary_is_refused() {
+    let gemma = std::env::var_os("POTLUCK_GEMMA3_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/potluck/models/gemma-3-270m-q4_k_m.gguf")
+    });
+    assert!(gemma.exists(), "Gemma 3 missing at {}: run `coordinator fetch-model gemma3-270m`", gemma.display());
+    let config = serve_config(Some(gemma));
+    let error = format!("{:#}", potluck_coordinator::load(&config).err().expect("a draft of another vocabulary is refused"));
+    assert!(error.contains("does not share the served model's vocabulary") && error.contains("262144 tokens against the served model's 49152"), "{error}");
 }
 
 #[tokio::test]
