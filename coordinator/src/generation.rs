@@ -37,6 +37,14 @@ pub const STEP_ROWS_MAX: usize = 512;
 pub const STEP_TIMEOUT_MS: u64 = 120_000;
 /// How often the idle generation thread looks for a new pipeline.
 const IDLE_POLL_MS: u64 = 50;
+/// Most active sequences for which a draft model (`--draft`) proposes; with more, drafts come
+/// from prompt lookup. The draft model runs one forward pass per proposed token on the
+/// generation thread, for every drafting sequence: on a 3-stage cluster with 5 ms links
+/// (SmolLM2-135M as its own draft, `examples/bench_speculative.py --netns plk --draft`) one
+/// stream ran 1.60–1.73× faster with it, 16 concurrent chats drafting with it all 0.32× (65
+/// against 205 tok/s); with this cap, 1.48× for one stream and 0.91× for 16 (195 against 214).
+pub const DRAFT_MODEL_SEQUENCES_MAX: usize = 2;
+
 /// Shortest shared prefix worth starting from a kept cache (prefix caching): below this the
 /// copy saves less than a step costs.
 pub const PREFIX_REUSE_TOKENS_MIN: usize = 16;
@@ -571,6 +579,8 @@ impl Generator {
     /// of each prompt (a prompt's chunks need not wait for each other).
     fn fill(&mut self, active: &mut [Sequence]) {
         let context_length = self.context_length;
+        // A draft model drafts for few sequences only; with more, prompt lookup does.
+        let model_drafts = active.iter().filter(|s| !s.done).count() <= DRAFT_MODEL_SEQUENCES_MAX;
         let depth = self.pipeline.depth().max(1);
         // Sequences per step: an even share, so the steps in flight are alike in size.
         let share = active.len().div_ceil(depth).max(1);
@@ -612,7 +622,7 @@ impl Generator {
                         .min(STEP_ROWS_MAX - tokens.len())
                         .min(seq.request.max_tokens.saturating_sub(seq.n_generated + 1));
                     let length = seq.pacing.next_length().min(room);
-                    match self.draft.as_mut() {
+                    match self.draft.as_mut().filter(|_| model_drafts) {
                         Some(model) => model.propose(seq.id, &seq.tokens, length),
                         None => crate::speculative::propose(&seq.tokens, length),
                     }
