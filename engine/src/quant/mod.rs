@@ -677,16 +677,13 @@ impl QMatrix {
             scratch.q8k.quantize(x, n_rows, n_in);
             let acts = &scratch.q8k.blocks[..n_rows * nb];
             let row = |r: usize| &acts[r * nb..(r + 1) * nb];
-            // [first row, rows) of each group, in order: 8s, then a 4, then ones.
-            let mut groups = Vec::new();
-            let mut r = 0;
-            for size in [8, 4] {
-                while n_rows - r >= size {
-                    groups.push((r, size));
-                    r += size;
-                }
-            }
-            groups.extend((r..n_rows).map(|r| (r, 1)));
+            // The size of the group starting at row `r0`: 8s, then a 4, then ones (computed,
+            // not collected: this runs for every matmul of every decode step).
+            let group_size = |r0: usize| match n_rows - r0 {
+                left if left >= 8 => 8,
+                left if left >= 4 => 4,
+                _ => 1,
+            };
             self.for_each_column_range(pool, n_rows, |o_start, o_end| {
                 let out = out_ptr;
                 let store = |r: usize, o: usize, v: f32| {
@@ -694,7 +691,9 @@ impl QMatrix {
                     unsafe { *out.0.add(r * n_out + o) = v };
                 };
                 for ob in (o_start..o_end).step_by(block_rows) {
-                    for &(r0, size) in &groups {
+                    let mut r0 = 0;
+                    while r0 < n_rows {
+                        let size = group_size(r0);
                         for o in ob..(ob + block_rows).min(o_end) {
                             let w = &bytes[o * row_bytes..(o + 1) * row_bytes];
                             match size {
@@ -703,6 +702,7 @@ impl QMatrix {
                                 _ => store(r0, o, dot(w, row(r0))),
                             }
                         }
+                        r0 += size;
                     }
                 }
             });
